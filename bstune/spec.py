@@ -1,0 +1,420 @@
+"""The study spec: a YAML file read into typed, validated objects.
+
+Every problem is reported as one line that names the file, the field's path and the fix, e.g.
+``studies/x.yaml: search.lr.low: must be > 0, got -1.0 (use a positive learning rate such as 1e-4)``.
+Nothing here touches a storage, a tracking store or a data set: validation has no side effects.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bstune.errors import BstuneError
+
+DATASETS = ("digits", "cifar10", "synthetic")
+MODELS = ("linear", "mlp", "cnn", "resnet")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+SAMPLERS = ("tpe", "random", "qmc", "gp", "law")
+PRUNERS = ("none", "median", "hyperband")
+OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
+HOLD = ("epochs", "steps")
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+class SpecError(BstuneError):
+    """A study spec that cannot be used; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What each trial trains: data set, model, optimizer and how long."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    n_train: int | None = None  # use only the first n training examples (None: all)
+    val_fraction: float = 0.2  # for data sets without a test split (digits, synthetic)
+    augment: bool | None = None  # None: on for cifar10, off otherwise
+    model: str = "mlp"
+    width: int = 128
+    optimizer: str = "sgd"
+    epochs: int = 10
+    hold: str = "epochs"  # compare trials at equal epochs, or at equal optimizer steps
+    steps: int | None = None  # with hold: steps, the optimizer steps every trial takes
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    accumulation_steps: int = 1
+    seed: int = 0
+    compile: bool = False
+    diagnostics_every: int = 8  # measure the gradient noise scale every this many steps (0: off)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = 4  # per batch size: random trials before the model-based sampler takes over
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str = "median"
+    n_startup_trials: int = 3  # completed trials of the same batch size before pruning starts
+    n_warmup_epochs: int = 2  # never prune before this many epochs
+    min_resource: int = 1  # hyperband: epochs of the first rung
+    reduction_factor: int = 3  # hyperband
+
+
+@dataclass(frozen=True)
+class Search:
+    """The joint space: batch sizes x log-uniform lr x momentum (searched on log(1 - m))."""
+
+    batch_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    lr: tuple[float, float] = (1e-3, 3.0)
+    momentum: tuple[float, float] = (0.0, 0.98)
+    objective: str = "val_loss"
+    sampler: Sampler = field(default_factory=Sampler)
+    pruner: Pruner = field(default_factory=Pruner)
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A study stops when any limit is spent. None means no limit of that kind."""
+
+    trials: int | None = None
+    examples: float | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    workload: Workload = field(default_factory=Workload)
+    search: Search = field(default_factory=Search)
+    budget: Budget = field(default_factory=Budget)
+    storage: str = DEFAULT_STORAGE
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment: str = "bstune"
+    heartbeat_seconds: int = 10  # a trial whose worker is silent for 2x this is marked failed and retried
+    source: str = ""  # the file it was read from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (what `load_spec` would read back), for artifacts and reports."""
+        d = asdict(self)
+        d.pop("source")
+        d["search"]["batch_sizes"] = list(self.search.batch_sizes)
+        d["search"]["lr"] = {"low": self.search.lr[0], "high": self.search.lr[1]}
+        d["search"]["momentum"] = {"low": self.search.momentum[0], "high": self.search.momentum[1]}
+        return d
+
+    def with_overrides(self, **changes: Any) -> StudySpec:
+        return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study spec; raise SpecError naming the first bad field."""
+    p = Path(path)
+    src = str(path)
+    if not p.exists():
+        raise SpecError(f"{src}: no such file (give the path of a study spec, e.g. studies/digits.yaml)")
+    if p.is_dir():
+        raise SpecError(f"{src}: is a directory, not a study spec file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{src}: {where}invalid YAML ({problem}); check indentation and quoting") from None
+    return parse_spec(data, source=src, default_name=p.stem)
+
+
+def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -> StudySpec:
+    """Validate already-parsed YAML data into a StudySpec."""
+    if data is None:
+        data = {}
+    root = _Section(data, "", source)
+    name = root.str("name", default_name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        root.fail("name", f"must be letters, digits, '_', '.' or '-', got {name!r}")
+    workload = _workload(root.section("workload"))
+    search = _search(root.section("search"), workload)
+    budget = _budget(root.section("budget"))
+    spec = StudySpec(
+        name=name,
+        workload=workload,
+        search=search,
+        budget=budget,
+        storage=root.str("storage", DEFAULT_STORAGE),
+        tracking_uri=root.str("tracking_uri", DEFAULT_TRACKING_URI),
+        experiment=root.str("experiment", "bstune"),
+        heartbeat_seconds=root.int("heartbeat_seconds", 10, minimum=1),
+        source=source,
+    )
+    root.finish()
+    return spec
+
+
+def _workload(s: _Section) -> Workload:
+    d = Workload()
+    w = Workload(
+        dataset=s.choice("dataset", d.dataset, DATASETS),
+        data_dir=s.str("data_dir", d.data_dir),
+        download=s.bool("download", d.download),
+        n_train=s.int("n_train", None, minimum=1),
+        val_fraction=s.float("val_fraction", d.val_fraction, minimum=0.01, maximum=0.9),
+        augment=s.bool("augment", None),
+        model=s.choice("model", d.model, MODELS),
+        width=s.int("width", d.width, minimum=1),
+        optimizer=s.choice("optimizer", d.optimizer, OPTIMIZERS),
+        epochs=s.int("epochs", d.epochs, minimum=1),
+        hold=s.choice("hold", d.hold, HOLD),
+        steps=s.int("steps", None, minimum=1),
+        lr_schedule=s.choice("lr_schedule", d.lr_schedule, SCHEDULES),
+        warmup_epochs=s.float("warmup_epochs", d.warmup_epochs, minimum=0.0),
+        weight_decay=s.float("weight_decay", d.weight_decay, minimum=0.0),
+        accumulation_steps=s.int("accumulation_steps", d.accumulation_steps, minimum=1),
+        seed=s.int("seed", d.seed, minimum=0),
+        compile=s.bool("compile", d.compile),
+        diagnostics_every=s.int("diagnostics_every", d.diagnostics_every, minimum=0),
+    )
+    if w.hold == "steps" and w.steps is None:
+        s.fail("steps", "is required with hold: steps (the optimizer steps every trial takes, e.g. 500)")
+    if w.warmup_epochs >= w.epochs and w.hold == "epochs":
+        s.fail("warmup_epochs", f"must be less than epochs ({w.epochs}), got {w.warmup_epochs}")
+    s.finish()
+    return w
+
+
+def _search(s: _Section, workload: Workload) -> Search:
+    d = Search()
+    batch_sizes = _batch_sizes(s, d.batch_sizes)
+    lr = s.range("lr", d.lr, positive=True)
+    momentum = s.range("momentum", d.momentum, positive=False)
+    if not (0.0 <= momentum[0] and momentum[1] < 1.0):
+        s.fail("momentum", f"must lie in [0, 1), got [{momentum[0]}, {momentum[1]}] (e.g. low: 0.0, high: 0.99)")
+    sampler_sec = s.section("sampler", shorthand="name")
+    sampler = Sampler(
+        name=sampler_sec.choice("name", d.sampler.name, SAMPLERS),
+        seed=sampler_sec.int("seed", d.sampler.seed, minimum=0),
+        n_startup_trials=sampler_sec.int("n_startup_trials", d.sampler.n_startup_trials, minimum=0),
+    )
+    sampler_sec.finish()
+    pruner_sec = s.section("pruner", shorthand="name")
+    pruner = Pruner(
+        name=pruner_sec.choice("name", d.pruner.name, PRUNERS),
+        n_startup_trials=pruner_sec.int("n_startup_trials", d.pruner.n_startup_trials, minimum=0),
+        n_warmup_epochs=pruner_sec.int("n_warmup_epochs", d.pruner.n_warmup_epochs, minimum=0),
+        min_resource=pruner_sec.int("min_resource", d.pruner.min_resource, minimum=1),
+        reduction_factor=pruner_sec.int("reduction_factor", d.pruner.reduction_factor, minimum=2),
+    )
+    pruner_sec.finish()
+    search = Search(
+        batch_sizes=batch_sizes,
+        lr=lr,
+        momentum=momentum,
+        objective=s.choice("objective", d.objective, tuple(OBJECTIVES)),
+        sampler=sampler,
+        pruner=pruner,
+    )
+    s.finish()
+    return search
+
+
+def _batch_sizes(s: _Section, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = s.raw("batch_sizes", None)
+    path = s.path_of("batch_sizes")
+    if raw is None:
+        return default
+    if isinstance(raw, list):
+        if not raw:
+            s.fail("batch_sizes", "is empty; list at least one batch size, e.g. [32, 64, 128]")
+        sizes = []
+        for i, v in enumerate(raw):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SpecError(f"{s.source}: {path}[{i}]: batch sizes must be positive integers, got {v!r}")
+            sizes.append(v)
+        if len(set(sizes)) != len(sizes):
+            s.fail("batch_sizes", f"lists a batch size twice: {sizes}")
+        return tuple(sorted(sizes))
+    if isinstance(raw, dict):
+        sub = _Section(raw, path, s.source)
+        lo = sub.int("min", None, minimum=1)
+        hi = sub.int("max", None, minimum=1)
+        sub.finish()
+        if lo is None or hi is None:
+            s.fail("batch_sizes", "needs both min and max, e.g. {min: 16, max: 512} (powers of two between them)")
+        if lo > hi:
+            s.fail("batch_sizes", f"min ({lo}) is larger than max ({hi}); swap them")
+        sizes = tuple(2**k for k in range(0, 31) if lo <= 2**k <= hi)
+        if not sizes:
+            s.fail("batch_sizes", f"no power of two lies between {lo} and {hi}; widen the range or list sizes")
+        return sizes
+    s.fail("batch_sizes", f"must be a list of integers or {{min: M, max: N}}, got {raw!r}")
+    raise AssertionError  # unreachable
+
+
+def _budget(s: _Section) -> Budget:
+    b = Budget(
+        trials=s.int("trials", None, minimum=1),
+        examples=s.float("examples", None, minimum=1.0),
+        seconds=s.float("seconds", None, minimum=0.001),
+    )
+    s.finish()
+    if b.trials is None and b.examples is None and b.seconds is None:
+        s.fail("", "sets no limit; give at least one of trials, examples or seconds (e.g. trials: 24)")
+    return b
+
+
+# --------------------------------------------------------------------------------------------------
+# A small validator: reads one mapping, remembers which keys it used, and names every problem.
+
+
+class _Section:
+    def __init__(self, data: Any, path: str, source: str, shorthand: str | None = None) -> None:
+        if shorthand is not None and isinstance(data, str):
+            data = {shorthand: data}
+        if not isinstance(data, dict):
+            where = path or "the file"
+            raise SpecError(f"{source}: {where}: must be a mapping of key: value, got {_show(data)}")
+        self.data = data
+        self.path = path
+        self.source = source
+        self.used: set[str] = set()
+
+    def path_of(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, problem: str) -> None:
+        where = self.path_of(key) if key else (self.path or "the file")
+        raise SpecError(f"{self.source}: {where}: {problem}")
+
+    def raw(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        value = self.data.get(key, default)
+        return default if value is None else value
+
+    def section(self, key: str, shorthand: str | None = None) -> _Section:
+        return _Section(self.raw(key, {}), self.path_of(key), self.source, shorthand)
+
+    def str(self, key: str, default: str) -> str:
+        v = self.raw(key, default)
+        if not isinstance(v, str) or not v:
+            self.fail(key, f"must be a non-empty string, got {_show(v)}")
+        return v
+
+    def bool(self, key: str, default: bool | None) -> bool | None:
+        v = self.raw(key, default)
+        if v is not None and not isinstance(v, bool):
+            self.fail(key, f"must be true or false, got {_show(v)}")
+        return v
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        v = self.raw(key, default)
+        if v not in choices:
+            hint = _did_you_mean(str(v), choices)
+            self.fail(key, f"unknown value {_show(v)}{hint}; choose one of {', '.join(choices)}")
+        return v
+
+    def int(self, key: str, default: int | None, minimum: int | None = None) -> int | None:
+        v = self.raw(key, default)
+        if v is None:
+            return None
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(key, f"must be an integer, got {_show(v)}")
+        if minimum is not None and v < minimum:
+            self.fail(key, f"must be >= {minimum}, got {v}")
+        return v
+
+    def float(
+        self, key: str, default: float | None, minimum: float | None = None, maximum: float | None = None
+    ) -> float | None:
+        v = _number(self.raw(key, default))
+        if v is None:
+            if key in self.data and self.data[key] is not None:
+                self.fail(key, f"must be a number, got {_show(self.data[key])}")
+            return None
+        if not math.isfinite(v):
+            self.fail(key, f"must be finite, got {v}")
+        if minimum is not None and v < minimum:
+            self.fail(key, f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            self.fail(key, f"must be <= {maximum}, got {v}")
+        return v
+
+    def range(self, key: str, default: tuple[float, float], positive: bool) -> tuple[float, float]:
+        raw = self.raw(key, None)
+        if raw is None:
+            return default
+        if isinstance(raw, list) and len(raw) == 2:
+            raw = {"low": raw[0], "high": raw[1]}
+        if not isinstance(raw, dict):
+            n = _number(raw)
+            if n is None:
+                self.fail(key, f"must be {{low: A, high: B}} or a single number, got {_show(raw)}")
+            raw = {"low": n, "high": n}
+        sub = _Section(raw, self.path_of(key), self.source)
+        lo = sub.float("low", None)
+        hi = sub.float("high", None)
+        sub.finish()
+        if lo is None or hi is None:
+            self.fail(key, "needs both low and high, e.g. {low: 0.001, high: 1.0}")
+        if positive and lo <= 0:
+            sub.fail("low", f"must be > 0, got {lo} (the search is log-uniform; use e.g. 1e-4)")
+        if lo > hi:
+            self.fail(key, f"low ({lo}) is larger than high ({hi}); swap them")
+        return (lo, hi)
+
+    def finish(self) -> None:
+        """Fail on the first key that nothing read (a typo, usually), with a did-you-mean."""
+        for key in self.data:
+            if key not in self.used:
+                hint = _did_you_mean(str(key), sorted(self.used))
+                where = self.path_of(str(key))
+                known = ", ".join(sorted(self.used))
+                raise SpecError(f"{self.source}: {where}: unknown key{hint}; known keys here: {known}")
+
+
+def _number(v: Any) -> float | None:
+    # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it obviously is.
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _did_you_mean(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
