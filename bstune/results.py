@@ -126,14 +126,16 @@ def _records_from_rows(rows: Sequence[dict[str, str]], source: str) -> list[Tria
         lr = _num(first["lr"], "lr", source, line)
         m = _num(first["momentum"], "momentum", source, line)
         if b < 1 or b != int(b):
-            raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, got {first['batch_size']}")
+            raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, "
+                              f"got {first['batch_size']}")
         if lr <= 0:
             raise BstuneError(f"{source}: line {line}: lr must be > 0, got {first['lr']}")
         if not 0 <= m < 1:
             raise BstuneError(f"{source}: line {line}: momentum must lie in [0, 1), got {first['momentum']}")
         state = (first["state"] or "COMPLETE").upper()
         if state not in STATES:
-            raise BstuneError(f"{source}: line {line}: unknown state {first['state']!r}; use one of {', '.join(STATES)}")
+            raise BstuneError(f"{source}: line {line}: unknown state {first['state']!r}; "
+                              f"use one of {', '.join(STATES)}")
         curve = []
         for ln, row in members:
             if row.get("epoch"):
@@ -185,3 +187,29 @@ def _opt_int(text: str | None) -> int | None:
 
 def _blank(v: Any) -> Any:
     return "" if v is None else v
+
+
+def from_study(study: Any, n_train: int | None = None) -> TrialTable:
+    """The trials of an Optuna study that bstune ran (waiting trials left out)."""
+    from bstune.budget import trial_state
+
+    spec = study.user_attrs.get("bstune.spec", {})
+    objective = spec.get("search", {}).get("objective", "value")
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if "lr" not in a or "batch_size" not in t.params:
+            continue
+        curve = tuple(EpochPoint(**p) for p in json.loads(a.get("curve", "[]")))
+        state = trial_state(t)
+        value = t.value if t.value is not None else (curve[-1].value if curve and state == "PRUNED" else None)
+        records.append(TrialRecord(
+            number=t.number, batch_size=int(t.params["batch_size"]), lr=float(a["lr"]),
+            momentum=float(a["momentum"]), value=value, state=state, curve=curve,
+            examples_seen=int(a.get("examples_seen", 0)), train_seconds=float(a.get("train_seconds", 0.0)),
+            grad_noise_scale=a.get("grad_noise_scale"), reason=a.get("bstune.reason", ""),
+        ))
+    direction = "maximize" if study.direction.name == "MAXIMIZE" else "minimize"
+    return TrialTable(records, direction=direction, metric=objective, study_name=study.study_name,
+                      n_train=n_train or study.user_attrs.get("bstune.n_train"),
+                      meta={"spec": spec, "mlflow_parent_run_id": study.user_attrs.get("mlflow_parent_run_id")})

@@ -22,7 +22,7 @@ DATASETS = ("digits", "cifar10", "synthetic")
 MODELS = ("linear", "mlp", "cnn", "resnet")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
-SAMPLERS = ("tpe", "random", "qmc", "gp", "law")
+SAMPLERS = ("tpe", "random", "qmc", "gp")
 PRUNERS = ("none", "median", "hyperband")
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
 HOLD = ("epochs", "steps")
@@ -57,7 +57,7 @@ class Workload:
     accumulation_steps: int = 1
     seed: int = 0
     compile: bool = False
-    diagnostics_every: int = 8  # measure the gradient noise scale every this many steps (0: off)
+    diagnostics_every: int = 4  # measure the gradient noise scale every this many steps (0: off)
 
 
 @dataclass(frozen=True)

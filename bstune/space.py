@@ -1,0 +1,236 @@
+"""The joint search space (B, lr, m) and the Optuna sampler and pruner that respect its structure.
+
+Two rules matter for the analysis downstream:
+- every batch size gets its share of trials (the analysis needs an optimum per batch size), so the batch
+  size is not left to the sampler: each new trial takes the batch size with the fewest trials so far;
+- lr and momentum are sampled, and trials pruned, only against trials of the *same* batch size: the best
+  lr moves with B, so what is good at B = 32 says little about B = 512, and a median over all batch sizes
+  would prune the batch sizes that converge slower per epoch.
+
+Both are done the way Optuna's HyperbandPruner does brackets: the inner sampler or pruner gets a view of
+the study in which only the trials of one batch size exist.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from bstune.spec import Search
+
+BATCH_SIZE = "batch_size"
+LR = "lr"
+ONE_MINUS_M = "one_minus_momentum"  # momentum is searched on log(1 - m): 0.9 -> 0.99 is as far as 0 -> 0.9
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the space: what a trial trains with."""
+
+    batch_size: int
+    lr: float
+    momentum: float
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr / (1.0 - self.momentum)
+
+
+class SearchSpace:
+    """Batch sizes x log-uniform lr x momentum searched log-uniformly on 1 - m."""
+
+    def __init__(self, search: Search) -> None:
+        self.batch_sizes = tuple(search.batch_sizes)
+        self.lr = search.lr
+        self.momentum = search.momentum
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """The continuous part, as Optuna distributions (momentum omitted when it is fixed)."""
+        d: dict[str, BaseDistribution] = {}
+        if self.lr[0] < self.lr[1]:
+            d[LR] = FloatDistribution(self.lr[0], self.lr[1], log=True)
+        lo, hi = 1.0 - self.momentum[1], 1.0 - self.momentum[0]
+        if lo < hi:
+            d[ONE_MINUS_M] = FloatDistribution(lo, hi, log=True)
+        return d
+
+    def suggest(self, trial: optuna.Trial) -> Config:
+        """Ask the trial for a point; the batch size first, so the rest can be conditioned on it."""
+        b = int(trial.suggest_categorical(BATCH_SIZE, list(self.batch_sizes)))
+        lr = trial.suggest_float(LR, *self.lr, log=True) if self.lr[0] < self.lr[1] else self.lr[0]
+        m = self.momentum[0]
+        if self.momentum[0] < self.momentum[1]:
+            one_minus_m = trial.suggest_float(ONE_MINUS_M, 1.0 - self.momentum[1], 1.0 - self.momentum[0], log=True)
+            m = min(max(1.0 - one_minus_m, self.momentum[0]), self.momentum[1])
+        return Config(batch_size=b, lr=float(lr), momentum=float(m))
+
+    @staticmethod
+    def config_of(trial: FrozenTrial) -> Config | None:
+        """The point a finished trial used, read from what it recorded."""
+        a = trial.user_attrs
+        if "lr" not in a or BATCH_SIZE not in trial.params:
+            return None
+        return Config(int(trial.params[BATCH_SIZE]), float(a["lr"]), float(a["momentum"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# A view of a study holding only one batch size's trials.
+
+
+class _BatchSizeStorage:
+    """Delegates to a real storage but lists only the trials of one batch size (and the asking trial)."""
+
+    def __init__(self, base: Any, batch_size: int, keep_trial_id: int | None) -> None:
+        self._base = base
+        self._b = batch_size
+        self._keep = keep_trial_id
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        trials = self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.params.get(BATCH_SIZE) == self._b or t._trial_id == self._keep]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+
+def batch_size_view(
+    study: optuna.Study, batch_size: int, trial: FrozenTrial | None = None, pruner: BasePruner | None = None,
+    sampler: BaseSampler | None = None,
+) -> optuna.Study:
+    """A Study object over the same storage that sees only trials with this batch size."""
+    storage = _BatchSizeStorage(study._storage, batch_size, trial._trial_id if trial else None)
+    return optuna.Study(
+        study_name=study.study_name, storage=storage,  # type: ignore[arg-type]
+        sampler=sampler or optuna.samplers.RandomSampler(), pruner=pruner or optuna.pruners.NopPruner(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler
+
+
+class BatchSizeSampler(BaseSampler):
+    """Gives each trial the least-covered batch size, then samples (lr, m) with an inner sampler that only
+    sees trials of that batch size.
+
+    Batch sizes at which a trial ran out of memory are dropped from the rotation: they will not fit later.
+    """
+
+    def __init__(self, inner: BaseSampler, space: SearchSpace, seed: int | None = None) -> None:
+        self._inner = inner
+        self._space = space
+        self._rng = random.Random(seed)
+        self._relative: dict[int, dict[str, Any]] = {}
+
+    @property
+    def inner(self) -> BaseSampler:
+        return self._inner
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        if param_name == BATCH_SIZE:
+            assert isinstance(param_distribution, CategoricalDistribution)
+            return self._least_covered(study, trial, param_distribution.choices)
+        b = trial.params[BATCH_SIZE]
+        view = batch_size_view(study, b, trial, sampler=self._inner)
+        # Model-based samplers (GP, QMC, multivariate TPE) propose all continuous params at once; ask once
+        # per trial, on the view, and hand the values out as the objective asks for them.
+        if trial.number not in self._relative:
+            self._relative = {trial.number: self._inner.sample_relative(view, trial, self._space.distributions())}
+        rel = self._relative[trial.number]
+        if param_name in rel:
+            return rel[param_name]
+        return self._inner.sample_independent(view, trial, param_name, param_distribution)
+
+    def _least_covered(self, study: optuna.Study, trial: FrozenTrial, choices: Sequence[Any]) -> Any:
+        counts = {c: 0 for c in choices}
+        oom = set()
+        for t in study._get_trials(deepcopy=False, use_cache=False):
+            b = t.params.get(BATCH_SIZE)
+            if b not in counts or t.number == trial.number:
+                continue
+            if t.state == TrialState.FAIL and t.user_attrs.get("bstune.state") == "OOM":
+                oom.add(b)
+            counts[b] += 1
+        usable = [c for c in choices if c not in oom] or list(choices)
+        fewest = min(counts[c] for c in usable)
+        return self._rng.choice([c for c in usable if counts[c] == fewest])
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._relative.pop(trial.number, None)
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._rng = random.Random()
+        self._inner.reseed_rng()
+
+
+def make_sampler(search: Search, space: SearchSpace, seed_offset: int = 0) -> BatchSizeSampler:
+    """The spec's sampler, wrapped so it works per batch size. seed_offset separates parallel workers."""
+    s = search.sampler
+    seed = None if s.seed is None else s.seed + seed_offset
+    n0 = s.n_startup_trials
+    if s.name == "tpe":
+        inner: BaseSampler = optuna.samplers.TPESampler(n_startup_trials=n0, seed=seed, multivariate=True)
+    elif s.name == "random":
+        inner = optuna.samplers.RandomSampler(seed=seed)
+    elif s.name == "qmc":
+        inner = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False)
+    elif s.name == "gp":
+        inner = optuna.samplers.GPSampler(n_startup_trials=n0, seed=seed)
+    else:  # spec validation makes this unreachable
+        raise ValueError(f"unknown sampler {s.name!r}")
+    return BatchSizeSampler(inner, space, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruner
+
+
+class WithinBatchSizePruner(BasePruner):
+    """Runs an inner pruner against the trials of the same batch size only."""
+
+    def __init__(self, inner: BasePruner) -> None:
+        self._inner = inner
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        b = trial.params.get(BATCH_SIZE)
+        if b is None:
+            return False
+        view = batch_size_view(study, b, trial, pruner=self._inner)
+        return self._inner.prune(view, trial)
+
+
+def make_pruner(search: Search, max_epochs: int) -> BasePruner:
+    p = search.pruner
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    if p.name == "median":
+        inner: BasePruner = optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs
+        )
+    else:
+        inner = optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=max_epochs, reduction_factor=p.reduction_factor
+        )
+    return WithinBatchSizePruner(inner)

@@ -1,0 +1,386 @@
+"""Running a study: the Optuna study, its trials as real training runs, and their MLflow runs.
+
+`run_study(spec)` checks everything that can be wrong before it creates anything (the data set loads, the
+storage and tracking store answer, a resumed study matches its spec), then asks Optuna for trials until the
+budget is spent. Every trial ends recorded, whatever happens to it:
+
+    COMPLETE / PRUNED             as Optuna has them
+    DIVERGED (NaN, inf, blow-up)  Optuna PRUNED, so the samplers learn the region is bad
+    OOM, FAILED (any other error) Optuna FAIL, with the reason; the study goes on
+    INTERRUPTED (Ctrl-C)          Optuna FAIL, re-queued: the next run of the same command re-runs it
+    LOST (worker killed)          failed by Optuna's heartbeat check, its MLflow run closed, re-queued
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial
+
+from bstune import budget as budget_mod
+from bstune.data import Dataset, load_dataset
+from bstune.errors import BstuneError, redact
+from bstune.results import EpochPoint, TrialTable, curve_to_json, from_study
+from bstune.space import Config, SearchSpace, make_pruner, make_sampler
+from bstune.spec import StudySpec
+from bstune.tracking import EPOCH_METRICS, Tracker, check_sqlite_url
+from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, steps_per_epoch, train
+
+log = logging.getLogger("bstune")
+
+# Spec fields that define what a study measures: a resumed study must not change them.
+_FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
+
+
+class Progress(Protocol):
+    def trial_started(self, number: int, config: Config) -> None: ...
+    def epoch_done(self, number: int, config: Config, epoch: int, epochs: int, value: float) -> None: ...
+    def trial_finished(self, number: int, config: Config, state: str, value: float | None, seconds: float,
+                       reason: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class SilentProgress:
+    def trial_started(self, number: int, config: Config) -> None:
+        pass
+
+    def epoch_done(self, number: int, config: Config, epoch: int, epochs: int, value: float) -> None:
+        pass
+
+    def trial_finished(self, number: int, config: Config, state: str, value: float | None, seconds: float,
+                       reason: str) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    table: TrialTable
+    spent: budget_mod.Spent
+    stop_reason: str
+    parent_run_id: str
+    interrupted: bool = False
+    trials_run: int = 0  # by this call
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _TrialFailed(Exception):
+    """Raised out of the objective so Optuna records FAIL (OOM, FAILED) while the study goes on."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+
+
+def check_storage(url: str) -> None:
+    """Fail with one line if the Optuna storage URL cannot be used; creates nothing."""
+    check_sqlite_url(url, "storage")
+    if url.startswith("sqlite"):
+        return
+    import sqlalchemy
+
+    try:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": 5}
+        engine = sqlalchemy.create_engine(url, **kwargs)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as e:
+        raise BstuneError(f"storage: {redact(url)} needs the {e.name} package; install it "
+                          f"(for PostgreSQL: pip install 'psycopg[binary]')") from None
+    except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
+        first = str(getattr(e, "orig", e) or type(e).__name__).strip().splitlines()[0]
+        raise BstuneError(f"storage: cannot connect to {redact(url)} ({redact(first)[:200]}); "
+                          f"start the database or fix storage") from None
+
+
+def open_storage(url: str, heartbeat_seconds: int, on_lost: Any = None) -> optuna.storages.RDBStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several workers share one SQLite file: wait for the write lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+        grace_period=2 * heartbeat_seconds, heartbeat_stale_trial_callback=on_lost,
+    )
+
+
+def load_study(spec: StudySpec) -> optuna.Study:
+    """The spec's existing study (for analysis and status); BstuneError if there is none."""
+    check_storage(spec.storage)
+    storage = open_storage(spec.storage, spec.heartbeat_seconds)
+    try:
+        return optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        hint = f"; studies there: {', '.join(names)}" if names else ""
+        raise BstuneError(f"no study named {spec.name!r} in {redact(spec.storage)}{hint}; "
+                          f"run `bstune study {spec.source or 'SPEC'}` first") from None
+
+
+def _check_same_spec(study: optuna.Study, spec: StudySpec) -> None:
+    stored = study.user_attrs.get("bstune.spec")
+    if not stored:
+        return
+    current = spec.to_dict()
+    for path in _FIXED_FIELDS:
+        a, b = _get(stored, path), _get(current, path)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                path, a, b = f"{path}.{key}", a.get(key), b.get(key)
+            raise BstuneError(
+                f"{spec.source}: {path}: study {spec.name!r} already exists with {path} = {a!r}, the spec now "
+                f"says {b!r}; give the study a new name, or restore the old value to resume it")
+
+
+def _get(d: dict, path: str) -> Any:
+    for part in path.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    device: str | None = None,
+    progress: Progress | None = None,
+    data: Dataset | None = None,
+    worker: int = 0,
+) -> StudyResult:
+    """Run (or resume) the study until its budget is spent. Ctrl-C returns with `interrupted=True`."""
+    progress = progress or SilentProgress()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    dev = pick_device(device)
+
+    # 1. Everything that can be wrong with the input, before anything is created.
+    if spec.workload.accumulation_steps > 1:
+        bad = [b for b in spec.search.batch_sizes if b % spec.workload.accumulation_steps]
+        if bad:
+            raise BstuneError(f"{spec.source}: search.batch_sizes: {bad} not divisible by "
+                              f"workload.accumulation_steps ({spec.workload.accumulation_steps})")
+    if data is None:
+        data = load_dataset(spec.workload)
+    check_storage(spec.storage)
+    tracker = Tracker(spec.tracking_uri, spec.experiment)
+    tracker.check()
+
+    # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
+    space = SearchSpace(spec.search)
+
+    def on_lost(study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = "worker stopped sending heartbeats (killed or lost) during the trial; re-queued"
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracker.close_if_running(run_id, "LOST", reason)
+        _requeue(study, trial)
+        progress.note(f"trial {trial.number} was lost with its worker; re-queued")
+
+    storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
+    try:
+        existing = optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        _check_same_spec(existing, spec)
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, direction=spec.search.direction, load_if_exists=True,
+        sampler=make_sampler(spec.search, space, seed_offset=worker * 1000 + len(existing.trials if existing else [])),
+        pruner=make_pruner(spec.search, spec.workload.epochs),
+    )
+    if existing is None:
+        study.set_user_attr("bstune.spec", spec.to_dict())
+        study.set_user_attr("bstune.n_train", data.n_train)
+    spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    parent = tracker.open_study_run(spec.name, study.user_attrs.get("mlflow_parent_run_id"),
+                                    _study_params(spec, data), spec_yaml)
+    if study.user_attrs.get("mlflow_parent_run_id") != parent:
+        study.set_user_attr("mlflow_parent_run_id", parent)
+
+    objective = _Objective(spec, space, data, dev, tracker, parent, progress)
+    interrupted = False
+    stop_reason = ""
+    run = 0
+    try:
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            spent = budget_mod.spent(trials)
+            stop_reason = budget_mod.exhausted(spec.budget, spent) or ""
+            if stop_reason:
+                break
+            if budget_mod.exhausted(spec.budget, spent, in_flight=spent.running):
+                # The last trials are running elsewhere (or their worker died): wait until they finish or
+                # the heartbeat check fails and re-queues them, so no trial is lost.
+                time.sleep(min(spec.heartbeat_seconds, 5))
+                continue
+            study.optimize(objective, n_trials=1, catch=(_TrialFailed,), gc_after_trial=False)
+            run += 1
+    except KeyboardInterrupt:
+        interrupted = True
+        stop_reason = "interrupted (Ctrl-C); run the same command again to resume"
+
+    table = from_study(study, n_train=data.n_train)
+    spent = budget_mod.spent(study.get_trials(deepcopy=False))
+    summary = summarize(table, spent, stop_reason)
+    tracker.close_study_run(parent, summary, status="KILLED" if interrupted else "FINISHED")
+    return StudyResult(spec.name, table, spent, stop_reason, parent, interrupted, run, summary)
+
+
+def summarize(table: TrialTable, spent: budget_mod.Spent, stop_reason: str) -> dict[str, Any]:
+    states = [r.state for r in table.records]
+    done = table.completed()
+    pick = min if table.direction == "minimize" else max
+    best = pick(done, key=lambda r: r.value) if done else None
+    return {
+        "spent": spent.as_dict(), "stop_reason": stop_reason,
+        "n_complete": states.count("COMPLETE"), "n_pruned": states.count("PRUNED"),
+        "n_diverged": states.count("DIVERGED"),
+        "n_failed": sum(s in ("OOM", "FAILED", "INTERRUPTED", "LOST") for s in states),
+        "best_trial": best.number if best else None, "best_value": best.value if best else None,
+        "best_per_batch_size": {
+            str(b): _best_dict(rs, pick) for b, rs in table.by_batch_size().items()
+        },
+    }
+
+
+def _best_dict(records: list, pick: Any) -> dict[str, Any] | None:
+    done = [r for r in records if r.state == "COMPLETE" and r.value is not None]
+    if not done:
+        return None
+    r = pick(done, key=lambda r: r.value)
+    return {"trial": r.number, "lr": r.lr, "momentum": r.momentum, "value": r.value}
+
+
+def _study_params(spec: StudySpec, data: Dataset) -> dict[str, Any]:
+    w = spec.workload
+    return {
+        "dataset": w.dataset, "model": w.model, "optimizer": w.optimizer, "epochs": w.epochs, "hold": w.hold,
+        "lr_schedule": w.lr_schedule, "weight_decay": w.weight_decay, "seed": w.seed, "n_train": data.n_train,
+        "accumulation_steps": w.accumulation_steps, "batch_sizes": ",".join(map(str, spec.search.batch_sizes)),
+        "lr_range": f"{spec.search.lr[0]:g}..{spec.search.lr[1]:g}",
+        "momentum_range": f"{spec.search.momentum[0]:g}..{spec.search.momentum[1]:g}",
+        "sampler": spec.search.sampler.name, "pruner": spec.search.pruner.name,
+        "objective": spec.search.objective, "budget_trials": spec.budget.trials,
+        "budget_examples": spec.budget.examples, "budget_seconds": spec.budget.seconds,
+    }
+
+
+def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a trial's exact config to run again (after an interruption or a lost worker)."""
+    study.enqueue_trial(dict(trial.params), user_attrs={"bstune.retry_of": trial.number})
+
+
+class _Objective:
+    """One trial: pick a config, train it, report every epoch, record how it ended."""
+
+    def __init__(self, spec: StudySpec, space: SearchSpace, data: Dataset, device: Any, tracker: Tracker,
+                 parent: str, progress: Progress) -> None:
+        self.spec, self.space, self.data, self.device = spec, space, data, device
+        self.tracker, self.parent, self.progress = tracker, parent, progress
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        spec, w = self.spec, self.spec.workload
+        cfg = self.space.suggest(trial)
+        n = self.data.n_train
+        for k, v in (("lr", cfg.lr), ("momentum", cfg.momentum), ("effective_lr", cfg.effective_lr),
+                     ("batch_size", cfg.batch_size), ("worker_pid", os.getpid())):
+            trial.set_user_attr(k, v)
+        params = {
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum, "optimizer": w.optimizer,
+            "epochs": w.epochs, "accumulation_steps": w.accumulation_steps, "dataset": w.dataset,
+            "model": w.model, "seed": w.seed, "effective_lr": cfg.effective_lr,
+            "noise_scale": cfg.lr * n / (cfg.batch_size * (1.0 - cfg.momentum)),
+            "steps_per_epoch": steps_per_epoch(n, cfg.batch_size), "hold": w.hold, "steps": w.steps,
+            "lr_schedule": w.lr_schedule, "weight_decay": w.weight_decay, "optuna_trial": trial.number,
+        }
+        if "bstune.retry_of" in trial.user_attrs:
+            params["retry_of"] = trial.user_attrs["bstune.retry_of"]
+        run_id = self.tracker.start_trial(self.parent, spec.name, trial.number, trial._trial_id, params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.progress.trial_started(trial.number, cfg)
+
+        curve: list[EpochPoint] = []
+        last: dict[str, Any] = {}
+        epochs = w.epochs if w.steps is None else -(-w.steps // steps_per_epoch(n, cfg.batch_size))
+        t0 = time.perf_counter()
+        saved = [t0]
+
+        def on_epoch(s: EpochStats) -> None:
+            value = getattr(s, spec.search.objective)
+            metrics = {k: getattr(s, k) for k in EPOCH_METRICS}
+            self.tracker.log_epoch(run_id, s.epoch, metrics)
+            curve.append(EpochPoint(s.epoch, value, s.optimizer_steps, s.examples_seen))
+            last.update(metrics, value=value)
+            last.update(examples_seen=s.examples_seen, train_seconds=s.train_seconds)
+            if time.perf_counter() - saved[0] > 5.0:  # spend is saved every few seconds, and at the end
+                self._save_spend(trial, last)
+                saved[0] = time.perf_counter()
+            self.progress.epoch_done(trial.number, cfg, s.epoch, epochs, value)
+            trial.report(value, s.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {s.epoch} ({spec.search.objective} {value:.4g})")
+
+        def finish(state: str, reason: str = "") -> None:
+            self._save_spend(trial, last)
+            trial.set_user_attr("bstune.state", state)
+            if reason:
+                trial.set_user_attr("bstune.reason", reason)
+            trial.set_user_attr("curve", curve_to_json(curve))
+            if last.get("grad_noise_scale") is not None:
+                trial.set_user_attr("grad_noise_scale", last["grad_noise_scale"])
+            final = {f"final_{k}": last.get(k) for k in ("val_loss", "val_accuracy", "train_loss")}
+            final["examples_seen"] = last.get("examples_seen")
+            self.tracker.end_trial(run_id, state, reason, final)
+            self.progress.trial_finished(trial.number, cfg, state, last.get("value"),
+                                         time.perf_counter() - t0, reason)
+
+        tc = TrainConfig(
+            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, optimizer=w.optimizer, epochs=w.epochs,
+            steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule,
+            warmup_epochs=w.warmup_epochs, weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps,
+            seed=w.seed, model=w.model, width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
+        )
+        try:
+            history = train(tc, self.data, self.device, on_epoch)
+        except optuna.TrialPruned as e:
+            finish("PRUNED", str(e))
+            raise
+        except Diverged as e:
+            finish("DIVERGED", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        except OutOfMemory as e:
+            finish("OOM", f"out of memory at batch size {cfg.batch_size}: {e}")
+            raise _TrialFailed(str(e)) from None
+        except KeyboardInterrupt:
+            finish("INTERRUPTED", "interrupted by the user (Ctrl-C); re-queued")
+            _requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))
+            raise
+        except Exception as e:  # noqa: BLE001 - a trial's failure must not end the study
+            finish("FAILED", f"{type(e).__name__}: {e}")
+            raise _TrialFailed(str(e)) from None
+        finish("COMPLETE")
+        return float(getattr(history[-1], spec.search.objective))
+
+    @staticmethod
+    def _save_spend(trial: optuna.Trial, last: dict[str, Any]) -> None:
+        if "examples_seen" in last:
+            trial.set_user_attr("examples_seen", last["examples_seen"])
+            trial.set_user_attr("train_seconds", last["train_seconds"])

@@ -1,0 +1,195 @@
+"""MLflow tracking: one parent run per study, one nested child run per trial.
+
+Names follow shared conventions so the MLflow UI compares runs well: params batch_size, lr, momentum, ...;
+per-epoch metrics with step = epoch; tags bstune.study, bstune.trial, bstune.state and mlflow.parentRunId.
+The client API is used (not the fluent one) so that no global "active run" state is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from bstune.errors import BstuneError, redact
+
+# Fail fast instead of retrying for minutes when a tracking server does not answer.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# No usage telemetry: it costs time on every call and has nowhere to go on an offline machine.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# bstune state -> MLflow run status
+RUN_STATUS = {
+    "COMPLETE": "FINISHED", "PRUNED": "FINISHED", "DIVERGED": "FAILED", "OOM": "FAILED",
+    "FAILED": "FAILED", "INTERRUPTED": "KILLED", "LOST": "KILLED",
+}
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "examples_seen", "optimizer_steps",
+                 "examples_per_second", "weight_distance", "grad_noise_scale", "generalization_gap")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a sqlite:/// URL, or None for other URLs."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):])
+
+
+def check_sqlite_url(url: str, field: str) -> None:
+    path = sqlite_path(url)
+    if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
+        raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
+                          f"create it or point {field} elsewhere")
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where artifacts go for a local store: beside the database (mlruns/artifacts), as a file URI."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return (db.parent.resolve() / "artifacts").as_uri()
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("", "file"):
+        return None  # a file store keeps artifacts inside itself
+    return None
+
+
+class Tracker:
+    """The study's MLflow side. `check()` first: it fails with one line if the store does not answer."""
+
+    def __init__(self, tracking_uri: str, experiment: str = "bstune", flush_seconds: float = 3.0) -> None:
+        self.uri = tracking_uri
+        self.flush_seconds = flush_seconds
+        self._pending: dict[str, list[Any]] = {}
+        self._flushed: dict[str, float] = {}
+        self.experiment_name = experiment
+        self._client: Any = None
+        self._experiment_id: str | None = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def check(self) -> None:
+        """Make sure the tracking store answers, without creating anything in it."""
+        check_sqlite_url(self.uri, "tracking_uri")
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - any failure here means "unusable store"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BstuneError(f"tracking_uri: cannot reach the MLflow store at {redact(self.uri)} "
+                              f"({redact(first)[:200]}); start it or fix tracking_uri") from None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name, artifact_location=artifact_root(self.uri))
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    # ---- the study's parent run
+
+    def open_study_run(self, study_name: str, run_id: str | None, params: dict[str, Any],
+                       spec_yaml: str) -> str:
+        """Reopen the study's parent run (on resume) or create it; returns its id."""
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception:  # noqa: BLE001 - deleted run: make a new one
+                pass
+        run = self.client.create_run(
+            self.experiment_id, run_name=study_name,
+            tags={"bstune.study": study_name, "bstune.kind": "study"},
+        )
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        self.client.log_text(run_id, spec_yaml, "spec.yaml")
+        return run_id
+
+    def close_study_run(self, run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
+        from mlflow.entities import Metric, RunTag
+
+        ts = _now_ms()
+        metrics = [Metric(f"budget.{k}", float(v), ts, 0) for k, v in summary.get("spent", {}).items()]
+        for k in ("best_value", "n_complete", "n_pruned", "n_diverged", "n_failed"):
+            if summary.get(k) is not None:
+                metrics.append(Metric(k, float(summary[k]), ts, 0))
+        tags = [RunTag(f"bstune.{k}", str(summary[k])) for k in ("best_trial", "stop_reason") if k in summary]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.log_dict(run_id, summary, "summary.json")
+        self.client.set_terminated(run_id, status=status)
+
+    # ---- trial child runs
+
+    def start_trial(self, parent_id: str, study_name: str, number: int, trial_id: int,
+                    params: dict[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{study_name}-trial-{number:04d}",
+            tags={"mlflow.parentRunId": parent_id, "bstune.study": study_name, "bstune.trial": str(number),
+                  "bstune.state": "RUNNING", "optuna.trial_id": str(trial_id), "bstune.kind": "trial"},
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_epoch(self, run_id: str, epoch: int, values: dict[str, float | None]) -> None:
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        pending = self._pending.setdefault(run_id, [])
+        pending += [Metric(k, float(v), ts, epoch) for k, v in values.items() if v is not None]
+        # Each write to a SQLite store costs ~20 ms: on short epochs, write every few seconds, not every epoch.
+        if time.monotonic() - self._flushed.get(run_id, 0.0) > self.flush_seconds:
+            self._flush(run_id)
+
+    def _flush(self, run_id: str) -> None:
+        pending = self._pending.pop(run_id, [])
+        for i in range(0, len(pending), 1000):
+            self.client.log_batch(run_id, metrics=pending[i:i + 1000])
+        self._flushed[run_id] = time.monotonic()
+
+    def end_trial(self, run_id: str, state: str, reason: str = "", final: dict[str, float] | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self._flush(run_id)
+        self._flushed.pop(run_id, None)
+        tags = [RunTag("bstune.state", state)]
+        if reason:
+            tags.append(RunTag("bstune.reason", reason[:5000]))
+        ts = _now_ms()
+        metrics = [Metric(k, float(v), ts, 0) for k, v in (final or {}).items() if v is not None]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+    def close_if_running(self, run_id: str, state: str, reason: str) -> bool:
+        """Close a run that a dead worker left RUNNING. Returns True if it had to."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - the run is gone: nothing to close
+            return False
+        if run.info.status != "RUNNING":
+            return False
+        self.end_trial(run_id, state, reason)
+        return True
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,50 @@
+"""Shared fixtures: every test gets its own real Optuna storage and MLflow store under tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+warnings.filterwarnings("ignore", module="optuna")
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def small_spec(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A study that runs in seconds: synthetic data, a small MLP, 3 epochs, two batch sizes."""
+    spec: dict[str, Any] = {
+        "name": "small",
+        "workload": {"dataset": "synthetic", "n_train": 600, "model": "mlp", "width": 32, "epochs": 3,
+                     "optimizer": "sgd", "lr_schedule": "cosine"},
+        "search": {"batch_sizes": [16, 64], "lr": {"low": 0.01, "high": 1.0},
+                   "momentum": {"low": 0.0, "high": 0.9},
+                   "sampler": {"name": "tpe", "n_startup_trials": 2},
+                   "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_epochs": 1}},
+        "budget": {"trials": 6},
+        "storage": f"sqlite:///{tmp_path}/optuna.db",
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "heartbeat_seconds": 1,
+    }
+    for key, value in overrides.items():
+        node = spec
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return spec
+
+
+def write_spec(tmp_path: Path, **overrides: Any) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **overrides), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    return write_spec(tmp_path)

@@ -1,0 +1,123 @@
+"""Bad input: one line naming the field and the fix, exit code 2, no traceback, nothing created."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from bstune.cli import main
+from bstune.spec import load_spec
+from tests.conftest import small_spec
+
+BAD_SPECS = [
+    # (overrides, words the one-line message must contain)
+    ({"workload.datset": "digits"}, ["workload.datset", "did you mean 'dataset'"]),
+    ({"workload.epochs": "ten"}, ["workload.epochs", "integer"]),
+    ({"search.lr": {"low": 1.0, "high": 0.01}}, ["search.lr", "swap"]),
+    ({"search.lr": {"low": -0.1, "high": 1.0}}, ["search.lr.low", "> 0"]),
+    ({"search.lr": {"low": 0.0, "high": 1.0}}, ["search.lr.low", "> 0"]),
+    ({"search.momentum": {"low": 0.0, "high": 1.0}}, ["search.momentum", "[0, 1)"]),
+    ({"search.momentum": {"low": -0.5, "high": 0.9}}, ["search.momentum", "[0, 1)"]),
+    ({"search.batch_sizes": [16, 0]}, ["search.batch_sizes[1]", "positive integers"]),
+    ({"search.batch_sizes": [16, 2.5]}, ["search.batch_sizes[1]", "positive integers"]),
+    ({"search.batch_sizes": {"min": 512, "max": 16}}, ["search.batch_sizes", "swap"]),
+    ({"workload.dataset": "imagenet"}, ["workload.dataset", "digits, cifar10, synthetic"]),
+    ({"search.sampler": "tpee"}, ["search.sampler.name", "did you mean 'tpe'"]),
+    ({"search.pruner": {"name": "medain"}}, ["search.pruner.name", "did you mean 'median'"]),
+    ({"budget": {"trails": 3}}, ["budget.trails", "did you mean 'trials'"]),
+    ({"budget": {}}, ["budget", "no limit"]),
+    ({"workload.optimizer": "sgdd"}, ["workload.optimizer", "did you mean 'sgd'"]),
+]
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+def _no_state(tmp_path: Path) -> None:
+    assert not (tmp_path / "optuna.db").exists(), "an Optuna storage was created for bad input"
+    assert not (tmp_path / "mlflow.db").exists(), "an MLflow store was created for bad input"
+
+
+@pytest.mark.parametrize("overrides,words", BAD_SPECS, ids=[w[0] for _, w in BAD_SPECS])
+@pytest.mark.parametrize("command", ["validate", "study"])
+def test_bad_spec_is_one_line_exit_2(tmp_path: Path, overrides: dict, words: list[str], command: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **overrides)))
+    code, out = _run([command, str(path)])
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    assert "Traceback" not in out
+    _no_state(tmp_path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    code, out = _run(["study", str(tmp_path / "nope.yaml")])
+    assert code == 2 and "no such file" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nworkload:\n  epochs: 3\n   model: mlp\n")
+    code, out = _run(["validate", str(bad)])
+    assert code == 2 and "invalid YAML" in out and "line 4" in out, out
+
+
+def test_unreachable_storage_is_one_line(tmp_path: Path) -> None:
+    # Nothing listens on port 1: the connection is refused at once.
+    path = tmp_path / "spec.yaml"
+    url = "postgresql://bstune:s3cret@127.0.0.1:1/bstune"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, storage=url)))
+    code, out = _run(["study", str(path)])
+    assert code == 2, out
+    assert out.startswith("error: storage: cannot connect") and out.count("\n") == 1, out
+    assert "s3cret" not in out and "***" in out
+    _no_state(tmp_path)
+
+
+def test_missing_storage_folder(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, storage=f"sqlite:///{tmp_path}/no/such/dir/o.db")))
+    code, out = _run(["study", str(path)])
+    assert code == 2 and "storage: folder" in out and "does not exist" in out, out
+    _no_state(tmp_path)
+
+
+def test_missing_cifar_data(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"workload.dataset": "cifar10", "workload.model": "cnn",
+                                                             "workload.data_dir": str(tmp_path / "data")})))
+    code, out = _run(["study", str(path)])
+    assert code == 2 and "workload.data_dir" in out and "download" in out, out
+    _no_state(tmp_path)
+
+
+def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"search.lr": {"low": 2, "high": 1}})))
+    proc = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    _no_state(tmp_path)
+
+
+def test_shipped_specs_validate() -> None:
+    for path in sorted(Path("studies").glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.name and spec.search.batch_sizes, path
+
+
+def test_powers_of_two_range_and_numbers_as_strings(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nsearch:\n  batch_sizes: {min: 10, max: 100}\n  lr: {low: 1e-4, high: 1e-1}\n"
+                    "budget: {trials: 2}\n")
+    spec = load_spec(path)
+    assert spec.search.batch_sizes == (16, 32, 64)
+    assert spec.search.lr == (1e-4, 1e-1)
+    assert spec.search.direction == "minimize"

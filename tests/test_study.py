@@ -1,0 +1,261 @@
+"""Whole studies on real parts: SQLite Optuna storage, SQLite MLflow store, real (small) training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from bstune.budget import trial_state
+from bstune.cli import main
+from bstune.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner
+from bstune.spec import Search, load_spec
+from bstune.study import run_study
+from tests.conftest import write_spec
+
+PARAMS = {"batch_size", "lr", "momentum", "optimizer", "epochs", "accumulation_steps", "dataset", "model", "seed",
+          "effective_lr", "noise_scale"}
+METRICS = {"train_loss", "val_loss", "val_accuracy", "examples_seen", "optimizer_steps", "examples_per_second",
+           "weight_distance", "grad_noise_scale"}
+
+
+def _runs(spec) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("bstune.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("bstune.kind") == "trial"]
+    return client, parents, children
+
+
+def _study(spec) -> optuna.Study:
+    return optuna.load_study(study_name=spec.name, storage=spec.storage)
+
+
+def test_small_study_end_to_end(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path))
+    result = run_study(spec)
+    assert result.spent.trials == 6 and not result.interrupted
+    assert "trial limit" in result.stop_reason
+    sizes = [r.batch_size for r in result.table.records]
+    assert sorted(sizes) == [16, 16, 16, 64, 64, 64], "every batch size gets its share of trials"
+    done = result.table.completed()
+    assert done and all(r.value is not None and r.value > 0 for r in done)
+    assert all(len(r.curve) == 3 for r in done), "one learning-curve point per epoch"
+    best = result.summary["best_per_batch_size"]
+    assert set(best) == {"16", "64"}
+    # Budget accounting: examples add up to what the trials report.
+    assert result.spent.examples == sum(r.examples_seen for r in result.table.records) > 0
+
+
+def test_mlflow_parent_and_child_runs(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path))
+    result = run_study(spec)
+    client, parents, children = _runs(spec)
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["bstune.study"] == "small"
+    assert "budget.trials" in parent.data.metrics and parent.data.tags.get("bstune.best_trial") is not None
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "summary.json"} <= artifacts
+    study = _study(spec)
+    assert len(children) == len(study.trials) == 6
+    by_number = {int(r.data.tags["bstune.trial"]): r for r in children}
+    for t in study.trials:
+        run = by_number[t.number]  # one MLflow run per Optuna trial, and each points at the other
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["optuna.trial_id"] == str(t._trial_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["bstune.study"] == "small"
+        assert run.data.tags["bstune.state"] == trial_state(t)
+        assert PARAMS <= set(run.data.params)
+        assert float(run.data.params["lr"]) == pytest.approx(t.user_attrs["lr"])
+        assert int(run.data.params["batch_size"]) == t.params["batch_size"]
+        if trial_state(t) == "COMPLETE":
+            assert run.info.status == "FINISHED"
+            assert METRICS <= set(run.data.metrics), set(METRICS) - set(run.data.metrics)
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+            assert steps == [1, 2, 3], "metrics are logged per epoch with step = epoch"
+
+
+def _trial(b: int, values: list[float], state: TrialState = TrialState.COMPLETE):
+    dists = {"batch_size": CategoricalDistribution([16, 64]), "lr": FloatDistribution(1e-3, 1, log=True)}
+    return create_trial(
+        params={"batch_size": b, "lr": 0.1}, distributions=dists,
+        intermediate_values={i + 1: v for i, v in enumerate(values)},
+        value=values[-1] if state == TrialState.COMPLETE else None, state=state,
+    )
+
+
+def test_pruning_compares_only_the_same_batch_size(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/p.db"
+    pruner = WithinBatchSizePruner(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    study = optuna.create_study(storage=storage, pruner=pruner)
+    # Large batches converge faster per epoch: B=64 trials are far better at epoch 1 than any B=16 trial.
+    for v in (0.10, 0.12, 0.11):
+        study.add_trial(_trial(64, [v, v / 2]))
+    for v in (1.00, 1.10):
+        study.add_trial(_trial(16, [v, v / 2]))
+    # A B=16 trial at 0.9 is good *for B=16*: a median over all trials (0.11) would prune it; ours does not.
+    study.enqueue_trial({"batch_size": 16})
+    trial = study.ask()
+    assert trial.suggest_categorical("batch_size", [16, 64]) == 16
+    trial.report(0.9, 1)
+    assert not trial.should_prune()
+    plain = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    assert plain.prune(study, study._storage.get_trial(trial._trial_id)), "a global median would prune it"
+    trial.report(1.5, 2)  # worse than both B=16 trials at epoch 2: pruned
+    assert trial.should_prune()
+
+
+def test_batch_sizes_stay_covered_and_conditioned(tmp_path: Path) -> None:
+    space = SearchSpace(Search(batch_sizes=(16, 32, 64)))
+    sampler = BatchSizeSampler(optuna.samplers.RandomSampler(seed=0), space, seed=0)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", sampler=sampler)
+    study.optimize(lambda t: space.suggest(t).lr, n_trials=12)
+    counts = {b: sum(t.params["batch_size"] == b for t in study.trials) for b in (16, 32, 64)}
+    assert counts == {16: 4, 32: 4, 64: 4}
+
+
+def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, **{"search.lr": {"low": 200.0, "high": 400.0},
+                                             "search.momentum": {"low": 0.9, "high": 0.9}, "budget.trials": 3}))
+    result = run_study(spec)
+    assert [r.state for r in result.table.records] == ["DIVERGED"] * 3
+    assert all("loss" in r.reason for r in result.table.records)
+    study = _study(spec)
+    assert {t.state for t in study.trials} == {TrialState.PRUNED}  # samplers learn the region is bad
+    _, _, children = _runs(spec)
+    assert {r.data.tags["bstune.state"] for r in children} == {"DIVERGED"}
+    assert {r.info.status for r in children} == {"FAILED"}
+
+
+@pytest.mark.parametrize("limit,expect", [({"trials": None, "examples": 3000}, "example limit"),
+                                          ({"trials": None, "seconds": 0.01}, "training-time limit")])
+def test_budget_limits_stop_the_study(tmp_path: Path, limit: dict, expect: str) -> None:
+    spec = load_spec(write_spec(tmp_path, budget=limit))
+    result = run_study(spec)
+    assert expect in result.stop_reason
+    # Each trial processes 3 epochs x 480 training examples = 1440; the limit is checked between trials.
+    if "examples" in limit:
+        assert result.spent.examples >= 3000 and result.spent.trials == 3
+    else:
+        assert result.spent.trials == 1
+
+
+def test_rerun_resumes_and_counts_what_was_spent(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, **{"budget.trials": 3})
+    first = run_study(load_spec(path))
+    assert first.trials_run == 3
+    again = run_study(load_spec(path))
+    assert again.trials_run == 0, "the budget is already spent"
+    more = run_study(load_spec(write_spec(tmp_path, **{"budget.trials": 5})))
+    assert more.trials_run == 2 and more.spent.trials == 5
+    assert more.parent_run_id == first.parent_run_id, "one MLflow parent run per study, reopened on resume"
+    _, parents, children = _runs(load_spec(path))
+    assert len(parents) == 1 and len(children) == 5
+
+
+def test_resumed_study_must_keep_its_spec(tmp_path: Path) -> None:
+    run_study(load_spec(write_spec(tmp_path, **{"budget.trials": 1})))
+    code = CliRunner().invoke(main, ["study", str(write_spec(tmp_path, **{"workload.epochs": 5}))])
+    assert code.exit_code == 2 and "workload.epochs" in code.output and "new name" in code.output
+
+
+def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["study", str(write_spec(tmp_path, **{"budget.trials": 4}))])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.count("trial ") >= 4 and "B=16" in out and "B=64" in out
+    assert "best lr" in out and "spent: 4/4 trials" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Killed and interrupted processes
+
+
+def _slow_spec(tmp_path: Path, trials: int = 4) -> Path:
+    # Trials of a few seconds each, so a signal lands mid-trial.
+    return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": 8, "search.batch_sizes": [16],
+                                   "search.pruner": "none", "budget.trials": trials})
+
+
+def _start(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bstune.cli", "study", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            trials = _study(spec).trials
+        except KeyError:
+            trials = []
+        done = sum(t.state.is_finished() for t in trials)
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("mlflow_run_id")]
+        if done >= min_done and running:
+            time.sleep(1.0)  # well inside the trial
+            return
+        time.sleep(0.2)
+    raise AssertionError("no trial started in time")
+
+
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    path = _slow_spec(tmp_path)
+    spec = load_spec(path)
+    proc = _start(path)
+    _wait_for_running_trial(spec, proc, min_done=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = [t for t in _study(spec).trials if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    time.sleep(2 * spec.heartbeat_seconds + 1)  # the heartbeat goes stale
+    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = _study(spec).trials
+    states = {t.number: trial_state(t) for t in trials}
+    lost = [t for t in trials if states[t.number] == "LOST"]
+    assert [t.number for t in lost] == [killed[0].number]
+    retry = [t for t in trials if t.user_attrs.get("bstune.retry_of") == killed[0].number]
+    assert len(retry) == 1 and retry[0].params == killed[0].params and states[retry[0].number] == "COMPLETE"
+    counted = [n for n, s in states.items() if s not in ("LOST", "INTERRUPTED")]
+    assert len(counted) == 4, "exactly the requested trials: none lost, none duplicated"
+    assert len({t.number for t in trials}) == len(trials) == 5
+    _, _, children = _runs(spec)
+    assert len(children) == 5 and not [r for r in children if r.info.status == "RUNNING"]
+    assert {r.info.status for r in children if r.data.tags["bstune.state"] == "LOST"} == {"KILLED"}
+
+
+def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
+    path = _slow_spec(tmp_path, trials=2)
+    spec = load_spec(path)
+    proc = _start(path)
+    _wait_for_running_trial(spec, proc, min_done=0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "INTERRUPTED" in out and "Traceback" not in out
+    trials = _study(spec).trials
+    assert [trial_state(t) for t in trials if t.state.is_finished()] == ["INTERRUPTED"]
+    _, parents, children = _runs(spec)
+    assert parents[0].info.status == "KILLED" and children[0].info.status == "KILLED"
+    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = _study(spec).trials
+    assert [trial_state(t) for t in trials] == ["INTERRUPTED", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["bstune.retry_of"] == 0 and trials[1].params == trials[0].params
