@@ -213,3 +213,10 @@ def from_study(study: Any, n_train: int | None = None) -> TrialTable:
     return TrialTable(records, direction=direction, metric=objective, study_name=study.study_name,
                       n_train=n_train or study.user_attrs.get("bstune.n_train"),
                       meta={"spec": spec, "mlflow_parent_run_id": study.user_attrs.get("mlflow_parent_run_id")})
+
+
+def load_table(storage: str, study_name: str, source: str = "") -> TrialTable:
+    """The trial table of a study in an Optuna storage (BstuneError naming the studies there if absent)."""
+    from bstune.storage import load_study
+
+    return from_study(load_study(storage, study_name, source=source))

@@ -1,0 +1,55 @@
+"""How long ``analyze()`` takes on synthetic trial tables (bootstrap on). A script, not a test:
+
+    python benchmarks/analysis_speed.py [--repeats 3] [--n-boot 200]
+
+Tables come from ``bstune.simulate`` (saturating law, B_noise 256, batch sizes 16..4096 or 8..8192 for the
+big one, 20-epoch learning curves on), so every part of the analysis runs, the steps-to-target fit included.
+The time reported is the best of ``--repeats`` calls; generating the table is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+from bstune.analysis import analyze
+from bstune.simulate import simulate_trials
+
+CASES = [  # (trials, batch sizes)
+    (1_000, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),
+    (10_000, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=20)
+    args = parser.parse_args()
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    print(f"analyze() speed: n_boot={args.n_boot}, curves of {args.epochs} epochs, best of {args.repeats}; "
+          f"{machine}")
+    print(f"{'trials':>8} {'batch sizes':>11} {'curve points':>12} {'simulate s':>10} {'analyze s':>10} "
+          f"{'per 1k trials s':>15}")
+    for n_trials, sizes in CASES:
+        t0 = time.perf_counter()
+        table = simulate_trials("saturating", batch_sizes=sizes, trials_per_batch=n_trials // len(sizes),
+                                curves=True, epochs=args.epochs, seed=0)
+        t_sim = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            result = analyze(table, n_boot=args.n_boot, seed=0)
+            best = min(best, time.perf_counter() - t0)
+        points = sum(len(r.curve) for r in table.records)
+        assert result.b_noise is not None
+        print(f"{len(table.records):>8} {len(sizes):>11} {points:>12} {t_sim:>10.2f} {best:>10.2f} "
+              f"{best / len(table.records) * 1000:>15.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""bstune.analysis on synthetic trial tables drawn from known laws (bstune.simulate), and on bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from functools import cache
+
+import numpy as np
+import pytest
+
+from bstune.analysis import FORMS, Analysis, analyze
+from bstune.errors import BstuneError
+from bstune.results import TrialRecord, TrialTable
+from bstune.simulate import simulate_trials
+
+B_NOISE = 256.0
+
+
+@cache
+def _sim(law: str, seed: int, **kw) -> TrialTable:
+    return simulate_trials(law, seed=seed, **kw)
+
+
+@cache
+def _analysis(law: str, seed: int, **kw) -> Analysis:
+    return analyze(_sim(law, seed, **kw), seed=seed)
+
+
+def _octaves(a: float, b: float) -> float:
+    return abs(math.log2(a / b))
+
+
+# ------------------------------------------------------------------------------- recovery of known laws
+
+
+@pytest.mark.parametrize(("alpha", "seeds", "allowed"), [
+    (1.0, range(8), {"linear", "power"}),
+    (0.5, range(100, 108), {"sqrt", "power"}),
+])
+def test_power_law_alpha_is_recovered_and_its_interval_covers_it(alpha, seeds, allowed):
+    covered = 0
+    for seed in seeds:
+        a = _analysis("power", seed, alpha=alpha)
+        fit = a.effective_fits["power"]
+        assert abs(fit.alpha - alpha) <= 0.05, (seed, fit.alpha)
+        lo, hi = fit.intervals["alpha"]
+        covered += lo <= alpha <= hi
+        assert a.effective_preferred in allowed, (seed, a.effective_preferred)
+        assert a.effective_fits["saturating"].delta > 2.0  # clearly not the saturating form
+        # the flags tell the two rules apart
+        assert fit.contains_linear == (alpha == 1.0) and fit.contains_sqrt == (alpha == 0.5)
+        assert a.b_noise is None  # no saturation to see in a power law
+        assert any("B_noise" in w for w in a.warnings)
+    assert covered >= 0.75 * len(seeds)
+
+
+def test_plain_lr_fit_with_fixed_momentum_recovers_alpha():
+    for seed in range(4):
+        a = _analysis("power", seed, alpha=1.0, momentum=0.9)
+        assert abs(a.fits["power"].alpha - 1.0) <= 0.05
+        for o in a.per_batch:
+            assert o.fit == "1d-lr"
+            assert o.momentum == pytest.approx(0.9)
+            assert o.effective_lr == pytest.approx(o.lr / 0.1)
+        # with a fixed momentum the effective fits are the plain ones shifted by log2(1/0.1)
+        assert a.effective_fits["power"].alpha == pytest.approx(a.fits["power"].alpha)
+
+
+def test_saturating_law_b_noise_is_recovered_covered_and_preferred():
+    errors, covered = [], 0
+    for seed in range(8):
+        a = _analysis("saturating", seed, b_noise=B_NOISE)
+        assert a.effective_preferred == "saturating"
+        assert a.b_noise is not None and a.b_noise_interval is not None
+        errors.append(abs(a.b_noise / B_NOISE - 1.0))
+        lo, hi = a.b_noise_interval
+        covered += lo <= B_NOISE <= hi
+    assert sum(e <= 0.15 for e in errors) >= 7, errors
+    assert float(np.median(errors)) <= 0.10
+    assert covered >= 6
+
+
+def test_fitted_optimum_beats_the_best_trial_and_its_interval_covers_the_truth():
+    fitted, best, covered, n = [], [], 0, 0
+    for seed in range(5):
+        table = _sim("saturating", seed)
+        truth = table.meta["truth"]["effective_lr"]
+        for o in _analysis("saturating", seed).per_batch:
+            assert o.fitted and o.bracketed and o.status == "fitted"
+            fitted.append(math.log2(o.effective_lr / truth[o.batch_size]))
+            best.append(math.log2(o.best_lr / (1.0 - o.best_momentum) / truth[o.batch_size]))
+            lo, hi = o.effective_lr_interval
+            covered += lo <= truth[o.batch_size] <= hi
+            n += 1
+    assert max(abs(e) for e in fitted) <= 0.6
+    # the raw argmin jitters by an octave; the fit does not
+    assert np.sqrt(np.mean(np.square(fitted))) <= 0.5 * np.sqrt(np.mean(np.square(best)))
+    assert covered >= 0.8 * n
+
+
+def test_counts_grad_noise_scale_and_direction_maximize():
+    table = _sim("saturating", 0)
+    a = _analysis("saturating", 0)
+    for o in a.per_batch:
+        rs = [r for r in table.records if r.batch_size == o.batch_size]
+        assert o.n_complete + o.n_pruned + o.n_diverged + o.n_failed == len(rs)
+        assert o.n_diverged == sum(r.state == "DIVERGED" for r in rs) > 0
+        assert o.best_value == min(r.value for r in rs if r.state == "COMPLETE")
+        assert _octaves(a.grad_noise_scale[o.batch_size], B_NOISE) < 0.3
+    assert all(v is None for v in _analysis("power", 0, alpha=1.0).grad_noise_scale.values())
+
+    up = _analysis("saturating", 0, direction="maximize")
+    assert up.direction == "maximize" and up.effective_preferred == "saturating"
+    assert abs(up.b_noise / B_NOISE - 1.0) <= 0.15
+    up_table = _sim("saturating", 0, direction="maximize")
+    for o in up.per_batch:
+        done = [r.value for r in up_table.records if r.batch_size == o.batch_size and r.state == "COMPLETE"]
+        assert o.best_value == max(done)
+
+
+def test_point_estimates_do_not_depend_on_the_bootstrap_seed():
+    table = _sim("saturating", 1)
+    a, b, c = analyze(table, seed=0), analyze(table, seed=0), analyze(table, seed=1)
+    assert a.to_dict() == b.to_dict()
+    assert [o.effective_lr for o in a.per_batch] == [o.effective_lr for o in c.per_batch]
+    assert a.b_noise == pytest.approx(c.b_noise, rel=0.05)  # the seed moves only the fits' weights
+    assert a.b_noise_interval != c.b_noise_interval
+
+
+# ------------------------------------------------------------------------------ the valley's evidence
+
+
+def _valley_records(batch_size: int, lrs: list[float], opt: float, start: int = 0) -> list[TrialRecord]:
+    return [TrialRecord(number=start + i, batch_size=batch_size, lr=lr, momentum=0.0,
+                        value=0.3 + 0.1 * math.log2(lr / opt) ** 2, state="COMPLETE")
+            for i, lr in enumerate(lrs)]
+
+
+def test_max_stable_lr_is_the_largest_stable_lr_below_the_smallest_diverged_one():
+    recs = _valley_records(32, [0.01, 0.02, 0.04, 0.06, 0.16], opt=0.03)
+    recs += [TrialRecord(number=10, batch_size=32, lr=0.07, momentum=0.0, value=1.0, state="PRUNED"),
+             TrialRecord(number=11, batch_size=32, lr=0.08, momentum=0.0, value=None, state="DIVERGED"),
+             TrialRecord(number=12, batch_size=32, lr=0.2, momentum=0.0, value=None, state="DIVERGED"),
+             TrialRecord(number=13, batch_size=32, lr=0.05, momentum=0.0, value=None, state="OOM")]
+    recs += _valley_records(64, [0.01, 0.03, 0.06, 0.12, 0.24], opt=0.06, start=20)
+    a = analyze(TrialTable(recs))
+    b32, b64 = a.optimum(32), a.optimum(64)
+    assert b32.max_stable_lr == 0.07  # pruned did not diverge; 0.16 lies above the first divergence
+    assert (b32.n_complete, b32.n_pruned, b32.n_diverged, b32.n_failed) == (5, 1, 2, 1)
+    assert b64.max_stable_lr is None  # no divergence seen: the edge is unknown
+    assert b32.lr == pytest.approx(0.03, rel=0.05) and b64.lr == pytest.approx(0.06, rel=0.05)
+
+
+def test_pruned_values_are_not_fitted_and_nan_values_count_as_diverged():
+    table = _sim("saturating", 2, momentum=0.9)
+    before = analyze(table).optimum(256)
+    fake = [TrialRecord(number=10_000 + i, batch_size=256, lr=before.lr * 8, momentum=0.9, value=0.0,
+                        state="PRUNED") for i in range(10)]
+    fake.append(TrialRecord(number=20_000, batch_size=256, lr=before.lr * 4, momentum=0.9, value=float("nan"),
+                            state="COMPLETE"))
+    a = analyze(dataclasses.replace(table, records=table.records + fake))
+    after = a.optimum(256)
+    assert after.lr == pytest.approx(before.lr)  # their values come from earlier epochs: not comparable
+    assert after.n_pruned == before.n_pruned + 10 and after.n_diverged == before.n_diverged + 1
+    assert any("no finite value" in w for w in a.warnings)
+
+
+def test_too_few_trials_and_out_of_memory_batch_sizes_are_reported_not_fitted():
+    table = _sim("saturating", 3, oom_above=2048)
+    keep16 = [r for r in table.records if r.batch_size == 16 and r.state == "COMPLETE"][:2]
+    records = [r for r in table.records if r.batch_size != 16 or r.state != "COMPLETE"] + keep16
+    a = analyze(dataclasses.replace(table, records=records))
+    b16, b4096 = a.optimum(16), a.optimum(4096)
+    assert b16.status == "too few trials (2 < 4)" and b16.lr is None and not b16.fitted
+    assert b4096.status == "too few trials (0 < 4)" and b4096.n_failed == 40
+    assert a.effective_fits["saturating"].n_points == 7
+
+
+def test_an_optimum_outside_the_sampled_range_is_flagged_and_left_out():
+    base = _sim("saturating", 3, momentum=0.9)
+    shifted = simulate_trials("saturating", seed=4, momentum=0.9, lr_span=(-0.75, 2.0), batch_sizes=(256,))
+    records = [r for r in base.records if r.batch_size != 256]
+    records += [dataclasses.replace(r, number=1000 + i) for i, r in enumerate(shifted.records)]
+    a = analyze(TrialTable(records))
+    o = a.optimum(256)
+    assert o.fitted and not o.bracketed
+    assert o.status == "fitted, not bracketed (no worse trials at lower lr)"
+    assert any(w.startswith("B=256: the optimum is not bracketed") for w in a.warnings)
+    assert a.fits["power"].n_points == 8
+
+
+def test_a_valley_in_plain_lr_is_fitted_in_plain_lr():
+    # Adam-like: the momentum (beta1) does not matter, so the plain lr, not lr/(1-m), follows the law
+    rng = np.random.default_rng(0)
+    records = []
+    for b in (32, 64, 128, 256, 512):
+        opt = math.log2(1e-3 * (b / 32) ** 0.5)
+        for _ in range(40):
+            x, m = opt + rng.uniform(-4, 3), 1 - 2 ** rng.uniform(math.log2(0.01), 0)
+            s = 0.003 * (x - opt) ** 2 + 0.006 * (x - opt) ** 4
+            value = 0.3 + 2 * (1 - math.exp(-s)) + 0.02 * rng.standard_normal()
+            records.append(TrialRecord(number=len(records), batch_size=b, lr=2**x, momentum=m, value=value,
+                                       state="COMPLETE"))
+    a = analyze(TrialTable(records))
+    assert a.basis == "lr"
+    assert abs(a.fits["power"].alpha - 0.5) <= 0.05
+    for o in a.per_batch:
+        assert _octaves(o.lr, 1e-3 * (o.batch_size / 32) ** 0.5) <= 0.25
+    r = a.recommend(128)
+    assert r.basis == "lr" and _octaves(r.lr, 1e-3 * 2) <= 0.25
+
+
+# ------------------------------------------------------------------------------------ steps to target
+
+
+STEPS_SIM = {"curves": True, "epochs": 128, "steps_scale": 260.0, "trials_per_batch": 30}
+
+
+def test_steps_to_target_recovers_b_crit_and_s_min():
+    s_min_true = 260.0 * math.log((2.3 - 0.3) / (0.4 - 0.3))  # progress needed to get from 2.3 to 0.4
+    for seed in range(3):
+        table = _sim("saturating", seed, **STEPS_SIM)
+        steps = analyze(table, target=0.4, seed=seed).steps
+        assert steps is not None and steps.target == 0.4 and steps.target_rule == "given"
+        assert abs(steps.b_crit / table.meta["truth"]["b_crit"] - 1.0) <= 0.2
+        assert abs(steps.s_min / s_min_true - 1.0) <= 0.2
+        assert steps.e_min == pytest.approx(steps.s_min * steps.b_crit)
+        lo, hi = steps.b_crit_interval
+        assert lo <= steps.b_crit <= hi
+        for p in steps.points:
+            assert p.examples == pytest.approx(p.steps * p.batch_size) and 0 < p.n_reached <= p.n_curves
+        default = analyze(table, seed=seed).steps  # default target: see analyze()'s docstring
+        assert default is not None and default.target_rule.startswith("10% of the way")
+        assert 0.3 < default.target < 0.6
+        assert abs(default.b_crit / B_NOISE - 1.0) <= 0.2
+
+
+def test_steps_to_target_needs_curves_and_a_reachable_target():
+    a = _analysis("saturating", 0)
+    assert a.steps is None and "no learning curves in the table: no steps-to-target fit" in a.warnings
+    table = _sim("saturating", 0, **STEPS_SIM)
+    hard = analyze(table, target=0.0)
+    assert hard.steps is None and any("reach the target 0" in w for w in hard.warnings)
+    coarse = analyze(_sim("saturating", 0, curves=True, epochs=20))  # small batches done within epoch 1
+    assert coarse.steps is not None and coarse.steps.points[0].upper_bound
+    assert any("only an upper bound" in w for w in coarse.warnings)
+
+
+# --------------------------------------------------------------------------------------- recommend()
+
+
+def test_recommend_flags_extrapolation_and_batches_above_the_critical_size():
+    table = _sim("saturating", 0)
+    a = _analysis("saturating", 0)
+    inside = a.recommend(64)
+    assert not inside.extrapolated and not inside.above_critical
+    lo, hi = inside.lr_interval
+    assert lo <= inside.lr <= hi and inside.form == "saturating" and inside.basis == "effective"
+    assert _octaves(inside.effective_lr, table.meta["truth"]["effective_lr"][64]) <= 0.25
+    assert inside.lr == pytest.approx(inside.effective_lr * (1 - inside.momentum))
+    assert any("B=64 was measured" in n for n in inside.notes)
+
+    big = a.recommend(8192)
+    assert big.extrapolated and big.above_critical
+    assert any("outside the measured range 16..4096" in n for n in big.notes)
+    assert any("above the critical batch size" in n for n in big.notes)
+    assert "extrapolated" in str(big) and "above critical" in str(big)
+    assert a.recommend(512).above_critical and not a.recommend(512).extrapolated
+    small = a.recommend(8)
+    assert small.extrapolated and not small.above_critical
+    json.dumps(big.to_dict(), allow_nan=False)
+
+    linear = _analysis("power", 0, alpha=1.0).recommend(8192)
+    assert linear.extrapolated and not linear.above_critical  # no saturation, no curves: no critical size
+
+
+def test_recommend_uses_b_crit_from_the_steps_when_b_noise_is_unsupported():
+    table = _sim("power", 0, alpha=1.0, b_crit=128.0, **STEPS_SIM)
+    a = analyze(table, target=0.4)
+    assert a.b_noise is None and a.steps is not None and a.steps.b_crit is not None
+    assert a.recommend(1024).above_critical and not a.recommend(64).above_critical
+
+
+def test_two_batch_sizes_are_enough_but_the_comparison_is_weak():
+    table = simulate_trials("saturating", seed=5, batch_sizes=(64, 1024))
+    a = analyze(table)
+    assert a.criterion == "AIC" and any("only 2 batch sizes" in w for w in a.warnings)
+    assert set(a.fits) == set(FORMS)
+    assert a.recommend(256).lr > 0
+
+
+# -------------------------------------------------------------------------------------------- output
+
+
+def test_to_dict_is_json_and_format_table_reads_well():
+    for a in (_analysis("power", 0, alpha=1.0), analyze(_sim("saturating", 0, **STEPS_SIM), target=0.4)):
+        d = json.loads(json.dumps(a.to_dict(), allow_nan=False))
+        assert len(d["per_batch"]) == 9 and set(d["fits"]) == set(FORMS) == set(d["effective_fits"])
+        assert d["effective_preferred"] == a.effective_preferred
+        first = d["per_batch"][0]
+        assert first["lr_interval"][0] <= first["lr"] <= first["lr_interval"][1]
+        text = a.format_table()
+        for b in (16, 256, 4096):
+            assert f"\n{b:>6} " in text
+        assert "<- preferred" in text and "alpha=" in text and "B_noise" in text
+    assert d["steps"]["b_crit"] == pytest.approx(a.steps.b_crit) and "Steps to target" in text
+    assert d["b_noise"] == pytest.approx(a.b_noise) and "Critical batch size B_noise ~" in text
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def _records(sizes: dict[int, int]) -> list[TrialRecord]:
+    out: list[TrialRecord] = []
+    for b, n in sizes.items():
+        out += _valley_records(b, [0.01 * 2**i for i in range(n)], opt=0.04, start=len(out))
+    return out
+
+
+@pytest.mark.parametrize(("table", "kwargs", "message"), [
+    (TrialTable([]), {}, "the trial table is empty"),
+    (TrialTable(_records({32: 6, 64: 2})), {},
+     "need at least 2 batch sizes with >= 4 completed trials; found 1 (B=32: 6, B=64: 2); run more trials"),
+    (TrialTable(_records({32: 3, 64: 3})), {"min_trials": 3}, None),
+    (TrialTable(_records({32: 5, 64: 5})), {"n_boot": 5}, "n_boot must be an integer >= 20"),
+    (TrialTable(_records({32: 5, 64: 5})), {"min_trials": 2}, "min_trials must be an integer >= 3"),
+    (TrialTable(_records({32: 5, 64: 5})), {"target": float("nan")}, "target must be a finite number"),
+    ("trials.csv", {}, "analyze() needs a TrialTable, got str"),
+])
+def test_bad_arguments_raise_one_clear_line(table, kwargs, message):
+    if message is None:
+        assert analyze(table, **kwargs).per_batch[0].fitted
+        return
+    with pytest.raises(BstuneError) as err:
+        analyze(table, **kwargs)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", 0.0, "trial 3: lr must be > 0, got 0.0"),
+    ("lr", -0.1, "trial 3: lr must be > 0, got -0.1"),
+    ("batch_size", 0, "trial 3: batch_size must be a positive integer, got 0"),
+    ("momentum", 1.0, "trial 3: momentum must lie in [0, 1), got 1.0"),
+])
+def test_bad_trials_raise_one_clear_line(field, value, message):
+    records = _records({32: 5, 64: 5})
+    records[3] = dataclasses.replace(records[3], **{field: value})
+    with pytest.raises(BstuneError) as err:
+        analyze(TrialTable(records))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_bad_calls_to_recommend_and_simulate():
+    a = _analysis("saturating", 0)
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(BstuneError, match="batch_size must be a positive integer"):
+            a.recommend(bad)
+    with pytest.raises(BstuneError, match="batch size 48 was not measured"):
+        a.optimum(48)
+    with pytest.raises(BstuneError, match="law must be one of power, saturating"):
+        simulate_trials("cubic")
+    with pytest.raises(BstuneError, match="trials_per_batch must be >= 1"):
+        simulate_trials("power", trials_per_batch=0)
