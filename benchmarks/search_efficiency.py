@@ -1,0 +1,494 @@
+"""Search efficiency: how much compute bstune's search needs to find the optimal learning rate at every batch
+size, against the standard protocol (Shallue et al. 2018). A benchmark, not a test:
+
+    python benchmarks/search_efficiency.py [--seeds 5] [--jobs 2] [--out benchmarks/SEARCH.md]
+
+Both searches run through ``run_study`` on the same digits workload (``studies/digits.yaml``, made cheaper:
+see ``bench_spec``), in temporary stores, to the same budget in examples processed:
+
+- bstune: the search of ``studies/digits.yaml`` (its sampler, pruner and allocation over batch sizes);
+- protocol: Sobol quasi-random (lr, momentum) independently per batch size, every trial to the end.
+
+Every few trials the trials so far are analysed by ``analyze()`` and its effective lr* = lr/(1 - m) per batch
+size compared with a reference: ``analyze()`` on a dense grid over (effective lr, momentum) at every batch size
+and several training seeds, run once and cached in ``search_efficiency_reference.json`` (recomputed when the
+workload or the grid changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bstune.analysis import analyze
+from bstune.data import Dataset, load_dataset
+from bstune.errors import BstuneError
+from bstune.results import EpochPoint, TrialRecord, TrialTable
+from bstune.spec import Budget, StudySpec, load_spec
+from bstune.train import Diverged, TrainConfig, train
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_SPEC = ROOT / "studies" / "digits.yaml"
+REFERENCE = HERE / "search_efficiency_reference.json"
+
+BATCH_SIZES = (32, 64, 128, 256, 512)  # B = 16 alone would cost as much as the other five together
+PREVIOUS = "tpe+median"  # the label of the previous default search, measured with --previous
+TARGET = 0.5  # octaves of mean |log2(eff lr* / reference)|: a factor of sqrt(2)
+# The reference grid: effective lr in half-octave steps, six momenta, two training seeds unseen by the searches.
+GRID_LOG2_EFF = tuple(-4.0 + 0.5 * i for i in range(17))
+GRID_MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
+REFERENCE_SEEDS = (1000, 1001)
+
+
+# ------------------------------------------------------------------------------------------ workload
+
+
+def bench_spec(base: StudySpec) -> StudySpec:
+    """The benchmark's workload: the default study's, at batch sizes 32..512, with the gradient diagnostics
+    off (they only observe: the updates are the same)."""
+    w = dataclasses.replace(base.workload, diagnostics_every=0, grad_histogram_epochs=())
+    search = dataclasses.replace(base.search, batch_sizes=BATCH_SIZES)
+    return base.with_overrides(workload=w, search=search)
+
+
+def protocol_spec(spec: StudySpec) -> StudySpec:
+    """The standard protocol on the same workload: scrambled Sobol per batch size, no pruning."""
+    sampler = dataclasses.replace(spec.search.sampler, name="qmc")
+    pruner = dataclasses.replace(spec.search.pruner, name="none")
+    return spec.with_overrides(search=dataclasses.replace(spec.search, sampler=sampler, pruner=pruner))
+
+
+def trial_examples(spec: StudySpec, n_train: int) -> int:
+    """Examples one full trial processes (the unit of compute in the tables)."""
+    return spec.workload.epochs * n_train
+
+
+def _train_config(spec: StudySpec, batch_size: int, lr: float, momentum: float, seed: int) -> TrainConfig:
+    w = spec.workload  # the same mapping as study._Objective
+    return TrainConfig(
+        batch_size=batch_size, lr=lr, momentum=momentum, optimizer=w.optimizer, epochs=w.epochs,
+        steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule, warmup_epochs=w.warmup_epochs,
+        weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps, seed=seed, model=w.model,
+        width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
+        grad_histogram_epochs=w.grad_histogram_epochs,
+    )
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def reference_key(spec: StudySpec) -> str:
+    """What the reference depends on: the workload (less its seed), the space, the objective and the grid."""
+    w = {k: v for k, v in dataclasses.asdict(spec.workload).items() if k != "seed"}
+    s = spec.search
+    what = {"workload": w, "batch_sizes": list(s.batch_sizes), "lr": list(s.lr), "momentum": list(s.momentum),
+            "objective": s.objective, "grid": [GRID_LOG2_EFF, GRID_MOMENTA, REFERENCE_SEEDS]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reference_grid(spec: StudySpec) -> list[tuple[int, float, float, int]]:
+    """(B, lr, momentum, seed) of every reference trial; points outside the searched lr range are left out."""
+    lo, hi = spec.search.lr
+    points = []
+    for seed in REFERENCE_SEEDS:
+        for b in spec.search.batch_sizes:
+            for m in GRID_MOMENTA:
+                if not spec.search.momentum[0] <= m <= spec.search.momentum[1]:
+                    continue
+                for le in GRID_LOG2_EFF:
+                    lr = 2.0**le * (1.0 - m)
+                    if lo <= lr <= hi:
+                        points.append((b, lr, m, seed))
+    return points
+
+
+_DATA: Dataset | None = None
+
+
+def _init_worker(spec: StudySpec) -> None:
+    global _DATA
+    torch.set_num_threads(1)
+    _DATA = load_dataset(spec.workload)
+
+
+def _run_point(args: tuple[StudySpec, tuple[int, float, float, int]]) -> dict[str, Any]:
+    spec, (b, lr, m, seed) = args
+    assert _DATA is not None
+    objective = spec.search.objective
+    curve: list[float] = []
+    state = "COMPLETE"
+    try:
+        train(_train_config(spec, b, lr, m, seed), _DATA, torch.device("cpu"),
+              lambda s: curve.append(float(getattr(s, objective))))
+    except Diverged:
+        state = "DIVERGED"
+    return {"batch_size": b, "lr": lr, "momentum": m, "seed": seed, "state": state, "curve": curve}
+
+
+def reference_table(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train: int) -> TrialTable:
+    """The reference trials as a TrialTable (what ``analyze`` reads)."""
+    records = []
+    for i, r in enumerate(rows):
+        curve = tuple(EpochPoint(epoch=e + 1, value=v) for e, v in enumerate(r["curve"]))
+        value = r["curve"][-1] if r["state"] == "COMPLETE" else None
+        records.append(TrialRecord(number=i, batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
+                                   value=value, state=r["state"], curve=curve))
+    return TrialTable(records, direction=spec.search.direction, metric=spec.search.objective, n_train=n_train)
+
+
+def compute_reference(spec: StudySpec, n_train: int, jobs: int, log: Any = print) -> dict[str, Any]:
+    """Run the dense grid and summarise it: the reference optimum (effective lr*, lr*, m*) per batch size."""
+    points = reference_grid(spec)
+    log(f"reference: {len(points)} trials (dense grid, {len(REFERENCE_SEEDS)} training seeds); this runs once")
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(jobs, initializer=_init_worker, initargs=(spec,)) as pool:
+        rows = []
+        for i, row in enumerate(pool.imap(_run_point, [(spec, p) for p in points], chunksize=4)):
+            rows.append(row)
+            if (i + 1) % 100 == 0:
+                log(f"  {i + 1}/{len(points)} trials, {time.perf_counter() - t0:.0f}s")
+    return summarize_reference(spec, rows, n_train, time.perf_counter() - t0)
+
+
+def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train: int,
+                        seconds: float) -> dict[str, Any]:
+    result = analyze(reference_table(spec, rows, n_train), seed=0)
+    sign = 1.0 if spec.search.direction == "minimize" else -1.0
+    per_batch = {}
+    for o in result.per_batch:
+        if not (o.fitted and o.bracketed):
+            raise BstuneError(f"reference: B={o.batch_size}: {o.status}; widen the grid")
+        # the best grid point, its value averaged over the training seeds
+        means: dict[tuple[float, float], list[float]] = {}
+        for r in rows:
+            if r["batch_size"] == o.batch_size:
+                v = r["curve"][-1] if r["state"] == "COMPLETE" and r["curve"] else math.inf
+                means.setdefault((r["lr"], r["momentum"]), []).append(sign * v)
+        best_lr, best_m = min(means, key=lambda k: float(np.mean(means[k])))
+        per_batch[str(o.batch_size)] = {
+            "effective_lr": o.effective_lr, "effective_lr_interval": list(o.effective_lr_interval or ()),
+            "lr": o.lr, "lr_interval": list(o.lr_interval or ()), "momentum": o.momentum, "fit": o.fit,
+            "fitted_value": o.value, "best_grid_value": sign * float(np.mean(means[(best_lr, best_m)])),
+            "best_grid_lr": best_lr, "best_grid_momentum": best_m,
+        }
+    return {
+        "key": reference_key(spec), "n_trials": len(rows), "seeds": list(REFERENCE_SEEDS),
+        "grid": {"log2_effective_lr": list(GRID_LOG2_EFF), "momentum": list(GRID_MOMENTA)},
+        "objective": spec.search.objective, "n_train": n_train, "seconds": round(seconds, 1),
+        "per_batch": per_batch,
+    }
+
+
+def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERENCE,
+                   log: Any = print) -> dict[str, Any]:
+    """The cached reference when it matches the workload, else computed now and cached."""
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == reference_key(spec):
+            return cached
+        log(f"reference: {path.name} is for another workload or grid; recomputing")
+    ref = compute_reference(spec, n_train, jobs, log)
+    path.write_text(json.dumps(ref, indent=1) + "\n")
+    return ref
+
+
+# ------------------------------------------------------------------------------------------ searches
+
+
+def previous_spec(spec: StudySpec) -> StudySpec:
+    """The search `studies/digits.yaml` had before the law sampler: TPE and median pruning per batch size."""
+    sampler = dataclasses.replace(spec.search.sampler, name="tpe", n_startup_trials=4)
+    pruner = dataclasses.replace(spec.search.pruner, name="median", n_startup_trials=3, n_warmup_epochs=3)
+    return spec.with_overrides(search=dataclasses.replace(spec.search, sampler=sampler, pruner=pruner))
+
+
+def search_specs(spec: StudySpec, previous: bool) -> dict[str, StudySpec]:
+    specs = {"bstune": spec, "protocol": protocol_spec(spec)}
+    if previous:
+        specs[PREVIOUS] = previous_spec(spec)
+    return specs
+
+
+def _run_search(args: tuple[str, StudySpec, int, float, str, dict[str, Any], float]) -> dict[str, Any]:
+    """One search (in a worker process): run_study to the budget, then the error after every `step` trials'
+    worth of compute."""
+    label, spec, seed, budget, tmp, ref, step = args
+    unit = trial_examples(spec, ref["n_train"])
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from bstune.study import run_study
+
+    w = dataclasses.replace(spec.workload, seed=seed)
+    sampler = dataclasses.replace(spec.search.sampler, seed=seed)
+    spec = spec.with_overrides(
+        name=f"{label}-{seed}", workload=w, search=dataclasses.replace(spec.search, sampler=sampler),
+        budget=Budget(examples=budget), storage=f"sqlite:///{tmp}/{label}-{seed}.db",
+        tracking_uri=f"sqlite:///{tmp}/mlflow-{os.getpid()}.db")
+    t0 = time.perf_counter()
+    result = run_study(spec, data=load_dataset(spec.workload))
+    seconds = time.perf_counter() - t0
+    return {"label": label, "seed": seed, "seconds": seconds,
+            "points": error_curve(result.table, ref, unit, step), "n_trials": len(result.table.records)}
+
+
+def error_curve(table: TrialTable, ref: dict[str, Any], unit: float, step: float) -> list[dict[str, Any]]:
+    """The error of analyze()'s effective lr* per batch size, and the gap of the best values, on the trials
+    run so far, every `step` full trials' worth of examples (`unit`) and at the end."""
+    records = sorted(table.records, key=lambda r: r.number)  # one worker: number order is completion order
+    points = []
+    spent = 0
+    mark = step
+    for i, r in enumerate(records):
+        spent += r.examples_seen
+        if spent / unit < mark and i < len(records) - 1:
+            continue
+        mark = (math.floor(spent / unit / step) + 1) * step
+        points.append({"compute": spent / unit, "examples": spent} | estimate(records[: i + 1], table, ref))
+    return points
+
+
+def estimate(records: list[TrialRecord], table: TrialTable, ref: dict[str, Any]) -> dict[str, Any]:
+    """analyze() on these trials: the mean |log2(effective lr* / reference)| over the batch sizes (inf until
+    every batch size has an estimate), and the mean gap of the best value found to the reference's best."""
+    sub = TrialTable(records, direction=table.direction, metric=table.metric, n_train=table.n_train)
+    sign = 1.0 if table.direction == "minimize" else -1.0
+    errors: dict[str, float | None] = {str(b): None for b in map(int, ref["per_batch"])}
+    try:
+        result = analyze(sub)
+    except BstuneError:
+        result = None
+    if result is not None:
+        for o in result.per_batch:
+            if o.effective_lr is not None and str(o.batch_size) in errors:
+                errors[str(o.batch_size)] = abs(math.log2(o.effective_lr / ref["per_batch"][str(o.batch_size)]
+                                                          ["effective_lr"]))
+    gaps = []
+    for b, r in ref["per_batch"].items():
+        done = [x.value for x in records if x.batch_size == int(b) and x.state == "COMPLETE" and x.value is not None
+                and math.isfinite(x.value)]
+        gaps.append(min(sign * v for v in done) - sign * r["best_grid_value"] if done else math.inf)
+    known = [e for e in errors.values() if e is not None]
+    error = float(np.mean(known)) if len(known) == len(errors) else math.inf
+    return {"error": error, "per_batch": errors, "gap": float(np.mean(gaps))}
+
+
+def compute_to_target(points: Sequence[dict[str, Any]], target: float = TARGET) -> tuple[float, float]:
+    """Compute at which the error first goes under `target`, and from which it stays under it to the end of
+    the run (inf where it does not)."""
+    first = next((p["compute"] for p in points if p["error"] < target), math.inf)
+    stays = math.inf
+    for p in reversed(points):
+        if p["error"] >= target:
+            break
+        stays = p["compute"]
+    return first, stays
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _at(points: Sequence[dict[str, Any]], compute: float, key: str) -> float:
+    """A run's value at `compute`: the one from its last evaluation at or before it (inf before the first)."""
+    value = math.inf
+    for p in points:
+        if p["compute"] > compute + 1e-9:
+            break
+        value = p[key]
+    return value
+
+
+def _fmt(v: float, nd: int = 2) -> str:
+    return "-" if not math.isfinite(v) else f"{v:.{nd}f}"
+
+
+def _summary(values: Sequence[float], nd: int = 2) -> str:
+    vals = sorted(values)
+    return f"{_fmt(statistics.median(vals), nd)} [{_fmt(vals[0], nd)}, {_fmt(vals[-1], nd)}]"
+
+
+def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec, budget: float, seeds: Sequence[int],
+           unit: int, wall: float) -> list[str]:
+    """The Markdown report; its last line is the median compute ratio."""
+    w, s = spec.workload, spec.search
+    by = {(r["label"], r["seed"]): r["points"] for r in runs}
+    widths = [float(np.mean([math.log2(r[k][1] / r[k][0]) for r in ref["per_batch"].values()]))
+              for k in ("lr_interval", "effective_lr_interval")]
+    lines = [
+        "# Search efficiency: bstune's search against the standard protocol",
+        "",
+        "Written by `python benchmarks/search_efficiency.py` "
+        f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; {wall / 60:.0f} min).",
+        "",
+        f"- **Workload** (the same for both searches): {w.dataset} (n_train {ref['n_train']}), {w.model} width "
+        f"{w.width}, {w.optimizer}, {w.epochs} epochs, {w.lr_schedule} schedule, objective {s.objective}; batch "
+        f"sizes {', '.join(map(str, s.batch_sizes))}; lr {s.lr[0]:g}..{s.lr[1]:g} (log-uniform), momentum "
+        f"{s.momentum[0]:g}..{s.momentum[1]:g} (log-uniform on 1 - m). This is `studies/digits.yaml` without "
+        "B = 16 (which alone costs as much as the other five batch sizes together) and with the gradient "
+        "diagnostics off (they only observe).",
+        f"- **bstune**: the search of `studies/digits.yaml`: sampler `{s.sampler.name}` "
+        f"(n_startup_trials {s.sampler.n_startup_trials}), pruner `{s.pruner.name}` per batch size, each trial at "
+        "the least-covered batch size.",
+        "- **protocol** (Shallue et al. 2018): scrambled Sobol (lr, momentum), an independent sequence per batch "
+        "size, no pruning, the same allocation over batch sizes.",
+        f"- **Seeds** {', '.join(map(str, seeds))}: seed k sets the training seed (initial weights, data order) "
+        "and the sampler seed of both searches.",
+        f"- **Compute**: examples processed, counted in full trials ({w.epochs} epochs x {ref['n_train']} = "
+        f"{unit:,} examples); both searches get {budget:g} full trials' worth ({budget * unit:,.0f} examples).",
+        "- **Quantity**: the effective lr* = lr/(1 - m) per batch size, from `analyze()` on the trials run so "
+        "far (identically for both searches). With momentum searched the valley runs along lr/(1 - m): trials "
+        "at m = 0.9 and m = 0.5 with the same lr/(1 - m) score alike, so the plain lr* of the fit slides along "
+        "the valley while its lr/(1 - m) stays put (in the reference below the plain lr*'s 95% interval is "
+        f"{widths[0]:.1f} octaves wide on average, the effective lr*'s {widths[1]:.1f}). Error = mean over the "
+        "batch sizes of |log2(effective lr* / reference)|, in octaves; undefined (-) until `analyze()` gives "
+        "every batch size an estimate, which takes 4 completed trials at each: "
+        f"{len(s.batch_sizes) * 4} full trials at the least, for any search.",
+        f"- **Reference**: `analyze()` on a dense grid run once ({ref['n_trials']} trials: effective lr "
+        f"2^{GRID_LOG2_EFF[0]:g}..2^{GRID_LOG2_EFF[-1]:g} in half octaves x momentum "
+        f"{', '.join(f'{m:g}' for m in GRID_MOMENTA)}, inside the searched lr range, at training seeds "
+        f"{', '.join(map(str, REFERENCE_SEEDS))}, which no search uses), cached in "
+        f"`benchmarks/{REFERENCE.name}`. The best value's gap: the best {s.objective} a search has found at "
+        "each batch size minus the best grid point's (averaged over the two training seeds), averaged over "
+        "the batch sizes; negative where a search beat the grid.",
+        "",
+        "## Reference optimum",
+        "",
+        "| B | effective lr* | 95% interval | lr* | m* | best grid value |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for b, r in ref["per_batch"].items():
+        lo, hi = r["effective_lr_interval"]
+        lines.append(f"| {b} | {r['effective_lr']:.3g} | {lo:.3g}..{hi:.3g} | {r['lr']:.3g} | {r['momentum']:.3f} "
+                     f"| {r['best_grid_value']:.4f} |")
+    labels = [x for x in ("bstune", "protocol", PREVIOUS) if any(r["label"] == x for r in runs)]
+    if PREVIOUS in labels:
+        lines.insert(lines.index("## Reference optimum") - 1,
+                     f"- **{PREVIOUS}** (for comparison, not in the ratio): the search `studies/digits.yaml` had "
+                     "before: TPE per batch size (n_startup_trials 4) and median pruning per batch size "
+                     "(n_startup_trials 3, n_warmup_epochs 3).")
+    lines += [
+        "",
+        f"## Against compute (median over {len(seeds)} seeds [min, max])",
+        "",
+        "Error of the effective lr* per batch size (octaves):",
+        "",
+        "| compute (full trials) | " + " | ".join(labels) + " |",
+        "|---:|" + "---|" * len(labels),
+    ]
+    marks = [c for c in (5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100, 120, 140, 160, 180, 200)
+             if c <= budget] + ([budget] if budget % 10 else [])
+    for key, nd, title in (("error", 2, None), ("gap", 4, f"Best-value gap ({s.objective}):")):
+        if title:
+            lines += ["", title, "", "| compute (full trials) | " + " | ".join(labels) + " |",
+                      "|---:|" + "---|" * len(labels)]
+        for c in marks:
+            row = [f"{c:g}"] + [_summary([_at(by[(label, seed)], c, key) for seed in seeds], nd) for label in labels]
+            lines.append("| " + " | ".join(row) + " |")
+    floor = len(s.batch_sizes) * 4
+    lines += [
+        "",
+        f"## Compute to bring the error under {TARGET:g} octave (a factor of sqrt(2))",
+        "",
+        "*first*: the first evaluation (every 2.5 full trials) with the error under it; *kept*: the one from "
+        "which it stays under it to the end of the run. The ratio uses *kept*; a search that never gets there "
+        f"counts as needing the whole budget ({budget:g}), which makes its ratio a bound. No search can get "
+        f"there before {floor} full trials (4 completed trials at each batch size), so a protocol that needs "
+        f"P full trials caps the ratio at P / {floor}.",
+        "",
+        "| seed | " + " | ".join(f"{x} first | {x} kept" for x in labels) + " | ratio (protocol / bstune) |"
+        + (f" ratio (protocol / {PREVIOUS}) |" if PREVIOUS in labels else ""),
+        "|---:|" + "---:|" * (2 * len(labels) + 1 + (PREVIOUS in labels)),
+    ]
+    ratios = []
+    for seed in seeds:
+        hits = {x: compute_to_target(by[(x, seed)]) for x in labels}
+        row = [str(seed)] + [f"{_fmt(hits[x][0], 1)} | {_fmt(hits[x][1], 1)}" for x in labels]
+        for i, x in enumerate(["bstune"] + ([PREVIOUS] if PREVIOUS in labels else [])):
+            ratio, text = _ratio(hits["protocol"][1], hits[x][1], budget)
+            row.append(text)
+            if i == 0:
+                ratios.append(ratio)
+        lines.append("| " + " | ".join(row) + " |")
+    median = statistics.median([r for r in ratios if math.isfinite(r)] or [math.nan])
+    kept = statistics.median(min(compute_to_target(by[("protocol", x)])[1], budget) for x in seeds)
+    lines += [
+        "",
+        f"The protocol's median *kept*: {kept:.1f} full trials (so here the ratio cannot exceed {kept / floor:.1f}).",
+        "",
+        f"compute ratio (protocol / bstune): {median:.2f}",
+    ]
+    return lines
+
+
+def _ratio(protocol: float, search: float, budget: float) -> tuple[float, str]:
+    """protocol / search compute, each capped at the budget; marked as a bound where one never got there."""
+    if not math.isfinite(protocol) and not math.isfinite(search):
+        return math.nan, "-"
+    ratio = min(protocol, budget) / min(search, budget)
+    bound = ">=" if not math.isfinite(protocol) else "<=" if not math.isfinite(search) else ""
+    return ratio, f"{bound}{ratio:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(DEFAULT_SPEC), help="the study whose search is measured")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=80.0, help="compute per search, in full trials")
+    parser.add_argument("--jobs", type=int, default=2, help="searches run at once (processes)")
+    parser.add_argument("--out", default=str(HERE / "SEARCH.md"), help="where the report is written ('' for none)")
+    parser.add_argument("--previous", action="store_true", help=f"also measure the previous default ({PREVIOUS})")
+    parser.add_argument("--runs", default="", help="a JSON file: reuse the runs it holds, save new ones to it")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    spec = bench_spec(load_spec(args.spec))
+    n_train = load_dataset(spec.workload).n_train
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - progress, not the report
+    ref = load_reference(spec, n_train, args.jobs, log=log)
+    unit = trial_examples(spec, n_train)
+    seeds = list(range(args.seeds))
+    saved = json.loads(Path(args.runs).read_text()) if args.runs and Path(args.runs).exists() else {}
+    key = f"{reference_key(spec)}:{args.budget:g}:{json.dumps(dataclasses.asdict(spec.search), default=str)}"
+    runs = [r for r in saved.get("runs", []) if saved.get("key") == key]
+    done = {(r["label"], r["seed"]) for r in runs}
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        tasks = [(label, s, seed, args.budget * unit, tmp, ref, 2.5)
+                 for seed in seeds for label, s in search_specs(spec, args.previous).items()
+                 if (label, seed) not in done]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(_run_search, tasks):
+                runs.append(r)
+                log(f"{r['label']} seed {r['seed']}: {r['n_trials']} trials, {r['seconds']:.0f}s, final error "
+                    f"{r['points'][-1]['error']:.2f}")
+                if args.runs:
+                    Path(args.runs).write_text(json.dumps({"key": key, "runs": runs}))
+    lines = report(runs, ref, spec, args.budget, seeds, unit, time.perf_counter() - t0)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
