@@ -5,13 +5,21 @@ Bad input of any kind ends with one line on stderr and exit code 2, never a trac
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from bstune.errors import BstuneError
 from bstune.spec import StudySpec, load_spec
+
+if TYPE_CHECKING:
+    from bstune.analysis import Analysis
+    from bstune.results import TrialTable
 
 
 def _quiet_libraries() -> None:
@@ -76,26 +84,241 @@ def validate(spec_file: str) -> None:
 @main.command()
 @click.argument("spec_file", metavar="SPEC")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: CUDA if present).")
+@click.option("--workers", type=int, metavar="N", help="Run N worker processes at once (GPUs shared round-robin).")
+@click.option("--trials-per-device", type=int, metavar="K", help="Run K worker processes per GPU (CPU: K in all).")
 @_storage_opt
 @_tracking_opt
-def study(spec_file: str, device: str, storage: str | None, tracking_uri: str | None) -> None:
+def study(spec_file: str, device: str, workers: int | None, trials_per_device: int | None, storage: str | None,
+          tracking_uri: str | None) -> None:
     """Run the study in SPEC (a YAML file) until its budget is spent.
 
     Running the same command again resumes the study: trials already run count against the budget,
-    and a trial that was interrupted is run again.
+    and a trial that was interrupted is run again. With --workers N, N processes run trials at once,
+    all claiming them through the study's storage; `bstune worker` adds more from other machines.
     """
     from bstune.progress import ConsoleProgress, format_summary
     from bstune.study import run_study
+    from bstune.workers import launch, plan_workers
 
     spec = _spec(spec_file, storage, tracking_uri)
+    plans = plan_workers(workers, trials_per_device, device)
     t0 = time.perf_counter()
-    progress = ConsoleProgress(spec.search.objective)
-    result = run_study(spec, device=device, progress=progress)
+    launched = launch(spec, spec_file, plans, click.echo) if len(plans) > 1 else None
+    if launched:
+        result = launched.result
+    else:
+        result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective))
     click.echo(format_summary(result.table, result.spent, spec.budget, result.stop_reason, time.perf_counter() - t0))
     if result.interrupted:
         click.echo("interrupted: the running trial is recorded as INTERRUPTED and queued again; "
                    "run the same command to resume", err=True)
         sys.exit(130)
+    if launched and launched.error:
+        click.echo(f"error: {launched.error}", err=True)
+        sys.exit(launched.exit_code)
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC")
+@click.option("--storage", metavar="URL", envvar="BSTUNE_STORAGE",
+              help="The study's Optuna storage, e.g. postgresql://user:pw@host/db (or set BSTUNE_STORAGE, "
+                   "which keeps the password off the command line).")
+@click.option("--tracking-uri", metavar="URI", envvar="BSTUNE_TRACKING_URI",
+              help="MLflow tracking URI (or set BSTUNE_TRACKING_URI).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: CUDA if present).")
+@click.option("--index", type=int, metavar="I", help="This worker's number; it seeds the samplers (default: "
+                                                     "from host and pid).")
+@click.option("--parent-pid", type=int, hidden=True)
+def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device: str, index: int | None,
+           parent_pid: int | None) -> None:
+    """Join a study that is running (from this machine or another) as one more worker.
+
+    The study must exist: start it with `bstune study SPEC` (with --workers N for several local
+    workers). Every worker claims trials through the storage, so no trial runs twice.
+    """
+    from bstune.workers import check_device, run_worker
+
+    spec = _spec(spec_file, storage, tracking_uri)
+    check_device(device)
+    code = run_worker(spec, device, index, parent_pid)
+    if parent_pid:
+        # A launcher's worker: all is stored, so skip the seconds torch and mlflow take to tear down (as
+        # multiprocessing's children do); the launcher waits for every worker before its summary.
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC")
+@_storage_opt
+def status(spec_file: str, storage: str | None) -> None:
+    """Show a study while it runs: trials by state, budget spent and left, workers alive. Changes nothing."""
+    from bstune.status import format_status, read_status
+    from bstune.study import existing_study
+
+    spec = _spec(spec_file, storage, None)
+    click.echo(format_status(read_status(existing_study(spec), spec), spec.heartbeat_seconds))
+
+
+def _study_spec(spec_file: str | None, storage: str | None, study_name: str | None,
+                tracking_uri: str | None) -> StudySpec:
+    """The spec naming an existing study: read from SPEC, or made from --storage URL --study NAME."""
+    if spec_file:
+        spec = _spec(spec_file, storage, tracking_uri)
+        return spec.with_overrides(name=study_name) if study_name else spec
+    if not (storage and study_name):
+        raise BstuneError("no study given: pass the study's SPEC file, or --storage URL and --study NAME")
+    return StudySpec(name=study_name, storage=storage)
+
+
+@main.command()
+@click.argument("spec_file", metavar="[SPEC]", required=False)
+@click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), default="html", show_default=True,
+              help="html: one self-contained file; md: Markdown with the PNG plots beside it; json: every number.")
+@click.option("--out", "out_dir", metavar="DIR", help="Folder for the report (default: reports/<study name>).")
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True, metavar="B",
+              help="Also recommend for this batch size (repeatable).")
+@click.option("--target", type=float, help="Objective value for steps to target (default: chosen from the data).")
+@_storage_opt
+@click.option("--study", "study_name", metavar="NAME", help="The study's name in --storage (instead of SPEC).")
+@_tracking_opt
+@click.option("--mlflow/--no-mlflow", "log_mlflow", default=True, show_default=True,
+              help="Log the report under report/ in the study's MLflow parent run.")
+def report(spec_file: str | None, fmt: str, out_dir: str | None, batch_sizes: tuple[int, ...],
+           target: float | None, storage: str | None, study_name: str | None, tracking_uri: str | None,
+           log_mlflow: bool) -> None:
+    """Write the report of a study: recommendations per batch size, the fitted law, and plots.
+
+    \b
+    The report covers the spec and budget spent; lr, momentum, expected value, steps
+    and wall time to a target at each measured batch size, the powers of two between
+    them and every --batch-size; the fitted law against the linear and square-root
+    rules; and plots. It is also logged under report/ in the study's MLflow parent run.
+    """
+    from bstune.report import make_report, publish
+
+    spec = _study_spec(spec_file, storage, study_name, tracking_uri)
+    table = _table(spec)
+    rep, files = make_report(table, Path(out_dir) if out_dir else Path("reports") / spec.name, fmt,
+                             batch_sizes=batch_sizes, target=target)
+    click.echo(f"report: {files[0]}")
+    if log_mlflow:
+        run_id = publish(rep, files, tracking_uri or _stored_tracking_uri(spec, table))
+        click.echo(f"logged under report/ in MLflow run {run_id}")
+
+
+def _table(spec: StudySpec | None, csv: str | None = None, direction: str = "minimize") -> TrialTable:
+    from bstune.results import from_csv, load_table
+
+    if csv:
+        return from_csv(csv, direction=direction)
+    assert spec is not None
+    return load_table(spec.storage, spec.name, source=spec.source)
+
+
+def _source_options(f: Callable) -> Callable:
+    """Where the trials come from: a SPEC, --storage/--study, or a --csv table."""
+    for opt in reversed([
+        click.argument("spec_file", metavar="[SPEC]", required=False),
+        _storage_opt,
+        click.option("--study", "study_name", metavar="NAME", help="The study's name in --storage (instead of SPEC)."),
+        click.option("--csv", metavar="FILE", help="A CSV of trials (batch_size, lr, momentum, value, state, ...)."),
+        click.option("--direction", type=click.Choice(["minimize", "maximize"]), default="minimize",
+                     show_default=True, help="With --csv: whether lower or higher values are better."),
+        click.option("--target", type=float, help="Objective value for steps-to-target (default: from the data)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _analysis(spec_file: str | None, storage: str | None, study_name: str | None, csv: str | None,
+              direction: str, target: float | None) -> tuple[StudySpec | None, TrialTable, Analysis]:
+    from bstune.analysis import analyze
+
+    spec = None if csv else _study_spec(spec_file, storage, study_name, None)
+    table = _table(spec, csv, direction)
+    return spec, table, analyze(table, target=target)
+
+
+@main.command()
+@_source_options
+@click.option("--json", "json_path", metavar="PATH",
+              help="Write every number here (default: reports/<study>/analysis.json; '-' for none).")
+@click.option("--mlflow/--no-mlflow", "log_mlflow", default=True, show_default=True,
+              help="Log the numbers (metrics and analysis.json) to the study's MLflow parent run.")
+@_tracking_opt
+def analyze(spec_file: str | None, storage: str | None, study_name: str | None, csv: str | None, direction: str,
+            target: float | None, json_path: str | None, log_mlflow: bool, tracking_uri: str | None) -> None:
+    """Fit how the optimal learning rate moves with batch size.
+
+    \b
+    Per batch size: the optimum lr and momentum from a smooth fit of the objective
+    (with a bootstrap interval) and the largest stable lr. Across batch sizes: a free
+    power law lr* = a B^alpha, the linear and square-root rules, and the saturating
+    form lr_max / (1 + B_noise / B), compared by AICc; steps to a target against B,
+    with S_min, E_min and the critical batch size. Trials come from a study (SPEC, or
+    --storage URL --study NAME) or from a CSV table (--csv FILE).
+    """
+    import json
+
+    spec, table, result = _analysis(spec_file, storage, study_name, csv, direction, target)
+    click.echo(result.format_table())
+    payload = result.to_dict()
+    if json_path != "-":
+        name = table.study_name or Path(csv or "trials").stem
+        path = Path(json_path) if json_path else Path("reports") / name / "analysis.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        click.echo(f"wrote {path}")
+    run_id = table.meta.get("mlflow_parent_run_id")
+    if log_mlflow and spec is not None and run_id:
+        from bstune.tracking import Tracker
+
+        tracker = Tracker(tracking_uri or _stored_tracking_uri(spec, table))
+        tracker.check()
+        tracker.log_analysis(run_id, _headline(result), payload)
+        click.echo(f"logged to MLflow run {run_id}")
+
+
+def _stored_tracking_uri(spec: StudySpec, table: TrialTable) -> str:
+    """The tracking store the study was run with (the SPEC's, else what the study recorded)."""
+    if spec.source:
+        return spec.tracking_uri
+    return table.meta.get("spec", {}).get("tracking_uri") or spec.tracking_uri
+
+
+def _headline(a: Analysis) -> dict[str, float | None]:
+    fits = a.effective_fits if a.basis == "effective" else a.fits
+    out: dict[str, float | None] = {"analysis.b_noise": a.b_noise}
+    if "power" in fits:
+        out["analysis.alpha"] = fits["power"].alpha
+    if a.steps is not None:
+        out.update({"analysis.b_crit": a.steps.b_crit, "analysis.s_min": a.steps.s_min,
+                    "analysis.e_min": a.steps.e_min})
+    for o in a.per_batch:
+        if o.fitted:
+            out[f"analysis.lr_opt.B{o.batch_size}"] = o.lr
+            out[f"analysis.momentum_opt.B{o.batch_size}"] = o.momentum
+    return out
+
+
+@main.command()
+@click.option("--batch-size", "-b", "batch_size", type=int, required=True, metavar="B",
+              help="The batch size you will train with.")
+@_source_options
+@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
+def recommend(batch_size: int, spec_file: str | None, storage: str | None, study_name: str | None,
+              csv: str | None, direction: str, target: float | None, as_json: bool) -> None:
+    """The learning rate and momentum to use at batch size B, from the preferred fit.
+
+    Says when B lies outside the measured range (extrapolation) or above the critical batch size.
+    """
+    import json
+
+    _, _, result = _analysis(spec_file, storage, study_name, csv, direction, target)
+    rec = result.recommend(batch_size)
+    click.echo(json.dumps(rec.to_dict(), indent=2) if as_json else str(rec))
 
 
 @main.command()
@@ -105,7 +328,8 @@ def ui(tracking_uri: str, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the local tracking store."""
     import subprocess
 
-    from bstune.tracking import artifact_root, check_sqlite_url
+    from bstune.storage import check_sqlite_url
+    from bstune.tracking import artifact_root
 
     check_sqlite_url(tracking_uri, "--tracking-uri")
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -8,7 +8,8 @@ Two rules matter for the analysis downstream:
   would prune the batch sizes that converge slower per epoch.
 
 Both are done the way Optuna's HyperbandPruner does brackets: the inner sampler or pruner gets a view of
-the study in which only the trials of one batch size exist.
+the study in which only the trials of one batch size exist. The exception is the `law` sampler
+(lawsampler.py): it takes the move with B out, relative to a fitted lr*(B), and so learns from every batch size.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from bstune.lawsampler import LawSampler
 from bstune.spec import Search
 
 BATCH_SIZE = "batch_size"
@@ -99,6 +101,19 @@ class _BatchSizeStorage:
         trials = self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         return [t for t in trials if t.params.get(BATCH_SIZE) == self._b or t._trial_id == self._keep]
 
+    # Study-level sampler state is kept per batch size too: QMC's position in its Sobol sequence lives here,
+    # and a shared one would deal each batch size every k-th point of one sequence, not a sequence of its own.
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        prefix = self._prefix()
+        attrs = self._base.get_study_system_attrs(study_id)
+        return {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix)}
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._base.set_study_system_attr(study_id, self._prefix() + key, value)
+
+    def _prefix(self) -> str:
+        return f"bstune.b{self._b}:"
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
@@ -149,7 +164,9 @@ class BatchSizeSampler(BaseSampler):
             assert isinstance(param_distribution, CategoricalDistribution)
             return self._least_covered(study, trial, param_distribution.choices)
         b = trial.params[BATCH_SIZE]
-        view = batch_size_view(study, b, trial, sampler=self._inner)
+        # A pooled inner sampler (LawSampler) learns across batch sizes and gets the whole study.
+        pooled = getattr(self._inner, "sees_all_batch_sizes", False)
+        view = study if pooled else batch_size_view(study, b, trial, sampler=self._inner)
         # Model-based samplers (GP, QMC, multivariate TPE) propose all continuous params at once; ask once
         # per trial, on the view, and hand the values out as the objective asks for them.
         if trial.number not in self._relative:
@@ -198,6 +215,8 @@ def make_sampler(search: Search, space: SearchSpace, seed_offset: int = 0) -> Ba
         inner = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False)
     elif s.name == "gp":
         inner = optuna.samplers.GPSampler(n_startup_trials=n0, seed=seed)
+    elif s.name == "law":
+        inner = LawSampler(n_startup_trials=n0 * len(space.batch_sizes), seed=seed)
     else:  # spec validation makes this unreachable
         raise ValueError(f"unknown sampler {s.name!r}")
     return BatchSizeSampler(inner, space, seed=seed)

@@ -22,10 +22,11 @@ DATASETS = ("digits", "cifar10", "synthetic")
 MODELS = ("linear", "mlp", "cnn", "resnet")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
-SAMPLERS = ("tpe", "random", "qmc", "gp")
+SAMPLERS = ("tpe", "random", "qmc", "gp", "law")  # law: bstune.lawsampler, pooled across batch sizes
 PRUNERS = ("none", "median", "hyperband")
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
 HOLD = ("epochs", "steps")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -56,8 +57,9 @@ class Workload:
     weight_decay: float = 0.0
     accumulation_steps: int = 1
     seed: int = 0
-    compile: bool = False
-    diagnostics_every: int = 4  # measure the gradient noise scale every this many steps (0: off)
+    compile: str = "off"  # off | default | reduce-overhead (torch.compile with CUDA graphs: small batches)
+    diagnostics_every: int = 16  # noise scale every this-many-th step, gradient statistics too (0: all off)
+    grad_histogram_epochs: tuple[int | str, ...] = (1, "last")  # epochs whose gradient histograms are saved
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class StudySpec:
         d = asdict(self)
         d.pop("source")
         d["search"]["batch_sizes"] = list(self.search.batch_sizes)
+        d["workload"]["grad_histogram_epochs"] = list(self.workload.grad_histogram_epochs)
         d["search"]["lr"] = {"low": self.search.lr[0], "high": self.search.lr[1]}
         d["search"]["momentum"] = {"low": self.search.momentum[0], "high": self.search.momentum[1]}
         return d
@@ -194,15 +197,37 @@ def _workload(s: _Section) -> Workload:
         weight_decay=s.float("weight_decay", d.weight_decay, minimum=0.0),
         accumulation_steps=s.int("accumulation_steps", d.accumulation_steps, minimum=1),
         seed=s.int("seed", d.seed, minimum=0),
-        compile=s.bool("compile", d.compile),
+        compile=_compile_mode(s),
         diagnostics_every=s.int("diagnostics_every", d.diagnostics_every, minimum=0),
+        grad_histogram_epochs=_histogram_epochs(s, d.grad_histogram_epochs),
     )
+    late = [e for e in w.grad_histogram_epochs if e != "last" and e > w.epochs]
+    if late and w.hold == "epochs":
+        s.fail("grad_histogram_epochs", f"epoch {late[0]} is after the last epoch ({w.epochs}); use 'last'")
     if w.hold == "steps" and w.steps is None:
         s.fail("steps", "is required with hold: steps (the optimizer steps every trial takes, e.g. 500)")
     if w.warmup_epochs >= w.epochs and w.hold == "epochs":
         s.fail("warmup_epochs", f"must be less than epochs ({w.epochs}), got {w.warmup_epochs}")
     s.finish()
     return w
+
+
+def _histogram_epochs(s: _Section, default: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    raw = s.raw("grad_histogram_epochs", default)
+    if not isinstance(raw, list | tuple):
+        raw = [raw]
+    for v in raw:
+        if v != "last" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            s.fail("grad_histogram_epochs", f"must list epoch numbers (>= 1) or 'last', got {_show(v)} "
+                   f"(e.g. [1, last]; [] for none)")
+    return tuple(dict.fromkeys(raw))
+
+
+def _compile_mode(s: _Section) -> str:
+    v = s.raw("compile", "off")
+    if isinstance(v, bool):  # compile: true / false
+        return "default" if v else "off"
+    return s.choice("compile", "off", COMPILE_MODES)
 
 
 def _search(s: _Section, workload: Workload) -> Search:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,18 +25,25 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from bstune import budget as budget_mod
+from bstune.claim import ClaimLock
 from bstune.data import Dataset, load_dataset
+from bstune.diagnostics import HISTOGRAM_ARTIFACT_DIR
 from bstune.errors import BstuneError, redact
 from bstune.results import EpochPoint, TrialTable, curve_to_json, from_study
 from bstune.space import Config, SearchSpace, make_pruner, make_sampler
 from bstune.spec import StudySpec
-from bstune.tracking import EPOCH_METRICS, Tracker, check_sqlite_url
+from bstune.status import WorkerBeat, worker_id
+from bstune.storage import check_storage, load_study, open_storage, sqlite_path
+from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, steps_per_epoch, train
 
 log = logging.getLogger("bstune")
 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
+INTERRUPTED = "interrupted (Ctrl-C); run the same command again to resume"
+# Workload fields that change only what is observed (the updates are the same either way): free on resume.
+_OBSERVING_FIELDS = ("diagnostics_every", "grad_histogram_epochs")
 
 
 class Progress(Protocol):
@@ -77,58 +85,10 @@ class _TrialFailed(Exception):
     """Raised out of the objective so Optuna records FAIL (OOM, FAILED) while the study goes on."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Storage
-
-
-def check_storage(url: str) -> None:
-    """Fail with one line if the Optuna storage URL cannot be used; creates nothing."""
-    check_sqlite_url(url, "storage")
-    if url.startswith("sqlite"):
-        return
-    import sqlalchemy
-
-    try:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("postgresql"):
-            kwargs["connect_args"] = {"connect_timeout": 5}
-        engine = sqlalchemy.create_engine(url, **kwargs)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except ModuleNotFoundError as e:
-        raise BstuneError(f"storage: {redact(url)} needs the {e.name} package; install it "
-                          f"(for PostgreSQL: pip install 'psycopg[binary]')") from None
-    except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-        first = str(getattr(e, "orig", e) or type(e).__name__).strip().splitlines()[0]
-        raise BstuneError(f"storage: cannot connect to {redact(url)} ({redact(first)[:200]}); "
-                          f"start the database or fix storage") from None
-
-
-def open_storage(url: str, heartbeat_seconds: int, on_lost: Any = None) -> optuna.storages.RDBStorage:
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several workers share one SQLite file: wait for the write lock instead of failing at once.
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-        grace_period=2 * heartbeat_seconds, heartbeat_stale_trial_callback=on_lost,
-    )
-
-
-def load_study(spec: StudySpec) -> optuna.Study:
-    """The spec's existing study (for analysis and status); BstuneError if there is none."""
-    check_storage(spec.storage)
-    storage = open_storage(spec.storage, spec.heartbeat_seconds)
-    try:
-        return optuna.load_study(study_name=spec.name, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        hint = f"; studies there: {', '.join(names)}" if names else ""
-        raise BstuneError(f"no study named {spec.name!r} in {redact(spec.storage)}{hint}; "
-                          f"run `bstune study {spec.source or 'SPEC'}` first") from None
+class _TrialTakenAway(BaseException):
+    """Another worker failed this worker's trial (its heartbeat had gone stale: the machine stalled, or the
+    storage was out of reach) and queued it again. The trial is dropped without a word to Optuna, whose
+    tell fails on a finished trial: a BaseException, so Optuna's handlers let it through."""
 
 
 def _check_same_spec(study: optuna.Study, spec: StudySpec) -> None:
@@ -138,6 +98,8 @@ def _check_same_spec(study: optuna.Study, spec: StudySpec) -> None:
     current = spec.to_dict()
     for path in _FIXED_FIELDS:
         a, b = _get(stored, path), _get(current, path)
+        if path == "workload":
+            a, b = ({k: v for k, v in d.items() if k not in _OBSERVING_FIELDS} for d in (a, b))
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
@@ -157,18 +119,31 @@ def _get(d: dict, path: str) -> Any:
 # The study
 
 
-def run_study(
+@dataclass
+class OpenStudy:
+    """A study ready for trials: the Optuna study, its MLflow side and the data its trials train on."""
+
+    spec: StudySpec
+    study: optuna.Study
+    tracker: Tracker
+    parent_run_id: str
+    data: Dataset
+    space: SearchSpace
+
+
+def open_study(
     spec: StudySpec,
     *,
-    device: str | None = None,
     progress: Progress | None = None,
     data: Dataset | None = None,
     worker: int = 0,
-) -> StudyResult:
-    """Run (or resume) the study until its budget is spent. Ctrl-C returns with `interrupted=True`."""
+    join: bool = False,
+) -> OpenStudy:
+    """Check everything that can be wrong, then create the study and its MLflow parent run (or find them
+    again, on resume). With `join` (a worker joining others) the study must exist and its parent run is left
+    as it is: the process that started the study created and closes it."""
     progress = progress or SilentProgress()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    dev = pick_device(device)
 
     # 1. Everything that can be wrong with the input, before anything is created.
     if spec.workload.accumulation_steps > 1:
@@ -179,6 +154,8 @@ def run_study(
     if data is None:
         data = load_dataset(spec.workload)
     check_storage(spec.storage)
+    if join:
+        existing_study(spec)
     tracker = Tracker(spec.tracking_uri, spec.experiment)
     tracker.check()
 
@@ -205,43 +182,107 @@ def run_study(
         sampler=make_sampler(spec.search, space, seed_offset=worker * 1000 + len(existing.trials if existing else [])),
         pruner=make_pruner(spec.search, spec.workload.epochs),
     )
+    # Rewritten on resume too: the fixed fields are checked equal above, and the budget may have been raised.
+    study.set_user_attr("bstune.spec", _public_spec(spec))
     if existing is None:
-        study.set_user_attr("bstune.spec", spec.to_dict())
         study.set_user_attr("bstune.n_train", data.n_train)
-    spec_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
-    parent = tracker.open_study_run(spec.name, study.user_attrs.get("mlflow_parent_run_id"),
-                                    _study_params(spec, data), spec_yaml)
-    if study.user_attrs.get("mlflow_parent_run_id") != parent:
-        study.set_user_attr("mlflow_parent_run_id", parent)
+    if join:
+        parent = study.user_attrs["mlflow_parent_run_id"]
+    else:
+        spec_yaml = yaml.safe_dump(_public_spec(spec), sort_keys=False)
+        parent = tracker.open_study_run(spec.name, study.user_attrs.get("mlflow_parent_run_id"),
+                                        _study_params(spec, data), spec_yaml)
+        if study.user_attrs.get("mlflow_parent_run_id") != parent:
+            study.set_user_attr("mlflow_parent_run_id", parent)
+    return OpenStudy(spec, study, tracker, parent, data, space)
 
-    objective = _Objective(spec, space, data, dev, tracker, parent, progress)
+
+def run_study(
+    spec: StudySpec,
+    *,
+    device: str | None = None,
+    progress: Progress | None = None,
+    data: Dataset | None = None,
+    worker: int = 0,
+    join: bool = False,
+) -> StudyResult:
+    """Run (or resume) the study until its budget is spent. Ctrl-C returns with `interrupted=True`.
+
+    Several workers (processes, machines) may run one study: `worker` (distinct per worker) seeds the
+    samplers apart, and `join` makes this one a worker of a study another process started (`open_study`)."""
+    progress = progress or SilentProgress()
+    dev = pick_device(device)
+    opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
+    study = opened.study
+    claim = ClaimLock(spec.storage, spec.name)
+    objective = _Objective(spec, opened.space, opened.data, dev, opened.tracker, opened.parent_run_id, progress,
+                           claimed=claim.release)
     interrupted = False
     stop_reason = ""
     run = 0
     try:
-        while True:
-            optuna.storages.fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            spent = budget_mod.spent(trials)
-            stop_reason = budget_mod.exhausted(spec.budget, spent) or ""
-            if stop_reason:
-                break
-            if budget_mod.exhausted(spec.budget, spent, in_flight=spent.running):
-                # The last trials are running elsewhere (or their worker died): wait until they finish or
-                # the heartbeat check fails and re-queues them, so no trial is lost.
-                time.sleep(min(spec.heartbeat_seconds, 5))
-                continue
-            study.optimize(objective, n_trials=1, catch=(_TrialFailed,), gc_after_trial=False)
-            run += 1
+        with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
+            while True:
+                # Held from the budget check until the new trial has its batch size (the objective releases
+                # it): so workers never claim the same free trial, re-queued trial or lost trial twice.
+                claim.acquire()
+                try:
+                    optuna.storages.fail_stale_trials(study)
+                    spent = budget_mod.spent(study.get_trials(deepcopy=False))
+                    stop_reason = budget_mod.exhausted(spec.budget, spent) or ""
+                    if stop_reason and not spent.running:
+                        break
+                    if stop_reason or budget_mod.exhausted(spec.budget, spent, in_flight=spent.running):
+                        # Trials are running elsewhere (or their worker died): wait until they finish, or the
+                        # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
+                        claim.release()
+                        time.sleep(min(spec.heartbeat_seconds, 5))
+                        continue
+                    try:
+                        study.optimize(objective, n_trials=1, catch=(_TrialFailed,), gc_after_trial=False)
+                        run += 1
+                    except _TrialTakenAway as e:
+                        progress.note(f"trial {e} was declared lost while this worker ran it (no heartbeat for "
+                                      f"{2 * spec.heartbeat_seconds}s); dropped here, it runs again")
+                finally:
+                    claim.release()
     except KeyboardInterrupt:
         interrupted = True
-        stop_reason = "interrupted (Ctrl-C); run the same command again to resume"
+        stop_reason = INTERRUPTED
+    finally:
+        claim.close()
+    return finish_study(opened, stop_reason, interrupted=interrupted, trials_run=run, close=not join)
 
-    table = from_study(study, n_train=data.n_train)
-    spent = budget_mod.spent(study.get_trials(deepcopy=False))
+
+def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = False, trials_run: int = 0,
+                 close: bool = True, status: str | None = None) -> StudyResult:
+    """The study's result now. With `close`, its summary goes to the MLflow parent run, which is closed with
+    `status` (default: KILLED if interrupted, else FINISHED)."""
+    table = from_study(opened.study, n_train=opened.data.n_train)
+    spent = budget_mod.spent(opened.study.get_trials(deepcopy=False))
     summary = summarize(table, spent, stop_reason)
-    tracker.close_study_run(parent, summary, status="KILLED" if interrupted else "FINISHED")
-    return StudyResult(spec.name, table, spent, stop_reason, parent, interrupted, run, summary)
+    if close:
+        opened.tracker.close_study_run(opened.parent_run_id, summary,
+                                       status=status or ("KILLED" if interrupted else "FINISHED"))
+    return StudyResult(opened.spec.name, table, spent, stop_reason, opened.parent_run_id, interrupted,
+                       trials_run, summary)
+
+
+def existing_study(spec: StudySpec) -> optuna.Study:
+    """The spec's study, which must exist (for joining workers and status): creates nothing, not even a file."""
+    db = sqlite_path(spec.storage)
+    if db is not None and not db.exists():
+        raise BstuneError(f"storage: {db} does not exist, so study {spec.name!r} is not there; start it with "
+                          f"`bstune study {spec.source or 'SPEC'}` first")
+    return load_study(spec.storage, spec.name, source=spec.source)
+
+
+def _public_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as stored in the study and logged to MLflow: URLs without their passwords."""
+    d = spec.to_dict()
+    for key in ("storage", "tracking_uri"):
+        d[key] = redact(d[key])
+    return d
 
 
 def summarize(table: TrialTable, spent: budget_mod.Spent, stop_reason: str) -> dict[str, Any]:
@@ -292,16 +333,25 @@ class _Objective:
     """One trial: pick a config, train it, report every epoch, record how it ended."""
 
     def __init__(self, spec: StudySpec, space: SearchSpace, data: Dataset, device: Any, tracker: Tracker,
-                 parent: str, progress: Progress) -> None:
+                 parent: str, progress: Progress, claimed: Callable[[], None] | None = None) -> None:
         self.spec, self.space, self.data, self.device = spec, space, data, device
         self.tracker, self.parent, self.progress = tracker, parent, progress
+        self.claimed = claimed  # called once the trial exists and has its batch size
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise _TrialTakenAway(trial.number) from None
+
+    def _run(self, trial: optuna.Trial) -> float:
         spec, w = self.spec, self.spec.workload
         cfg = self.space.suggest(trial)
+        if self.claimed:
+            self.claimed()
         n = self.data.n_train
         for k, v in (("lr", cfg.lr), ("momentum", cfg.momentum), ("effective_lr", cfg.effective_lr),
-                     ("batch_size", cfg.batch_size), ("worker_pid", os.getpid())):
+                     ("batch_size", cfg.batch_size), ("worker_pid", os.getpid()), ("bstune.worker", worker_id())):
             trial.set_user_attr(k, v)
         params = {
             "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum, "optimizer": w.optimizer,
@@ -326,7 +376,9 @@ class _Objective:
         def on_epoch(s: EpochStats) -> None:
             value = getattr(s, spec.search.objective)
             metrics = {k: getattr(s, k) for k in EPOCH_METRICS}
-            self.tracker.log_epoch(run_id, s.epoch, metrics)
+            self.tracker.log_epoch(run_id, s.epoch, metrics | s.layer_metrics())
+            if s.grad_histogram is not None:
+                self.tracker.log_json(run_id, s.grad_histogram, f"{HISTOGRAM_ARTIFACT_DIR}/epoch_{s.epoch:04d}.json")
             curve.append(EpochPoint(s.epoch, value, s.optimizer_steps, s.examples_seen))
             last.update(metrics, value=value)
             last.update(examples_seen=s.examples_seen, train_seconds=s.train_seconds)
@@ -339,6 +391,7 @@ class _Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {s.epoch} ({spec.search.objective} {value:.4g})")
 
         def finish(state: str, reason: str = "") -> None:
+            reason = redact(reason)  # an error's text may quote a URL with its password
             self._save_spend(trial, last)
             trial.set_user_attr("bstune.state", state)
             if reason:
@@ -348,6 +401,9 @@ class _Objective:
                 trial.set_user_attr("grad_noise_scale", last["grad_noise_scale"])
             final = {f"final_{k}": last.get(k) for k in ("val_loss", "val_accuracy", "train_loss")}
             final["examples_seen"] = last.get("examples_seen")
+            # one name for the objective across studies, and the time cost, for the UI's compare views
+            final["final_objective"] = last.get("value")
+            final["train_seconds"] = last.get("train_seconds")
             self.tracker.end_trial(run_id, state, reason, final)
             self.progress.trial_finished(trial.number, cfg, state, last.get("value"),
                                          time.perf_counter() - t0, reason)
@@ -357,6 +413,7 @@ class _Objective:
             steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule,
             warmup_epochs=w.warmup_epochs, weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps,
             seed=w.seed, model=w.model, width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
+            grad_histogram_epochs=w.grad_histogram_epochs,
         )
         try:
             history = train(tc, self.data, self.device, on_epoch)

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from bstune.errors import BstuneError, redact
+from bstune.storage import check_sqlite_url, sqlite_path
 
 # Fail fast instead of retrying for minutes when a tracking server does not answer.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -28,21 +29,7 @@ RUN_STATUS = {
 }
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "examples_seen", "optimizer_steps",
-                 "examples_per_second", "weight_distance", "grad_noise_scale", "generalization_gap")
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file behind a sqlite:/// URL, or None for other URLs."""
-    if not url.startswith("sqlite:///"):
-        return None
-    return Path(url[len("sqlite:///"):])
-
-
-def check_sqlite_url(url: str, field: str) -> None:
-    path = sqlite_path(url)
-    if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
-        raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
-                          f"create it or point {field} elsewhere")
+                 "examples_per_second", "weight_distance", "grad_noise_scale", "generalization_gap", "grad_norm")
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -91,8 +78,10 @@ class Tracker:
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
+                # The kind tag opens the UI in its model-training view rather than the GenAI one.
                 self._experiment_id = self.client.create_experiment(
-                    self.experiment_name, artifact_location=artifact_root(self.uri))
+                    self.experiment_name, artifact_location=artifact_root(self.uri),
+                    tags={"mlflow.experimentKind": "custom_model_development"})
             else:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
@@ -130,6 +119,15 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.log_dict(run_id, summary, "summary.json")
         self.client.set_terminated(run_id, status=status)
+
+    def log_analysis(self, run_id: str, metrics: dict[str, float | None], payload: dict[str, Any]) -> None:
+        """An analysis of the study: headline numbers as metrics, everything as analysis.json."""
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        items = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(run_id, metrics=items)
+        self.client.log_dict(run_id, payload, "analysis.json")
 
     # ---- trial child runs
 
@@ -182,6 +180,16 @@ class Tracker:
             return False
         self.end_trial(run_id, state, reason)
         return True
+
+    def attach_report(self, run_id: str, folder: str | Path, note: str) -> None:
+        """Log a report's files under report/ in the study's parent run; ``note`` becomes its description."""
+        self.client.get_run(run_id)  # fails before anything is logged if the run is not there
+        self.client.log_artifacts(run_id, str(folder), "report")
+        self.client.set_tag(run_id, "mlflow.note.content", note)
+
+    def log_json(self, run_id: str, data: dict[str, Any], path: str) -> None:
+        """Save `data` as a JSON artifact of the run at `path` (e.g. grad_histograms/epoch_0001.json)."""
+        self.client.log_dict(run_id, data, path)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

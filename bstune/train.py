@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bstune.data import Dataset
+from bstune.diagnostics import EpochGradients, GradientProbe, GradientStats, Layers, NoiseScale, param_norms
 from bstune.models import build_model
 
 
@@ -37,8 +38,9 @@ class TrainConfig:
     seed: int = 0
     model: str = "mlp"
     width: int = 128
-    compile: bool = False
-    diagnostics_every: int = 4  # gradient-noise-scale measurement every this many steps (0: never)
+    compile: str = "off"  # torch.compile mode: off | default | reduce-overhead (CUDA graphs) | max-autotune
+    diagnostics_every: int = 16  # noise scale every this-many-th step, gradient statistics too (0: all off)
+    grad_histogram_epochs: tuple[int | str, ...] = (1, "last")  # epochs with gradient histograms ("last": the last)
     check_every: int = 16  # steps between divergence checks (each is one host sync)
     eval_batch_size: int = 4096
 
@@ -55,12 +57,22 @@ class EpochStats:
     train_seconds: float  # cumulative training time (no evaluation)
     examples_per_second: float  # this epoch
     weight_distance: float  # L2 distance of the weights from their initial values
-    grad_noise_scale: float | None = None  # B_simple = tr(Sigma) / |G|^2, averaged over this epoch
-    layer_distance: dict[str, float] = field(default_factory=dict)
+    grad_noise_scale: float | None = None  # B_simple = tr(Sigma) / |G|^2, averaged over about the last epoch
+    layer_distance: dict[str, float] = field(default_factory=dict)  # per layer (module), see diagnostics.Layers
+    grad_norm: float | None = None  # whole-model gradient norm, mean over this epoch's measured steps
+    layer_grad_norm: dict[str, float] = field(default_factory=dict)  # the same per layer
+    grad_histogram: dict | None = None  # raw gradient values on diagnostics.HISTOGRAM_EDGES (histogram epochs)
 
     @property
     def generalization_gap(self) -> float:
+        """Train accuracy (running, over the epoch's steps) minus validation accuracy."""
         return self.train_accuracy - self.val_accuracy
+
+    def layer_metrics(self) -> dict[str, float]:
+        """Per-layer numbers as flat metric names: weight_distance.<layer>, grad_norm.<layer>."""
+        out = {f"weight_distance.{k}": v for k, v in self.layer_distance.items()}
+        out.update({f"grad_norm.{k}": v for k, v in self.layer_grad_norm.items()})
+        return out
 
 
 class Diverged(Exception):
@@ -147,37 +159,6 @@ class _Inputs:
         return x
 
 
-class _NoiseScale:
-    """McCandlish et al.'s two-batch-size estimate of B_simple = tr(Sigma)/|G|^2, kept as running averages.
-
-    On a measured step the batch is split into micro-batches of size b (the accumulation micro-batches, or
-    two halves); |g_b|^2 (averaged over micro-batches) and |g_B|^2 of their mean cost nothing extra to
-    compute. Unbiased estimates follow from E|g_b|^2 = |G|^2 + tr(Sigma)/b:
-        |G|^2     ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
-        tr(Sigma) ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
-    One step's |G|^2 estimate is very noisy (it can be negative), so each is averaged over steps before
-    dividing: an exponential moving average (bias-corrected), as in the paper's own measurements.
-    """
-
-    def __init__(self, device: torch.device, beta: float = 0.9) -> None:
-        self.g2 = torch.zeros((), device=device)
-        self.tr = torch.zeros((), device=device)
-        self.beta = beta
-        self.n = 0
-
-    def add(self, small_sq: torch.Tensor, big_sq: torch.Tensor, b_small: float, b_big: float) -> None:
-        self.g2.mul_(self.beta).add_((1 - self.beta) * (b_big * big_sq - b_small * small_sq) / (b_big - b_small))
-        self.tr.mul_(self.beta).add_((1 - self.beta) * (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big))
-        self.n += 1
-
-    def value(self) -> float | None:
-        """tr(Sigma)/|G|^2 from the running averages (the bias corrections cancel in the ratio)."""
-        if self.n == 0:
-            return None
-        g2, tr = float(self.g2), float(self.tr)
-        return tr / g2 if g2 > 0 and math.isfinite(tr / g2) else None
-
-
 def train(
     cfg: TrainConfig,
     data: Dataset,
@@ -187,6 +168,11 @@ def train(
     """Train and evaluate every epoch. Raises Diverged or OutOfMemory; whatever `on_epoch` raises (a
     pruning signal, say) propagates and ends the run."""
     device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.model in ("linear", "mlp"):
+        # A small dense model's ops are too small to split: extra threads only spin, and on a busy machine
+        # (parallel workers, a test suite) they made epochs 30x slower than one thread.
+        torch.set_num_threads(1)
     try:
         return _train(cfg, data, device, on_epoch)
     except torch.OutOfMemoryError as e:
@@ -195,6 +181,8 @@ def train(
         if "out of memory" in str(e) or "can't allocate memory" in str(e):
             raise OutOfMemory(str(e).splitlines()[0]) from None
         raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
@@ -213,17 +201,25 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     initial = [p.detach().clone() for p in params]
     opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
-    forward = torch.compile(model) if cfg.compile else model
+    # reduce-overhead records CUDA graphs: at B = 32 a step is launch-bound, and replaying a graph removes
+    # the per-kernel launch cost. A last, smaller batch would record a second graph, so compiled runs drop it.
+    forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     n, b, k = data.n_train, cfg.batch_size, cfg.accumulation_steps
-    per_epoch = steps_per_epoch(n, b)
+    per_epoch = n // b if cfg.compile != "off" and n >= b else steps_per_epoch(n, b)
     total_steps = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
     epochs = math.ceil(total_steps / per_epoch)
     warmup = int(round(cfg.warmup_epochs * per_epoch))
     blowup = 10.0 * math.log(data.num_classes) + 10.0  # a loss this far above chance level has diverged
-    noise = _NoiseScale(device)
+    every = cfg.diagnostics_every
+    layers = Layers(names, device)
+    grad_stats = GradientStats(params, layers)
+    histogram_epochs = {epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+    # Noise scale averaged over about an epoch's measured steps, and at least 20 of them.
+    noise = NoiseScale(device, window=max(20, math.ceil(per_epoch / max(every, 1))),
+                       population=None if inputs.augment else n)
 
     history: list[EpochStats] = []
     step = 0
@@ -236,32 +232,31 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        grad_stats.start_epoch(histogram=every > 0 and epoch in histogram_epochs)
         for i in range(per_epoch):
             if step >= total_steps:
                 break
             idx = perm[i * b:(i + 1) * b]
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps, warmup)
-            measure = cfg.diagnostics_every > 0 and step % cfg.diagnostics_every == 0 and len(idx) >= 2
-            parts = idx.chunk(2 if measure and k == 1 else k)
-            split = measure and len(parts) > 1
-            micro_sq, g_prev = [], 0.0
-            for part in parts:
+            # The noise scale costs a second backward pass, so it is measured on every `every`-th step only;
+            # the cheap gradient statistics also on each epoch's first step, so that every epoch has them.
+            probe = GradientProbe(params, len(idx)) if every > 0 and step % every == 0 else None
+            grad_step = every > 0 and (probe is not None or i == 0)
+            for part in idx.chunk(k):
                 x = inputs(data.train_x[part], train=True, generator=gen)
                 y = data.train_y[part]
                 with autocast:
                     out = forward(x)
-                    loss = F.cross_entropy(out.float(), y)
-                (loss * (len(part) / len(idx))).backward()
-                loss_sum += loss.detach() * len(part)
+                    losses = F.cross_entropy(out.float(), y, reduction="none")
+                if probe is None:
+                    (losses.sum() / len(idx)).backward()
+                else:  # without micro-batches, the noise scale needs the gradients of two halves
+                    probe.backward(losses, parts=2 if k == 1 else 1)
+                loss_sum += losses.detach().sum()
                 correct += (out.detach().argmax(1) == y).sum()
-                if split:
-                    # The accumulated gradient grew by this micro-batch's mean gradient, scaled by its share.
-                    g_now = torch.cat([p.grad.reshape(-1) for p in params]).float()
-                    micro_sq.append(((g_now - g_prev) * (len(idx) / len(part))).pow(2).sum())
-                    g_prev = g_now
-            if split:
-                noise.add(torch.stack(micro_sq).mean(), g_prev.pow(2).sum(), len(idx) / len(parts), len(idx))
+            if grad_step:
+                grad_stats.add(probe.finish(noise) if probe is not None else param_norms(params))
             opt.step()
             opt.zero_grad(set_to_none=True)
             seen += len(idx)
@@ -280,14 +275,17 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
             raise Diverged(epoch, step, f"exploded to {epoch_loss:.3g}")
         val_loss, val_acc = evaluate(model, data, inputs, cfg.eval_batch_size, autocast)
         with torch.no_grad():
-            sq = [(p - p0).float().pow(2).sum() for p, p0 in zip(params, initial, strict=True)]
-            layer = {name: float(s.sqrt()) for name, s in zip(names, sq, strict=True)}
+            layer = dict(zip(layers.names, layers.norms(torch._foreach_sub(params, initial)).tolist(), strict=True))
+        grads = grad_stats.end_epoch() if every > 0 else EpochGradients(0, None)
+        if grads.histogram is not None:
+            grads.histogram.update(epoch=epoch, batch_size=b)
         stats = EpochStats(
             epoch=epoch, train_loss=epoch_loss, train_accuracy=float(correct) / max(seen, 1),
             val_loss=val_loss, val_accuracy=val_acc, examples_seen=examples, optimizer_steps=step,
             train_seconds=train_seconds, examples_per_second=seen / dt if dt > 0 else 0.0,
             weight_distance=math.sqrt(sum(v * v for v in layer.values())), grad_noise_scale=noise.value(),
-            layer_distance=layer,
+            layer_distance=layer, grad_norm=grads.grad_norm, layer_grad_norm=grads.layer_norms,
+            grad_histogram=grads.histogram,
         )
         if not math.isfinite(val_loss):
             raise Diverged(epoch, step, "is non-finite on the validation set")

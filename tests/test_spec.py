@@ -121,3 +121,12 @@ def test_powers_of_two_range_and_numbers_as_strings(tmp_path: Path) -> None:
     assert spec.search.batch_sizes == (16, 32, 64)
     assert spec.search.lr == (1e-4, 1e-1)
     assert spec.search.direction == "minimize"
+
+
+def test_unreachable_tracking_server_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, tracking_uri="http://127.0.0.1:1")))
+    code, out = _run(["study", str(path)])
+    assert code == 2, out
+    assert out.startswith("error: tracking_uri: cannot reach") and out.count("\n") == 1, out
+    _no_state(tmp_path)

@@ -1,0 +1,79 @@
+"""The Optuna storage: checking that a URL answers, opening it, and finding a study in it.
+
+Any RDB that Optuna supports works: SQLite on one machine (the default, under mlruns/), PostgreSQL or
+MySQL across machines. Nothing here creates a study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from bstune.errors import BstuneError, redact
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a sqlite:/// URL, or None for other URLs."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):])
+
+
+def check_sqlite_url(url: str, field: str) -> None:
+    path = sqlite_path(url)
+    if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
+        raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
+                          f"create it or point {field} elsewhere")
+
+
+def check_storage(url: str) -> None:
+    """Fail with one line if the Optuna storage URL cannot be used; creates nothing."""
+    check_sqlite_url(url, "storage")
+    if url.startswith("sqlite"):
+        return
+    import sqlalchemy
+
+    try:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": 5}
+        engine = sqlalchemy.create_engine(url, **kwargs)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as e:
+        raise BstuneError(f"storage: {redact(url)} needs the {e.name} package; install it "
+                          f"(for PostgreSQL: pip install 'psycopg[binary]')") from None
+    except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
+        first = str(getattr(e, "orig", e) or type(e).__name__).strip().splitlines()[0]
+        raise BstuneError(f"storage: cannot connect to {redact(url)} ({redact(first)[:200]}); "
+                          f"start the database or fix storage") from None
+
+
+def open_storage(url: str, heartbeat_seconds: int | None = None, on_lost: Any = None) -> optuna.storages.RDBStorage:
+    """An RDB storage; with heartbeat_seconds, trials whose worker goes silent for twice that are failed."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several workers share one SQLite file: wait for the write lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+        grace_period=2 * heartbeat_seconds if heartbeat_seconds else None, heartbeat_stale_trial_callback=on_lost,
+    )
+
+
+def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source: str = "") -> optuna.Study:
+    """An existing study (for analysis, reports and status); BstuneError naming the studies there if absent."""
+    check_storage(url)
+    storage = open_storage(url, heartbeat_seconds)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        hint = f"; studies there: {', '.join(names)}" if names else ""
+        how = f"run `bstune study {source}` first" if source else "check the study name"
+        raise BstuneError(f"no study named {name!r} in {redact(url)}{hint}; {how}") from None
