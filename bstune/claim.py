@@ -15,9 +15,14 @@ A worker that dies holding the lock frees it with its process (the kernel closes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import time
 from typing import Any
+
+import sqlalchemy
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from bstune.storage import sqlite_path
 
@@ -55,28 +60,22 @@ class ClaimLock:
             return
         self._held = False
         if self._file is not None:
-            import fcntl
-
             fcntl.flock(self._file, fcntl.LOCK_UN)
         elif self._conn is not None:
-            from sqlalchemy import text
-
-            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            try:
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            except DBAPIError:  # the session is gone, and its lock with it
+                self._disconnect()
 
     def close(self) -> None:
         self.release()
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn.engine.dispose()
-            self._conn = None
+        self._disconnect()
 
     def _try(self) -> bool:
         if self._path is not None:
-            import fcntl
-
             if self._file is None:
                 self._file = open(self._path, "a")  # held open for the worker's life
             try:
@@ -85,18 +84,26 @@ class ClaimLock:
             except BlockingIOError:
                 return False
         if self._postgres:
-            from sqlalchemy import text
-
             if self._conn is None:
                 self._conn = _connect(self._url)
-            return bool(self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._key}).scalar())
+            try:
+                return bool(self._conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"),
+                                               {"k": self._key}).scalar())
+            except DBAPIError:  # the session was lost (server restart, network): a new one on the next try
+                self._disconnect()
+                return False
         return True
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn.engine.dispose()
+                self._conn = None
 
 
 def _connect(url: str) -> Any:
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
     engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
     conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     for setting in ("tcp_keepalives_idle = 10", "tcp_keepalives_interval = 5", "tcp_keepalives_count = 3"):

@@ -93,10 +93,9 @@ def plan_workers(workers: int | None, trials_per_device: int | None, device: str
 
 @dataclass
 class Launched:
-    """What a launch ended with: the study's result, each worker's exit code, and an error if it failed."""
+    """What a launch ended with: the study's result, and an error with its exit code if it failed."""
 
     result: StudyResult
-    exit_codes: list[int]
     error: str = ""
     exit_code: int = 0
 
@@ -107,49 +106,41 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
     echo(f"study {spec.name}: starting {len(plans)} workers"
          + "".join(f"; w{p.index} on GPU {p.env['CUDA_VISIBLE_DEVICES']}" for p in plans
                    if "CUDA_VISIBLE_DEVICES" in p.env))
+    lock = threading.Lock()  # one line at a time from the workers' relays
     procs: list[subprocess.Popen] = []
     readers: list[threading.Thread] = []
-    lock = threading.Lock()
     interrupted = False
-    reported: set[int] = set()
-    while True:
-        try:
-            while len(procs) < len(plans) and not interrupted:
-                proc = _spawn(spec, spec_file, plans[len(procs)])
-                procs.append(proc)
-                readers.append(_relay(proc.stdout, f"[w{plans[len(procs) - 1].index}] ", echo, lock))
-            for p, proc in zip(plans, procs, strict=False):
-                if proc.poll() is not None and p.index not in reported:
-                    reported.add(p.index)
-                    note = _exit_note(proc.returncode, spec.heartbeat_seconds)
-                    if note:
-                        with lock:
-                            echo(f"[w{p.index}] {note}")
-            if all(proc.poll() is not None for proc in procs):
-                break
-            time.sleep(0.2)
-        except KeyboardInterrupt:
-            interrupted = True  # again on a second Ctrl-C: the workers stop at once, their trials found LOST later
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
+    try:
+        for plan in plans:
+            procs.append(_spawn(spec, spec_file, plan))
+            readers.append(_relay(procs[-1].stdout, f"[w{plan.index}] ", echo, lock))
+    except KeyboardInterrupt:
+        interrupted = True
+        _interrupt(procs)
+
+    def on_exit(i: int, code: int) -> None:
+        note = _exit_note(code, spec.heartbeat_seconds)
+        if note:
+            with lock:
+                echo(f"[w{plans[i].index}] {note}")
+
+    interrupted = _wait_all(procs, on_exit) or interrupted
     for r in readers:
         r.join()
 
     ids = {worker_id(proc.pid) for proc in procs}
     trials = opened.study.get_trials(deepcopy=False)
     ran = sum(t.state.is_finished() and t.user_attrs.get("bstune.worker") in ids for t in trials)
-    codes = [proc.returncode for proc in procs]
-    spent_reason = budget_mod.exhausted(spec.budget, budget_mod.spent(trials)) or ""
     if interrupted:
-        result = finish_study(opened, INTERRUPTED, interrupted=True, trials_run=ran)
-        return Launched(result, codes, exit_code=130)
+        return Launched(finish_study(opened, INTERRUPTED, interrupted=True, trials_run=ran), exit_code=130)
+    spent_reason = budget_mod.exhausted(spec.budget, budget_mod.spent(trials))
     if spent_reason:
-        return Launched(finish_study(opened, spent_reason, trials_run=ran), codes)
+        return Launched(finish_study(opened, spent_reason, trials_run=ran))
+    codes = [proc.returncode for proc in procs]
     error = (f"the workers stopped before the budget was spent (exit codes {codes}); see their output above, "
              f"then run the same command to resume")
     result = finish_study(opened, "workers stopped early", trials_run=ran, status="FAILED")
-    return Launched(result, codes, error, exit_code=2 if 2 in codes else 1)
+    return Launched(result, error, exit_code=2 if 2 in codes else 1)
 
 
 def run_worker(spec: StudySpec, device: str, index: int | None = None, parent_pid: int | None = None) -> int:
@@ -179,6 +170,30 @@ def _spawn(spec: StudySpec, spec_file: str, plan: WorkerPlan) -> subprocess.Pope
            "BSTUNE_STORAGE": spec.storage, "BSTUNE_TRACKING_URI": spec.tracking_uri}
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_all(procs: list[subprocess.Popen], on_exit: Callable[[int, int], None]) -> bool:
+    """Wait until every worker has exited; True if Ctrl-C came meanwhile. Each Ctrl-C passes one SIGINT to
+    each worker still running (a second one stops them at once: their trials are found LOST later)."""
+    interrupted = False
+    running = dict(enumerate(procs))
+    while running:
+        try:
+            for i, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[i]
+                    on_exit(i, proc.returncode)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+            _interrupt(list(running.values()))
+    return interrupted
+
+
+def _interrupt(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
 
 
 def _relay(stream: Any, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> threading.Thread:

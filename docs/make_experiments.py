@@ -91,15 +91,18 @@ def lr_section(store: Store, names: dict[str, str]) -> dict[str, object]:
             print(f"| {name} | {o.batch_size} | {o.n_complete} | {o.best_lr:.3g} | {o.best_value:.3f} | {iv} | "
                   f"{'yes' if o.bracketed else 'no'} |")
     print()
-    print("| study | preferred form | power-law alpha (95%) | B_noise (95%) |")
-    print("|---|---|---:|---:|")
+    print("| study | preferred form | power-law alpha (95%) | B_noise (95%) | B_crit from steps to target (95%) |")
+    print("|---|---|---:|---:|---:|")
     for name, a in analyses.items():
         power = a.fits.get("power")
         alpha = (f"{power.alpha:.2f} ({power.intervals['alpha'][0]:.2f}-{power.intervals['alpha'][1]:.2f})"
                  if power and power.alpha is not None else "-")
         bn = (f"{a.b_noise:.0f} ({a.b_noise_interval[0]:.0f}-{a.b_noise_interval[1]:.0f})"
               if a.b_noise and a.b_noise_interval else "-")
-        print(f"| {name} | {a.preferred} | {alpha} | {bn} |")
+        st = a.steps
+        bc = (f"{st.b_crit:.0f} ({st.b_crit_interval[0]:.0f}-{st.b_crit_interval[1]:.0f}), target {st.target:.3f}"
+              if st and st.b_crit and st.b_crit_interval else "-")
+        print(f"| {name} | {a.preferred} | {alpha} | {bn} | {bc} |")
     print()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
