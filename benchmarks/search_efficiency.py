@@ -329,7 +329,7 @@ def _summary(values: Sequence[float], nd: int = 2) -> str:
 
 
 def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec, budget: float, seeds: Sequence[int],
-           unit: int, wall: float) -> list[str]:
+           unit: int, command: str = "") -> list[str]:
     """The Markdown report; its last line is the median compute ratio."""
     w, s = spec.workload, spec.search
     by = {(r["label"], r["seed"]): r["points"] for r in runs}
@@ -338,8 +338,9 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
     lines = [
         "# Search efficiency: bstune's search against the standard protocol",
         "",
-        "Written by `python benchmarks/search_efficiency.py` "
-        f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; {wall / 60:.0f} min).",
+        f"Written by `python benchmarks/search_efficiency.py{command}` ({platform.machine()}, {os.cpu_count()} "
+        f"CPUs, Python {platform.python_version()}; the searches ran {sum(r['seconds'] for r in runs) / 60:.0f} min "
+        "in all, two at a time on a machine shared with other work).",
         "",
         f"- **Workload** (the same for both searches): {w.dataset} (n_train {ref['n_train']}), {w.model} width "
         f"{w.width}, {w.optimizer}, {w.epochs} epochs, {w.lr_schedule} schedule, objective {s.objective}; batch "
@@ -461,7 +462,6 @@ def main() -> None:
     parser.add_argument("--runs", default="", help="a JSON file: reuse the runs it holds, save new ones to it")
     args = parser.parse_args()
 
-    t0 = time.perf_counter()
     spec = bench_spec(load_spec(args.spec))
     n_train = load_dataset(spec.workload).n_train
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - progress, not the report
@@ -483,7 +483,8 @@ def main() -> None:
                     f"{r['points'][-1]['error']:.2f}")
                 if args.runs:
                     Path(args.runs).write_text(json.dumps({"key": key, "runs": runs}))
-    lines = report(runs, ref, spec, args.budget, seeds, unit, time.perf_counter() - t0)
+    command = f" --seeds {args.seeds} --budget {args.budget:g}" + (" --previous" if args.previous else "")
+    lines = report(runs, ref, spec, args.budget, seeds, unit, command)
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)
