@@ -95,7 +95,7 @@ class BatchOptimum:
         return self.status.startswith("fitted")
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(_public(self) | {"fitted": self.fitted})
+        return jsonable(_public(self) | {"fitted": self.fitted})
 
 
 @dataclass
@@ -130,7 +130,7 @@ class LawFit:
         return _interval(2.0 ** _law_log2(self.form, self._rows[1:], math.log2(batch_size)))
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(self)
+        return jsonable(self)
 
 
 @dataclass
@@ -163,7 +163,7 @@ class StepsFit:
         return self.s_min * (1.0 + self.b_crit / batch_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(self)
+        return jsonable(self)
 
 
 @dataclass
@@ -182,7 +182,7 @@ class Recommendation:
     notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(self)
+        return jsonable(self)
 
     def __str__(self) -> str:
         lo, hi = self.lr_interval
@@ -226,7 +226,7 @@ class Analysis:
         raise BstuneError(f"batch size {batch_size} was not measured; measured: {measured}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({
+        return jsonable({
             "direction": self.direction, "metric": self.metric, "n_trials": self.n_trials,
             "n_boot": self.n_boot, "min_trials": self.min_trials, "level": LEVEL,
             "per_batch": [o.to_dict() for o in self.per_batch],
@@ -986,14 +986,14 @@ def _public(obj: Any) -> dict[str, Any]:
     return {k: v for k, v in obj.__dict__.items() if not k.startswith("_")}
 
 
-def _clean(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """JSON-ready: dicts, lists, plain numbers; non-finite floats become None."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if is_dataclass(obj):
-        return _clean(_public(obj))
+        return jsonable(_public(obj))
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -1001,7 +1001,7 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
+        return jsonable(obj.tolist())
     return obj
 
 

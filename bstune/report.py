@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from bstune import plots
-from bstune.analysis import LEVEL, Analysis, LawFit, analyze
+from bstune.analysis import LEVEL, Analysis, LawFit, analyze, jsonable
 from bstune.errors import BstuneError
 from bstune.results import TrialTable
 
@@ -89,7 +89,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """Every number in the report, JSON-ready."""
-        return _clean({
+        return jsonable({
             "study": self.table.study_name, "created": self.created, "metric": self.table.metric,
             "direction": self.table.direction, "n_train": self.table.n_train,
             "spec": self.table.meta.get("spec") or None,
@@ -473,20 +473,6 @@ def _seconds(s: float | None) -> str:
     if s is None:
         return "-"
     return f"{s:.2f} s" if s < 60 else f"{s / 60:.1f} min" if s < 3600 else f"{s / 3600:.1f} h"
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------- MLflow
