@@ -50,7 +50,6 @@ DEFAULT_SPEC = ROOT / "studies" / "digits.yaml"
 REFERENCE = HERE / "search_efficiency_reference.json"
 
 BATCH_SIZES = (32, 64, 128, 256, 512)  # B = 16 alone would cost as much as the other five together
-PREVIOUS = "tpe+median"  # the label of the previous default search, measured with --previous
 TARGET = 0.5  # octaves of mean |log2(eff lr* / reference)|: a factor of sqrt(2)
 # The reference grid: effective lr in half-octave steps, six momenta, two training seeds unseen by the searches.
 GRID_LOG2_EFF = tuple(-4.0 + 0.5 * i for i in range(17))
@@ -213,18 +212,28 @@ def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERE
 # ------------------------------------------------------------------------------------------ searches
 
 
-def previous_spec(spec: StudySpec) -> StudySpec:
-    """The search `studies/digits.yaml` had before the law sampler: TPE and median pruning per batch size."""
-    sampler = dataclasses.replace(spec.search.sampler, name="tpe", n_startup_trials=4)
-    pruner = dataclasses.replace(spec.search.pruner, name="median", n_startup_trials=3, n_warmup_epochs=3)
-    return spec.with_overrides(search=dataclasses.replace(spec.search, sampler=sampler, pruner=pruner))
+# Other searches that --compare can measure beside the two (not in the ratio): (sampler, n_startup_trials,
+# pruner, pruner n_startup_trials, n_warmup_epochs) and what they are.
+COMPARE = {
+    "tpe+median": (("tpe", 4, "median", 3, 3), "the search `studies/digits.yaml` had before the law sampler: "
+                   "TPE per batch size (n_startup_trials 4), median pruning per batch size (n_startup_trials 3, "
+                   "n_warmup_epochs 3)"),
+    "law+none": (("law", 2, "none", 3, 3), "the law sampler (n_startup_trials 2) without pruning"),
+    "law+median": (("law", 2, "median", 3, 4), "the law sampler (n_startup_trials 2) with median pruning per "
+                   "batch size (n_startup_trials 3, n_warmup_epochs 4)"),
+}
 
 
-def search_specs(spec: StudySpec, previous: bool) -> dict[str, StudySpec]:
-    specs = {"bstune": spec, "protocol": protocol_spec(spec)}
-    if previous:
-        specs[PREVIOUS] = previous_spec(spec)
-    return specs
+def compare_spec(spec: StudySpec, name: str) -> StudySpec:
+    (sampler, n0, pruner, p0, warmup), _ = COMPARE[name]
+    search = dataclasses.replace(
+        spec.search, sampler=dataclasses.replace(spec.search.sampler, name=sampler, n_startup_trials=n0),
+        pruner=dataclasses.replace(spec.search.pruner, name=pruner, n_startup_trials=p0, n_warmup_epochs=warmup))
+    return spec.with_overrides(search=search)
+
+
+def search_specs(spec: StudySpec, compare: Sequence[str] = ()) -> dict[str, StudySpec]:
+    return {"bstune": spec, "protocol": protocol_spec(spec)} | {name: compare_spec(spec, name) for name in compare}
 
 
 def _run_search(args: tuple[str, StudySpec, int, float, str, dict[str, Any], float]) -> dict[str, Any]:
@@ -382,12 +391,11 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         lo, hi = r["effective_lr_interval"]
         lines.append(f"| {b} | {r['effective_lr']:.3g} | {lo:.3g}..{hi:.3g} | {r['lr']:.3g} | {r['momentum']:.3f} "
                      f"| {r['best_grid_value']:.4f} |")
-    labels = [x for x in ("bstune", "protocol", PREVIOUS) if any(r["label"] == x for r in runs)]
-    if PREVIOUS in labels:
+    extra = [x for x in COMPARE if any(r["label"] == x for r in runs)]
+    labels = ["bstune", "protocol", *extra]
+    for x in reversed(extra):
         lines.insert(lines.index("## Reference optimum") - 1,
-                     f"- **{PREVIOUS}** (for comparison, not in the ratio): the search `studies/digits.yaml` had "
-                     "before: TPE per batch size (n_startup_trials 4) and median pruning per batch size "
-                     "(n_startup_trials 3, n_warmup_epochs 3).")
+                     f"- **{x}** (for comparison, not in the ratio): {COMPARE[x][1]}.")
     lines += [
         "",
         f"## Against compute (median over {len(seeds)} seeds [min, max])",
@@ -418,14 +426,14 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         f"P full trials caps the ratio at P / {floor}.",
         "",
         "| seed | " + " | ".join(f"{x} first | {x} kept" for x in labels) + " | ratio (protocol / bstune) |"
-        + (f" ratio (protocol / {PREVIOUS}) |" if PREVIOUS in labels else ""),
-        "|---:|" + "---:|" * (2 * len(labels) + 1 + (PREVIOUS in labels)),
+        + "".join(f" ratio (protocol / {x}) |" for x in extra),
+        "|---:|" + "---:|" * (3 * len(labels) - 1),
     ]
     ratios = []
     for seed in seeds:
         hits = {x: compute_to_target(by[(x, seed)]) for x in labels}
         row = [str(seed)] + [f"{_fmt(hits[x][0], 1)} | {_fmt(hits[x][1], 1)}" for x in labels]
-        for i, x in enumerate(["bstune"] + ([PREVIOUS] if PREVIOUS in labels else [])):
+        for i, x in enumerate(["bstune", *extra]):
             ratio, text = _ratio(hits["protocol"][1], hits[x][1], budget)
             row.append(text)
             if i == 0:
@@ -458,7 +466,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=80.0, help="compute per search, in full trials")
     parser.add_argument("--jobs", type=int, default=2, help="searches run at once (processes)")
     parser.add_argument("--out", default=str(HERE / "SEARCH.md"), help="where the report is written ('' for none)")
-    parser.add_argument("--previous", action="store_true", help=f"also measure the previous default ({PREVIOUS})")
+    parser.add_argument("--compare", nargs="*", default=[], choices=list(COMPARE),
+                        help="other searches to measure beside the two, for comparison")
     parser.add_argument("--runs", default="", help="a JSON file: reuse the runs it holds, save new ones to it")
     args = parser.parse_args()
 
@@ -474,7 +483,7 @@ def main() -> None:
     done = {(r["label"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         tasks = [(label, s, seed, args.budget * unit, tmp, ref, 2.5)
-                 for seed in seeds for label, s in search_specs(spec, args.previous).items()
+                 for seed in seeds for label, s in search_specs(spec, args.compare).items()
                  if (label, seed) not in done]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(_run_search, tasks):
@@ -483,7 +492,8 @@ def main() -> None:
                     f"{r['points'][-1]['error']:.2f}")
                 if args.runs:
                     Path(args.runs).write_text(json.dumps({"key": key, "runs": runs}))
-    command = f" --seeds {args.seeds} --budget {args.budget:g}" + (" --previous" if args.previous else "")
+    command = f" --seeds {args.seeds} --budget {args.budget:g}" + "".join(
+        f" --compare {' '.join(args.compare)}" for _ in args.compare[:1])
     lines = report(runs, ref, spec, args.budget, seeds, unit, command)
     text = "\n".join(lines) + "\n"
     if args.out:
