@@ -1,7 +1,8 @@
 """Search efficiency: how much compute bstune's search needs to find the optimal learning rate at every batch
 size, against the standard protocol (Shallue et al. 2018). A benchmark, not a test:
 
-    python benchmarks/search_efficiency.py [--seeds 5] [--jobs 2] [--out benchmarks/SEARCH.md]
+    python benchmarks/search_efficiency.py [--seeds 5] [--budget 80] [--jobs 2] [--out benchmarks/SEARCH.md]
+        [--compare tpe+median law+none] [--runs runs.json]
 
 Both searches run through ``run_study`` on the same digits workload (``studies/digits.yaml``, made cheaper:
 see ``bench_spec``), in temporary stores, to the same budget in examples processed:
@@ -12,7 +13,9 @@ see ``bench_spec``), in temporary stores, to the same budget in examples process
 Every few trials the trials so far are analysed by ``analyze()`` and its effective lr* = lr/(1 - m) per batch
 size compared with a reference: ``analyze()`` on a dense grid over (effective lr, momentum) at every batch size
 and several training seeds, run once and cached in ``search_efficiency_reference.json`` (recomputed when the
-workload or the grid changes).
+workload or the grid changes). ``--compare`` measures other searches beside the two (see COMPARE); ``--runs``
+keeps every run in a JSON file, so that adding a search or re-writing the report does not re-run the others.
+About 3 minutes per search and seed on 2 busy CPU cores, two at a time.
 """
 
 from __future__ import annotations
@@ -230,6 +233,12 @@ def compare_spec(spec: StudySpec, name: str) -> StudySpec:
         spec.search, sampler=dataclasses.replace(spec.search.sampler, name=sampler, n_startup_trials=n0),
         pruner=dataclasses.replace(spec.search.pruner, name=pruner, n_startup_trials=p0, n_warmup_epochs=warmup))
     return spec.with_overrides(search=search)
+
+
+def run_key(spec: StudySpec, budget: float) -> str:
+    """What a search's runs depend on: the workload, its search and the budget (for --runs)."""
+    search = json.dumps(dataclasses.asdict(spec.search), sort_keys=True, default=str)
+    return f"{reference_key(spec)}:{budget:g}:{hashlib.sha256(search.encode()).hexdigest()[:16]}"
 
 
 def search_specs(spec: StudySpec, compare: Sequence[str] = ()) -> dict[str, StudySpec]:
@@ -468,7 +477,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "SEARCH.md"), help="where the report is written ('' for none)")
     parser.add_argument("--compare", nargs="*", default=[], choices=list(COMPARE),
                         help="other searches to measure beside the two, for comparison")
-    parser.add_argument("--runs", default="", help="a JSON file: reuse the runs it holds, save new ones to it")
+    parser.add_argument("--runs", default="", help="a JSON file: reuse the runs it holds for the same search, "
+                        "workload and budget; save new ones to it")
     args = parser.parse_args()
 
     spec = bench_spec(load_spec(args.spec))
@@ -477,21 +487,23 @@ def main() -> None:
     ref = load_reference(spec, n_train, args.jobs, log=log)
     unit = trial_examples(spec, n_train)
     seeds = list(range(args.seeds))
-    saved = json.loads(Path(args.runs).read_text()) if args.runs and Path(args.runs).exists() else {}
-    key = f"{reference_key(spec)}:{args.budget:g}:{json.dumps(dataclasses.asdict(spec.search), default=str)}"
-    runs = [r for r in saved.get("runs", []) if saved.get("key") == key]
+    specs = search_specs(spec, args.compare)
+    keys = {label: run_key(s, args.budget) for label, s in specs.items()}
+    saved = json.loads(Path(args.runs).read_text()) if args.runs and Path(args.runs).exists() else []
+    kept = [r for r in saved if r.get("key") not in keys.values()]  # other searches': left as they are
+    runs = [r | {"label": label} for label, key in keys.items() for r in saved
+            if r.get("key") == key and r["seed"] in seeds]
     done = {(r["label"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         tasks = [(label, s, seed, args.budget * unit, tmp, ref, 2.5)
-                 for seed in seeds for label, s in search_specs(spec, args.compare).items()
-                 if (label, seed) not in done]
+                 for seed in seeds for label, s in specs.items() if (label, seed) not in done]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(_run_search, tasks):
-                runs.append(r)
+                runs.append(r | {"key": keys[r["label"]]})
                 log(f"{r['label']} seed {r['seed']}: {r['n_trials']} trials, {r['seconds']:.0f}s, final error "
                     f"{r['points'][-1]['error']:.2f}")
                 if args.runs:
-                    Path(args.runs).write_text(json.dumps({"key": key, "runs": runs}))
+                    Path(args.runs).write_text(json.dumps(kept + runs))
     command = f" --seeds {args.seeds} --budget {args.budget:g}" + "".join(
         f" --compare {' '.join(args.compare)}" for _ in args.compare[:1])
     lines = report(runs, ref, spec, args.budget, seeds, unit, command)
