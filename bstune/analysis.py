@@ -3,13 +3,18 @@
 ``analyze(table)`` reads a TrialTable and returns an :class:`Analysis`:
 
 1. Per batch size, the optimum of a smooth fit to the objective's valley, not the best trial (whose lr
-   jitters by an octave in a flat valley): a weighted quadratic in (log2 lr, log2(1 - m)) over the completed
-   trials near the best ones. When the momentum is fixed, or the 2-D fit is ill-posed, a 1-D quadratic in
-   log2 lr, or in log2 of the effective lr lr/(1 - m) when that fits better (SGD's valley follows the
-   effective lr, Adam's the plain one). The argmin, clipped to the valley's sampled range, gives lr*, m*;
-   95% intervals come from a bootstrap over the trials, vectorised over resamples. Pruned trials' values
-   come from earlier epochs and are not fitted; pruned and diverged trials count as the valley's walls when
-   checking that the optimum is bracketed (an unbracketed one is only a bound and is left out of step 2).
+   jitters by an octave in a flat valley). The valley has much the same shape at every batch size and moves
+   with it, so the batch sizes are fitted together (``_pooled_valleys``): one quadratic in log2 of the
+   effective lr lr/(1 - m), or of the plain lr when that fits better (SGD's valley follows the effective lr,
+   Adam's the plain one), over the completed trials near each batch size's best, with per batch size an
+   offset, a slope and a curvature pulled towards the shared one. A batch size with only 2-3 completed
+   trials is placed by the others' curvature; one with many has its own. The argmin, clipped to the
+   valley's sampled range, gives the effective lr*; m* is the valley's weighted median momentum. Where no
+   joint fit is possible, each batch size with ``min_trials`` completed trials is fitted alone, by a 2-D
+   quadratic in (log2 lr, log2(1 - m)) or a 1-D one. 95% intervals come from a bootstrap over the trials
+   (within each batch size), vectorised over resamples. Pruned trials' values come from earlier epochs and
+   are not fitted; pruned and diverged trials count as the valley's walls when checking that the optimum is
+   bracketed (an unbracketed one is only a bound and is left out of step 2).
 2. Fits of lr*(B) and of the effective lr*(B) to four forms in log2 space, weighted by the per-batch
    interval widths, compared by AICc: "power" a B^alpha, "linear" (alpha = 1), "sqrt" (alpha = 1/2) and
    "saturating" lr_max / (1 + B_noise / B). Their intervals refit every bootstrap replicate of the optima
@@ -48,6 +53,7 @@ _WINDOW_QUANTILE = 0.9
 _MIN_POINTS_2D = 10  # a 2-D quadratic has 6 coefficients
 _MIN_MOMENTUM_SPAN = 1.0  # octaves of (1 - m) the valley must span for a 2-D fit
 _MAX_CONDITION = 1e3  # curvature ratio beyond which the 2-D fit cannot place the momentum
+_POOL_PRIOR = 10.0  # trials' worth of belief that a batch size's valley is as curved as the others'
 _SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 _GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
 _GRID_STEP = 0.02
@@ -84,7 +90,7 @@ class BatchOptimum:
     value: float | None = None  # the fit's expected objective at the optimum
     max_stable_lr: float | None = None
     max_stable_effective_lr: float | None = None
-    fit: str = ""  # "2d", "1d-lr" or "1d-effective": which quadratic gave the optimum
+    fit: str = ""  # "pooled-effective", "pooled-lr" (fitted with the other batch sizes), "2d", "1d-lr", "1d-effective"
     n_window: int = 0  # completed trials in the valley the fit used
     bracketed: bool = False  # clearly worse trials on both sides: lr* is an estimate, not a bound
     _log2_lr: np.ndarray | None = field(default=None, repr=False, compare=False)  # point, then replicates
@@ -376,7 +382,8 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     smooth fit's, not a noisy best epoch) that 3/4 of the batch sizes reach, and give back 10% of the way
     to the median first-epoch value; e.g. loss 0.30 at the optimum and 2.0 after one epoch give 0.47.
     ``n_boot``: bootstrap resamples for every interval. ``min_trials``: completed trials a batch size needs
-    to be fitted.
+    to be fitted on its own; fitted with the others (the usual case), 2 suffice and fewer than
+    ``min_trials`` are said in its status.
     """
     if not isinstance(table, TrialTable):
         raise BstuneError(f"analyze() needs a TrialTable, got {type(table).__name__}")
@@ -402,14 +409,27 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     nan_done = sum(1 for rs in groups.values() for r in rs if r.state == "COMPLETE" and not _is_complete(r))
     if nan_done:
         warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
-    enough = [b for b in groups if len(done[b]) >= min_trials]
-    if len(enough) < 2:
-        found = ", ".join(f"B={b}: {len(done[b])}" for b in groups)
-        raise BstuneError(f"need at least 2 batch sizes with >= {min_trials} completed trials; found "
-                          f"{len(enough)} ({found}); run more trials")
-
-    per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, warnings)
+    said: dict[int, list[str]] = {b: [] for b in groups}
+    per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, said[b])
                  for b, rs in groups.items()]
+    # The batch sizes' valleys fitted together (one shape, placed per batch size) replace the separate fits
+    # wherever they can be: they place batch sizes with only 2-3 completed trials, and the separate 2-D fits
+    # wobble with the momenta drawn unless each valley holds many trials (benchmarks/SEARCH.md).
+    pooled = _pooled_valleys(done, sign, n_boot, rng)
+    for o in per_batch:
+        if o.batch_size not in pooled:
+            continue
+        said[o.batch_size] = []
+        _place(o, pooled[o.batch_size], groups[o.batch_size], sign, said[o.batch_size])
+        if o.n_complete < min_trials:
+            o.status = o.status.replace("fitted", f"fitted from {o.n_complete} completed trials and the valley "
+                                        "shape of the other batch sizes", 1)
+    warnings += [w for b in groups for w in said[b]]
+    if sum(o.fitted for o in per_batch) < 2:
+        found = ", ".join(f"B={b}: {len(done[b])}" for b in groups)
+        raise BstuneError(f"need at least 2 batch sizes that can be fitted (>= {min_trials} completed trials "
+                          "each, or >= 2 where the other batch sizes show the valley's shape); found "
+                          f"{found}; run more trials")
     grad_noise = {b: _median_gns(rs) for b, rs in groups.items()}
 
     used = [o for o in per_batch if o.fitted and o.bracketed]
@@ -492,7 +512,13 @@ def _batch_optimum(b: int, records: list[TrialRecord], done: list[TrialRecord], 
     x = np.log2([r.lr for r in done])
     u = np.log2([1.0 - r.momentum for r in done])
     y = sign * np.array([r.value for r in done], dtype=float)
-    v = _fit_valley(x, u, y, n_boot, rng)
+    _place(out, _fit_valley(x, u, y, n_boot, rng), records, sign, warnings)
+    return out
+
+
+def _place(out: BatchOptimum, v: _Valley, records: list[TrialRecord], sign: float, warnings: list[str]) -> None:
+    """Fill in ``out`` from the valley fit ``v`` of its batch size: the optimum, its intervals, the bracket."""
+    b = out.batch_size
     lx, lu = v.log2_lr, v.log2_one_minus_m
     leff = lx - lu
     out.lr, out.lr_interval = float(2.0 ** lx[0]), _interval(2.0 ** lx[1:])
@@ -519,7 +545,6 @@ def _batch_optimum(b: int, records: list[TrialRecord], done: list[TrialRecord], 
     if len(near) >= 4 and sum(r.state == "PRUNED" for r in near) > len(near) / 2:
         warnings.append(f"B={b}: most trials within half an octave of the fitted effective lr* were pruned; "
                         "the pruner may be cutting into the valley (give it more warm-up epochs)")
-    return out
 
 
 def _bracket(records: list[TrialRecord], sign: float, v: _Valley, log2_lr: float,
@@ -530,9 +555,9 @@ def _bracket(records: list[TrialRecord], sign: float, v: _Valley, log2_lr: float
     worse = [r for r in records if r.state in ("PRUNED", "DIVERGED")
              or (r.state == "COMPLETE" and (not _is_complete(r) or sign * r.value > v.value + 2.0 * v.noise))]
     offsets = []
-    if v.kind in ("1d-lr", "2d"):
+    if v.kind in ("1d-lr", "pooled-lr", "2d"):
         offsets.append(np.log2([r.lr for r in worse]) - log2_lr)
-    if v.kind in ("1d-effective", "2d"):
+    if v.kind in ("1d-effective", "pooled-effective", "2d"):
         offsets.append(np.log2([r.effective_lr for r in worse]) - log2_eff)
     return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
 
@@ -628,6 +653,87 @@ def _fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, n_boot: int,
     return _Valley(lx, lu, value, kinds[pick[0]], n_window, noise)
 
 
+def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int,
+                    rng: np.random.Generator) -> dict[int, _Valley]:
+    """The valleys of every batch size with >= 2 completed trials, fitted together: one shape, placed per
+    batch size.
+
+    The valley has much the same shape at every batch size; what the batch size changes is where it sits
+    (Smith & Le 2018; Shallue et al. 2018). So one quadratic in z = log2 lr or log2 effective lr (centred per
+    batch size) is fitted to all batch sizes' valleys at once, with per batch size an offset, a slope and a
+    curvature pulled towards the shared one by a ridge worth _POOL_PRIOR trials:
+
+        y = c_B + beta_B z + (a + d_B) z^2
+
+    A batch size with two or three completed trials is placed by the others' curvature; one with many has
+    its own. Separate 2-D fits per batch size would need ten trials in each valley and still wobble with
+    the momenta drawn; here the momentum at the optimum is the weighted median of the valley's. Each row
+    (the data, then every resample) takes the coordinate with the smaller residual over all batch sizes, as
+    ``_fit_valley`` does per batch size. Resamples draw trials within each batch size; where one drew fewer
+    than two distinct trials of a batch size, that batch size takes another resample's replicate."""
+    blocks = []
+    for b, rs in sorted(done.items()):
+        if len(rs) < 2:
+            continue
+        y = sign * np.array([r.value for r in rs], dtype=float)
+        order = np.argsort(y, kind="stable")
+        n = len(rs)
+        counts = np.ones((1 + n_boot, n))
+        idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
+        counts[1:] = np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n)
+        weights = _window_weights(y[order], counts, min(n, _MIN_POINTS_2D))
+        x = np.log2([rs[i].lr for i in order])
+        u = np.log2([1.0 - rs[i].momentum for i in order])
+        blocks.append((b, x, u, y[order], weights))
+    nb = len(blocks)
+    # the shared curvature needs data beyond each batch size's offset and slope
+    if nb < 2 or sum(int((blk[4][0] > 0).sum()) for blk in blocks) < 2 * nb + 3:
+        return {}
+    ids = np.concatenate([np.full(len(blk[3]), j) for j, blk in enumerate(blocks)])
+    one_hot = np.eye(nb)[ids]
+    y0 = min(float(blk[3].min()) for blk in blocks)
+    y_all = np.concatenate([blk[3] for blk in blocks]) - y0
+    w_all = np.concatenate([blk[4] for blk in blocks], axis=1)
+    in0 = w_all[0] > 0
+    momentum_fixed = all(float(np.ptp(blk[2])) < 1e-9 for blk in blocks)
+    kinds = ["1d-lr"] if momentum_fixed else ["1d-lr", "1d-effective"]
+    rows = np.arange(w_all.shape[0])
+    fits = []
+    for kind in kinds:
+        zs, spans = [], []
+        for _, x, u, _, w in blocks:
+            z = x if kind == "1d-lr" else x - u
+            inside = w[0] > 0
+            centre = float(z[inside].mean())
+            spans.append((centre, float(z[inside].min()) - centre, float(z[inside].max()) - centre))
+            zs.append(z - centre)
+        z = np.concatenate(zs)
+        feats = np.concatenate([one_hot, one_hot * z[:, None], one_hot * (z * z)[:, None], (z * z)[:, None]], axis=1)
+        penalty = np.zeros(feats.shape[1])
+        penalty[2 * nb : 3 * nb] = _POOL_PRIOR * float(np.mean(z[in0] ** 4))  # as if _POOL_PRIOR trials said d_B = 0
+        coef, sse = _wls(feats, y_all, w_all, penalty)
+        best, value = [], []
+        for j, (centre, lo, hi) in enumerate(spans):
+            cj = np.stack([coef[:, j], coef[:, nb + j], coef[:, 2 * nb + j] + coef[:, -1]], axis=1)
+            bz = _argmin_1d(cj, lo, hi)
+            distinct = (w_all[:, ids == j] > 0).sum(axis=1) >= 2
+            best.append(np.where(distinct, bz + centre, np.nan))
+            value.append(float(cj[0, 0] + cj[0, 1] * bz[0] + cj[0, 2] * bz[0] ** 2))
+        fits.append((np.stack(best, axis=1), np.array(value), sse))
+    pick = np.argmin(np.stack([f[2] for f in fits], axis=1), axis=1)
+    out = {}
+    for j, (b, _, u, _, w) in enumerate(blocks):
+        z = np.stack([f[0][:, j] for f in fits], axis=1)[rows, pick]
+        lost = np.isnan(z)
+        if lost.any():
+            z[lost] = z[rng.choice(np.flatnonzero(~lost), size=int(lost.sum()))]
+        lu = _weighted_median_rows(u, w)
+        lx = np.where(np.array(kinds)[pick] == "1d-lr", z, z + lu)
+        out[b] = _Valley(lx, lu, float(fits[pick[0]][1][j]) + y0, "pooled-" + kinds[pick[0]][3:],
+                         int((w[0] > 0).sum()), math.sqrt(float(fits[pick[0]][2][0])))
+    return out
+
+
 def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int) -> np.ndarray:
     """Per resample (rows of ``counts`` over the trials, sorted by y): the weight of each trial in the valley.
 
@@ -661,14 +767,17 @@ class _Scale:
         return v * self.scale + self.centre
 
 
-def _wls(feats: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _wls(feats: np.ndarray, y: np.ndarray, weights: np.ndarray,
+         penalty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares for every row of ``weights`` at once: coefficients (R, p) and the weighted
-    mean squared residual (R,)."""
+    mean squared residual (R,). ``penalty``: a ridge per coefficient (towards 0)."""
     wf = weights[:, :, None] * feats[None, :, :]
     a = np.matmul(wf.transpose(0, 2, 1), feats)
     b = np.matmul(wf.transpose(0, 2, 1), y)
     p = feats.shape[1]
     ridge = (1e-9 * np.trace(a, axis1=1, axis2=2) + 1e-12)[:, None, None] * np.eye(p)
+    if penalty is not None:
+        ridge = ridge + np.diag(penalty)
     coef = np.linalg.solve(a + ridge, b[..., None])[..., 0]
     resid = y[None, :] - coef @ feats.T
     return coef, (weights * resid**2).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)

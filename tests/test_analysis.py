@@ -61,7 +61,7 @@ def test_plain_lr_fit_with_fixed_momentum_recovers_alpha():
         a = _analysis("power", seed, alpha=1.0, momentum=0.9)
         assert abs(a.fits["power"].alpha - 1.0) <= 0.05
         for o in a.per_batch:
-            assert o.fit == "1d-lr"
+            assert o.fit == "pooled-lr"  # momentum fixed: nothing to fit but lr
             assert o.momentum == pytest.approx(0.9)
             assert o.effective_lr == pytest.approx(o.lr / 0.1)
         # with a fixed momentum the effective fits are the plain ones shifted by log2(1/0.1)
@@ -169,13 +169,27 @@ def test_pruned_values_are_not_fitted_and_nan_values_count_as_diverged():
 
 def test_too_few_trials_and_out_of_memory_batch_sizes_are_reported_not_fitted():
     table = _sim("saturating", 3, oom_above=2048)
-    keep16 = [r for r in table.records if r.batch_size == 16 and r.state == "COMPLETE"][:2]
+    keep16 = [r for r in table.records if r.batch_size == 16 and r.state == "COMPLETE"][:1]
     records = [r for r in table.records if r.batch_size != 16 or r.state != "COMPLETE"] + keep16
     a = analyze(dataclasses.replace(table, records=records))
     b16, b4096 = a.optimum(16), a.optimum(4096)
-    assert b16.status == "too few trials (2 < 4)" and b16.lr is None and not b16.fitted
+    assert b16.status == "too few trials (1 < 4)" and b16.lr is None and not b16.fitted
     assert b4096.status == "too few trials (0 < 4)" and b4096.n_failed == 40
     assert a.effective_fits["saturating"].n_points == 7
+
+
+def test_a_batch_size_with_two_completed_trials_is_placed_by_the_shared_valley_shape():
+    table = _sim("saturating", 3)
+    full = analyze(table).optimum(256)
+    done = sorted((r for r in table.records if r.batch_size == 256 and r.state == "COMPLETE"),
+                  key=lambda r: abs(math.log2(r.effective_lr / full.effective_lr)))
+    two = [done[0], done[-1]] if done[0].effective_lr > full.effective_lr else [done[-1], done[0]]
+    records = [r for r in table.records if r.batch_size != 256] + two
+    o = analyze(dataclasses.replace(table, records=records)).optimum(256)
+    assert o.fitted and o.status.startswith("fitted from 2 completed trials and the valley shape")
+    assert o.fit.startswith("pooled") and o.n_complete == 2
+    # two trials and the others' curvature put it within an octave of where all its trials put it
+    assert abs(math.log2(o.effective_lr / full.effective_lr)) < 1.0
 
 
 def test_an_optimum_outside_the_sampled_range_is_flagged_and_left_out():
@@ -321,8 +335,9 @@ def _records(sizes: dict[int, int]) -> list[TrialRecord]:
 
 @pytest.mark.parametrize(("table", "kwargs", "message"), [
     (TrialTable([]), {}, "the trial table is empty"),
-    (TrialTable(_records({32: 6, 64: 2})), {},
-     "need at least 2 batch sizes with >= 4 completed trials; found 1 (B=32: 6, B=64: 2); run more trials"),
+    (TrialTable(_records({32: 6, 64: 1})), {},
+     "need at least 2 batch sizes that can be fitted (>= 4 completed trials each, or >= 2 where the other batch "
+     "sizes show the valley's shape); found B=32: 6, B=64: 1; run more trials"),
     (TrialTable(_records({32: 3, 64: 3})), {"min_trials": 3}, None),
     (TrialTable(_records({32: 5, 64: 5})), {"n_boot": 5}, "n_boot must be an integer >= 20"),
     (TrialTable(_records({32: 5, 64: 5})), {"min_trials": 2}, "min_trials must be an integer >= 3"),
