@@ -248,6 +248,12 @@ def make_pruner(search: Search, max_epochs: int) -> BasePruner:
         inner: BasePruner = optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs
         )
+    elif p.name == "percentile":
+        # Keeps the best `percentile` percent (the median pruner keeps 50%): a high one prunes only the
+        # clearly hopeless trials and lets the valley's walls finish, which the analysis's fit needs.
+        inner = optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs
+        )
     else:
         inner = optuna.pruners.HyperbandPruner(
             min_resource=p.min_resource, max_resource=max_epochs, reduction_factor=p.reduction_factor

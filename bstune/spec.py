@@ -23,7 +23,7 @@ MODELS = ("linear", "mlp", "cnn", "resnet")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("tpe", "random", "qmc", "gp", "law")  # law: bstune.lawsampler, pooled across batch sizes
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "median", "percentile", "hyperband")
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
 HOLD = ("epochs", "steps")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -74,6 +74,7 @@ class Pruner:
     name: str = "median"
     n_startup_trials: int = 3  # completed trials of the same batch size before pruning starts
     n_warmup_epochs: int = 2  # never prune before this many epochs
+    percentile: float = 75.0  # percentile: keep the best 75% of the batch size's trials at each epoch
     min_resource: int = 1  # hyperband: epochs of the first rung
     reduction_factor: int = 3  # hyperband
 
@@ -249,6 +250,7 @@ def _search(s: _Section, workload: Workload) -> Search:
         name=pruner_sec.choice("name", d.pruner.name, PRUNERS),
         n_startup_trials=pruner_sec.int("n_startup_trials", d.pruner.n_startup_trials, minimum=0),
         n_warmup_epochs=pruner_sec.int("n_warmup_epochs", d.pruner.n_warmup_epochs, minimum=0),
+        percentile=pruner_sec.float("percentile", d.pruner.percentile, minimum=0.0, maximum=100.0),
         min_resource=pruner_sec.int("min_resource", d.pruner.min_resource, minimum=1),
         reduction_factor=pruner_sec.int("reduction_factor", d.pruner.reduction_factor, minimum=2),
     )

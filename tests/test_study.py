@@ -18,7 +18,7 @@ from optuna.trial import TrialState, create_trial
 
 from bstune.budget import trial_state
 from bstune.cli import main
-from bstune.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner
+from bstune.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
 from bstune.spec import Search, load_spec
 from bstune.study import run_study
 from tests.conftest import write_spec
@@ -116,6 +116,22 @@ def test_pruning_compares_only_the_same_batch_size(tmp_path: Path) -> None:
     assert plain.prune(study, study._storage.get_trial(trial._trial_id)), "a global median would prune it"
     trial.report(1.5, 2)  # worse than both B=16 trials at epoch 2: pruned
     assert trial.should_prune()
+
+
+def test_percentile_pruner_keeps_the_best_three_quarters_of_the_batch_size(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, **{"search.pruner": {"name": "percentile", "percentile": 75,
+                                                               "n_startup_trials": 4, "n_warmup_epochs": 0}}))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/p.db", pruner=make_pruner(spec.search, 4))
+    for v in (0.1, 0.2, 0.3, 0.4):
+        study.add_trial(_trial(16, [v, v]))
+    study.add_trial(_trial(64, [5.0, 5.0]))  # another batch size: not compared
+    for value, pruned in ((0.25, False), (0.35, True)):  # 75th percentile of 0.1..0.4: 0.325
+        study.enqueue_trial({"batch_size": 16})
+        trial = study.ask()
+        trial.suggest_categorical("batch_size", [16, 64])
+        trial.report(value, 1)
+        assert bool(trial.should_prune()) == pruned, value
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
 
 def test_batch_sizes_stay_covered_and_conditioned(tmp_path: Path) -> None:
