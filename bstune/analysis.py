@@ -28,6 +28,7 @@ Logarithms are base 2 throughout, so residuals and widths read in octaves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
@@ -416,14 +417,18 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     # wherever they can be: they place batch sizes with only 2-3 completed trials, and the separate 2-D fits
     # wobble with the momenta drawn unless each valley holds many trials (benchmarks/SEARCH.md).
     pooled = _pooled_valleys(done, sign, n_boot, rng)
-    for o in per_batch:
+    # (Except where the joint fit's optimum is only a bound and the batch size's own fit is bracketed.)
+    for i, o in enumerate(per_batch):
         if o.batch_size not in pooled:
             continue
-        said[o.batch_size] = []
-        _place(o, pooled[o.batch_size], groups[o.batch_size], sign, said[o.batch_size])
-        if o.n_complete < min_trials:
-            o.status = o.status.replace("fitted", f"fitted from {o.n_complete} completed trials and the valley "
-                                        "shape of the other batch sizes", 1)
+        joint, notes = dataclasses.replace(o), []
+        _place(joint, pooled[o.batch_size], groups[o.batch_size], sign, notes)
+        if o.bracketed and not joint.bracketed:
+            continue
+        if joint.n_complete < min_trials:
+            joint.status = joint.status.replace("fitted", f"fitted from {o.n_complete} completed trials and the "
+                                                "valley shape of the other batch sizes", 1)
+        per_batch[i], said[o.batch_size] = joint, notes
     warnings += [w for b in groups for w in said[b]]
     if sum(o.fitted for o in per_batch) < 2:
         found = ", ".join(f"B={b}: {len(done[b])}" for b in groups)
@@ -712,6 +717,8 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
         penalty = np.zeros(feats.shape[1])
         penalty[2 * nb : 3 * nb] = _POOL_PRIOR * float(np.mean(z[in0] ** 4))  # as if _POOL_PRIOR trials said d_B = 0
         coef, sse = _wls(feats, y_all, w_all, penalty)
+        r2 = w_all[0] * (y_all - feats @ coef[0]) ** 2  # the data's residuals: each batch size's own noise
+        noise = [math.sqrt(float(r2[ids == j].sum() / max(w_all[0, ids == j].sum(), 1e-12))) for j in range(nb)]
         best, value = [], []
         for j, (centre, lo, hi) in enumerate(spans):
             cj = np.stack([coef[:, j], coef[:, nb + j], coef[:, 2 * nb + j] + coef[:, -1]], axis=1)
@@ -719,7 +726,7 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
             distinct = (w_all[:, ids == j] > 0).sum(axis=1) >= 2
             best.append(np.where(distinct, bz + centre, np.nan))
             value.append(float(cj[0, 0] + cj[0, 1] * bz[0] + cj[0, 2] * bz[0] ** 2))
-        fits.append((np.stack(best, axis=1), np.array(value), sse))
+        fits.append((np.stack(best, axis=1), np.array(value), sse, noise))
     pick = np.argmin(np.stack([f[2] for f in fits], axis=1), axis=1)
     out = {}
     for j, (b, _, u, _, w) in enumerate(blocks):
@@ -730,7 +737,7 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
         lu = _weighted_median_rows(u, w)
         lx = np.where(np.array(kinds)[pick] == "1d-lr", z, z + lu)
         out[b] = _Valley(lx, lu, float(fits[pick[0]][1][j]) + y0, "pooled-" + kinds[pick[0]][3:],
-                         int((w[0] > 0).sum()), math.sqrt(float(fits[pick[0]][2][0])))
+                         int((w[0] > 0).sum()), fits[pick[0]][3][j])
     return out
 
 
