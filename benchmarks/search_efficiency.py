@@ -58,6 +58,7 @@ TARGET = 0.5  # octaves of mean |log2(eff lr* / reference)|: a factor of sqrt(2)
 GRID_LOG2_EFF = tuple(-4.0 + 0.5 * i for i in range(17))
 GRID_MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 REFERENCE_SEEDS = (1000, 1001)
+STEP = 2.5  # full trials of compute between evaluations of the error
 
 
 # ------------------------------------------------------------------------------------------ workload
@@ -72,9 +73,11 @@ def bench_spec(base: StudySpec) -> StudySpec:
 
 
 def protocol_spec(spec: StudySpec) -> StudySpec:
-    """The standard protocol on the same workload: scrambled Sobol per batch size, no pruning."""
-    sampler = dataclasses.replace(spec.search.sampler, name="qmc")
-    pruner = dataclasses.replace(spec.search.pruner, name="none")
+    """The standard protocol on the same workload: scrambled Sobol per batch size, no pruning. Its settings
+    do not follow the measured study's sampler and pruner, so its saved runs (--runs) stay valid when those
+    change."""
+    sampler = dataclasses.replace(spec.search.sampler, name="qmc", n_startup_trials=0)
+    pruner = dataclasses.replace(spec.search.pruner, name="none", n_startup_trials=0, n_warmup_epochs=0)
     return spec.with_overrides(search=dataclasses.replace(spec.search, sampler=sampler, pruner=pruner))
 
 
@@ -142,17 +145,14 @@ def _run_point(args: tuple[StudySpec, tuple[int, float, float, int]]) -> dict[st
               lambda s: curve.append(float(getattr(s, objective))))
     except Diverged:
         state = "DIVERGED"
-    return {"batch_size": b, "lr": lr, "momentum": m, "seed": seed, "state": state, "curve": curve}
+    value = curve[-1] if state == "COMPLETE" and curve else None
+    return {"batch_size": b, "lr": lr, "momentum": m, "seed": seed, "state": state, "value": value}
 
 
 def reference_table(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train: int) -> TrialTable:
     """The reference trials as a TrialTable (what ``analyze`` reads)."""
-    records = []
-    for i, r in enumerate(rows):
-        curve = tuple(EpochPoint(epoch=e + 1, value=v) for e, v in enumerate(r["curve"]))
-        value = r["curve"][-1] if r["state"] == "COMPLETE" else None
-        records.append(TrialRecord(number=i, batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
-                                   value=value, state=r["state"], curve=curve))
+    records = [TrialRecord(number=i, batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
+                           value=r["value"], state=r["state"]) for i, r in enumerate(rows)]
     return TrialTable(records, direction=spec.search.direction, metric=spec.search.objective, n_train=n_train)
 
 
@@ -182,7 +182,7 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
         means: dict[tuple[float, float], list[float]] = {}
         for r in rows:
             if r["batch_size"] == o.batch_size:
-                v = r["curve"][-1] if r["state"] == "COMPLETE" and r["curve"] else math.inf
+                v = r["value"] if r["value"] is not None else math.inf
                 means.setdefault((r["lr"], r["momentum"]), []).append(sign * v)
         best_lr, best_m = min(means, key=lambda k: float(np.mean(means[k])))
         per_batch[str(o.batch_size)] = {
@@ -195,20 +195,21 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
         "key": reference_key(spec), "n_trials": len(rows), "seeds": list(REFERENCE_SEEDS),
         "grid": {"log2_effective_lr": list(GRID_LOG2_EFF), "momentum": list(GRID_MOMENTA)},
         "objective": spec.search.objective, "n_train": n_train, "seconds": round(seconds, 1),
-        "per_batch": per_batch,
+        "per_batch": per_batch, "rows": list(rows),
     }
 
 
 def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERENCE,
                    log: Any = print) -> dict[str, Any]:
-    """The cached reference when it matches the workload, else computed now and cached."""
+    """The cached reference when it matches the workload, else computed now and cached. The cache keeps the
+    grid's trials: the summary is redone from them with the analysis as it is now."""
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("key") == reference_key(spec):
-            return cached
+        if cached.get("key") == reference_key(spec) and "rows" in cached:
+            return summarize_reference(spec, cached["rows"], n_train, cached["seconds"])
         log(f"reference: {path.name} is for another workload or grid; recomputing")
     ref = compute_reference(spec, n_train, jobs, log)
-    path.write_text(json.dumps(ref, indent=1) + "\n")
+    path.write_text(json.dumps(ref) + "\n")
     return ref
 
 
@@ -222,6 +223,8 @@ COMPARE = {
                    "TPE per batch size (n_startup_trials 4), median pruning per batch size (n_startup_trials 3, "
                    "n_warmup_epochs 3)"),
     "law+none": (("law", 2, "none", 3, 3), "the law sampler (n_startup_trials 2) without pruning"),
+    "law+p75": (("law", 2, "percentile", 3, 4), "the law sampler (n_startup_trials 2) with percentile pruning "
+                "per batch size (keeps the best 75%; n_startup_trials 3, n_warmup_epochs 4)"),
     "law+median": (("law", 2, "median", 3, 4), "the law sampler (n_startup_trials 2) with median pruning per "
                    "batch size (n_startup_trials 3, n_warmup_epochs 4)"),
 }
@@ -267,8 +270,23 @@ def _run_search(args: tuple[str, StudySpec, int, float, str, dict[str, Any], flo
     t0 = time.perf_counter()
     result = run_study(spec, data=load_dataset(spec.workload))
     seconds = time.perf_counter() - t0
-    return {"label": label, "seed": seed, "seconds": seconds,
-            "points": error_curve(result.table, ref, unit, step), "n_trials": len(result.table.records)}
+    return {"label": label, "seed": seed, "seconds": seconds, "n_trials": len(result.table.records),
+            "trials": [_trial_row(r) for r in result.table.records],
+            "points": error_curve(result.table, ref, unit, step)}
+
+
+def _trial_row(r: TrialRecord) -> dict[str, Any]:
+    """What error_curve needs of a trial, kept in --runs so a changed analysis can re-score saved runs."""
+    return {"number": r.number, "batch_size": r.batch_size, "lr": r.lr, "momentum": r.momentum,
+            "value": r.value, "state": r.state, "examples_seen": r.examples_seen,
+            "curve": [[p.epoch, p.value] for p in r.curve]}
+
+
+def _table(rows: Sequence[dict[str, Any]], spec: StudySpec, n_train: int) -> TrialTable:
+    records = [TrialRecord(number=r["number"], batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
+                           value=r["value"], state=r["state"], examples_seen=r["examples_seen"],
+                           curve=tuple(EpochPoint(epoch=e, value=v) for e, v in r["curve"])) for r in rows]
+    return TrialTable(records, direction=spec.search.direction, metric=spec.search.objective, n_train=n_train)
 
 
 def error_curve(table: TrialTable, ref: dict[str, Any], unit: float, step: float) -> list[dict[str, Any]]:
@@ -381,8 +399,9 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "the valley while its lr/(1 - m) stays put (in the reference below the plain lr*'s 95% interval is "
         f"{widths[0]:.1f} octaves wide on average, the effective lr*'s {widths[1]:.1f}). Error = mean over the "
         "batch sizes of |log2(effective lr* / reference)|, in octaves; undefined (-) until `analyze()` gives "
-        "every batch size an estimate, which takes 4 completed trials at each: "
-        f"{len(s.batch_sizes) * 4} full trials at the least, for any search.",
+        "every batch size an estimate, which takes 2 completed trials at each (the batch sizes' valleys are "
+        "fitted together, with one shape): "
+        f"{len(s.batch_sizes) * 2} full trials at the least, for any search.",
         f"- **Reference**: `analyze()` on a dense grid run once ({ref['n_trials']} trials: effective lr "
         f"2^{GRID_LOG2_EFF[0]:g}..2^{GRID_LOG2_EFF[-1]:g} in half octaves x momentum "
         f"{', '.join(f'{m:g}' for m in GRID_MOMENTA)}, inside the searched lr range, at training seeds "
@@ -423,7 +442,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         for c in marks:
             row = [f"{c:g}"] + [_summary([_at(by[(label, seed)], c, key) for seed in seeds], nd) for label in labels]
             lines.append("| " + " | ".join(row) + " |")
-    floor = len(s.batch_sizes) * 4
+    floor = len(s.batch_sizes) * 2
     lines += [
         "",
         f"## Compute to bring the error under {TARGET:g} octave (a factor of sqrt(2))",
@@ -431,7 +450,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "*first*: the first evaluation (every 2.5 full trials) with the error under it; *kept*: the one from "
         "which it stays under it to the end of the run. The ratio uses *kept*; a search that never gets there "
         f"counts as needing the whole budget ({budget:g}), which makes its ratio a bound. No search can get "
-        f"there before {floor} full trials (4 completed trials at each batch size), so a protocol that needs "
+        f"there before {floor} full trials (2 completed trials at each batch size), so a protocol that needs "
         f"P full trials caps the ratio at P / {floor}.",
         "",
         "| seed | " + " | ".join(f"{x} first | {x} kept" for x in labels) + " | ratio (protocol / bstune) |"
@@ -493,9 +512,12 @@ def main() -> None:
     kept = [r for r in saved if r.get("key") not in keys.values()]  # other searches': left as they are
     runs = [r | {"label": label} for label, key in keys.items() for r in saved
             if r.get("key") == key and r["seed"] in seeds]
+    for r in runs:  # re-scored with the analysis as it is now
+        if "trials" in r:
+            r["points"] = error_curve(_table(r["trials"], spec, n_train), ref, unit, STEP)
     done = {(r["label"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
-        tasks = [(label, s, seed, args.budget * unit, tmp, ref, 2.5)
+        tasks = [(label, s, seed, args.budget * unit, tmp, ref, STEP)
                  for seed in seeds for label, s in specs.items() if (label, seed) not in done]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(_run_search, tasks):
