@@ -592,9 +592,7 @@ def _fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, n_boot: int,
     order = np.argsort(y, kind="stable")
     x, u, y = x[order], u[order], y[order]
     n = len(y)
-    counts = np.ones((1 + n_boot, n))
-    idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
-    counts[1:] = np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    counts = _resample_counts(n, n_boot, rng)
     weights = _window_weights(y, counts, min(n, _MIN_POINTS_2D))
     used = weights.any(axis=0)  # only trials in some resample's valley matter below
     x, u, y, weights = x[used], u[used], y[used], weights[:, used]
@@ -683,9 +681,7 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
         y = sign * np.array([r.value for r in rs], dtype=float)
         order = np.argsort(y, kind="stable")
         n = len(rs)
-        counts = np.ones((1 + n_boot, n))
-        idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
-        counts[1:] = np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n)
+        counts = _resample_counts(n, n_boot, rng)
         weights = _window_weights(y[order], counts, min(n, _MIN_POINTS_2D))
         x = np.log2([rs[i].lr for i in order])
         u = np.log2([1.0 - rs[i].momentum for i in order])
@@ -739,6 +735,14 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
         out[b] = _Valley(lx, lu, float(fits[pick[0]][1][j]) + y0, "pooled-" + kinds[pick[0]][3:],
                          int((w[0] > 0).sum()), fits[pick[0]][3][j])
     return out
+
+
+def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each of n trials is drawn: row 0 the data (all ones), then one row per bootstrap resample."""
+    counts = np.ones((1 + n_boot, n))
+    idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
+    counts[1:] = np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    return counts
 
 
 def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int) -> np.ndarray:
