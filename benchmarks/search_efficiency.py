@@ -45,7 +45,8 @@ from bstune.data import Dataset, load_dataset
 from bstune.errors import BstuneError
 from bstune.results import EpochPoint, TrialRecord, TrialTable
 from bstune.spec import Budget, StudySpec, load_spec
-from bstune.train import Diverged, TrainConfig, train
+from bstune.study import train_config
+from bstune.train import Diverged, train
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -84,17 +85,6 @@ def protocol_spec(spec: StudySpec) -> StudySpec:
 def trial_examples(spec: StudySpec, n_train: int) -> int:
     """Examples one full trial processes (the unit of compute in the tables)."""
     return spec.workload.epochs * n_train
-
-
-def _train_config(spec: StudySpec, batch_size: int, lr: float, momentum: float, seed: int) -> TrainConfig:
-    w = spec.workload  # the same mapping as study._Objective
-    return TrainConfig(
-        batch_size=batch_size, lr=lr, momentum=momentum, optimizer=w.optimizer, epochs=w.epochs,
-        steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule, warmup_epochs=w.warmup_epochs,
-        weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps, seed=seed, model=w.model,
-        width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
-        grad_histogram_epochs=w.grad_histogram_epochs,
-    )
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -141,19 +131,12 @@ def _run_point(args: tuple[StudySpec, tuple[int, float, float, int]]) -> dict[st
     curve: list[float] = []
     state = "COMPLETE"
     try:
-        train(_train_config(spec, b, lr, m, seed), _DATA, torch.device("cpu"),
+        train(train_config(spec.workload, b, lr, m, seed), _DATA, torch.device("cpu"),
               lambda s: curve.append(float(getattr(s, objective))))
     except Diverged:
         state = "DIVERGED"
     value = curve[-1] if state == "COMPLETE" and curve else None
     return {"batch_size": b, "lr": lr, "momentum": m, "seed": seed, "state": state, "value": value}
-
-
-def reference_table(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train: int) -> TrialTable:
-    """The reference trials as a TrialTable (what ``analyze`` reads)."""
-    records = [TrialRecord(number=i, batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
-                           value=r["value"], state=r["state"]) for i, r in enumerate(rows)]
-    return TrialTable(records, direction=spec.search.direction, metric=spec.search.objective, n_train=n_train)
 
 
 def compute_reference(spec: StudySpec, n_train: int, jobs: int, log: Any = print) -> dict[str, Any]:
@@ -172,7 +155,7 @@ def compute_reference(spec: StudySpec, n_train: int, jobs: int, log: Any = print
 
 def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train: int,
                         seconds: float) -> dict[str, Any]:
-    result = analyze(reference_table(spec, rows, n_train), seed=0)
+    result = analyze(trial_table(rows, spec, n_train), seed=0)
     sign = 1.0 if spec.search.direction == "minimize" else -1.0
     per_batch = {}
     for o in result.per_batch:
@@ -282,10 +265,13 @@ def _trial_row(r: TrialRecord) -> dict[str, Any]:
             "curve": [[p.epoch, p.value] for p in r.curve]}
 
 
-def _table(rows: Sequence[dict[str, Any]], spec: StudySpec, n_train: int) -> TrialTable:
-    records = [TrialRecord(number=r["number"], batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
-                           value=r["value"], state=r["state"], examples_seen=r["examples_seen"],
-                           curve=tuple(EpochPoint(epoch=e, value=v) for e, v in r["curve"])) for r in rows]
+def trial_table(rows: Sequence[dict[str, Any]], spec: StudySpec, n_train: int) -> TrialTable:
+    """Saved trials (a search's, or the reference grid's, which keep no number, cost or curve) as the
+    TrialTable that ``analyze`` reads."""
+    records = [TrialRecord(number=r.get("number", i), batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
+                           value=r["value"], state=r["state"], examples_seen=r.get("examples_seen", 0),
+                           curve=tuple(EpochPoint(epoch=e, value=v) for e, v in r.get("curve", ())))
+               for i, r in enumerate(rows)]
     return TrialTable(records, direction=spec.search.direction, metric=spec.search.objective, n_train=n_train)
 
 
@@ -514,7 +500,7 @@ def main() -> None:
             if r.get("key") == key and r["seed"] in seeds]
     for r in runs:  # re-scored with the analysis as it is now
         if "trials" in r:
-            r["points"] = error_curve(_table(r["trials"], spec, n_train), ref, unit, STEP)
+            r["points"] = error_curve(trial_table(r["trials"], spec, n_train), ref, unit, STEP)
     done = {(r["label"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         tasks = [(label, s, seed, args.budget * unit, tmp, ref, STEP)

@@ -38,11 +38,10 @@ import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
 from bstune.errors import BstuneError
-from bstune.results import TrialRecord, TrialTable
+from bstune.results import FAILED_STATES, TrialRecord, TrialTable
 
 FORMS = ("power", "linear", "sqrt", "saturating")
 _FIXED_ALPHA = {"linear": 1.0, "sqrt": 0.5}
-_FAILED_STATES = ("OOM", "FAILED", "INTERRUPTED", "LOST")
 LEVEL = 0.95  # of every interval
 
 # The valley: completed trials whose value lies within this fraction of the way from the best values (the
@@ -505,7 +504,7 @@ def _batch_optimum(b: int, records: list[TrialRecord], done: list[TrialRecord], 
     best = min(done, key=lambda r: sign * float(r.value or 0.0)) if done else None
     out = BatchOptimum(
         batch_size=b, n_complete=len(done), n_pruned=sum(r.state == "PRUNED" for r in records),
-        n_diverged=len(diverged), n_failed=sum(r.state in _FAILED_STATES for r in records),
+        n_diverged=len(diverged), n_failed=sum(r.state in FAILED_STATES for r in records),
         best_lr=best.lr if best else None, best_momentum=best.momentum if best else None,
         best_value=best.value if best else None, status=f"too few trials ({len(done)} < {min_trials})",
         max_stable_lr=_max_stable([r.lr for r in stable], [r.lr for r in diverged]),

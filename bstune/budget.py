@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
+from bstune.results import RETRIED_STATES
 from bstune.spec import Budget
-
-# Trials that end like this are re-run (the compute they spent still counts); all others use up a trial.
-RETRIED_STATES = ("INTERRUPTED", "LOST")
 
 
 @dataclass(frozen=True)

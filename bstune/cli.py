@@ -155,10 +155,11 @@ def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device
 def status(spec_file: str, storage: str | None) -> None:
     """Show a study while it runs: trials by state, budget spent and left, workers alive. Changes nothing."""
     from bstune.status import format_status, read_status
-    from bstune.study import existing_study
+    from bstune.storage import load_study
 
     spec = _spec(spec_file, storage, None)
-    click.echo(format_status(read_status(existing_study(spec), spec), spec.heartbeat_seconds))
+    study = load_study(spec.storage, spec.name, source=spec.source or "SPEC")
+    click.echo(format_status(read_status(study, spec), spec.heartbeat_seconds))
 
 
 def _study_spec(spec_file: str | None, storage: str | None, study_name: str | None,

@@ -93,18 +93,15 @@ class NoiseScale:
     steps (None: a plain average over all of them). The squared norms stay on the device until `value()`.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", window: float | None = None,
-                 population: int | None = None) -> None:
+    def __init__(self, window: float | None = None, population: int | None = None) -> None:
         self.beta = 1.0 if window is None else 1.0 - 1.0 / max(window, 1.0)
         self.inv_n = 0.0 if population is None else 1.0 / population
-        self.n = 0
         self._g2 = self._tr = 0.0  # decayed sums of the |G|^2 and tr(Sigma) estimates
         self._pending: list[tuple[torch.Tensor, torch.Tensor, float, float]] = []
 
     def add(self, small_sq: torch.Tensor, big_sq: torch.Tensor, b_small: float, b_big: float) -> None:
         """One measured step: squared norms (0-d tensors, left on the device) and the two batch sizes."""
         self._pending.append((small_sq, big_sq, b_small, b_big))
-        self.n += 1
 
     def value(self) -> float | None:
         """tr(Sigma)/|G|^2 from the averages (one host sync); None before any measurement or if |G|^2 <= 0."""
@@ -115,7 +112,7 @@ class NoiseScale:
                 self._tr = self.beta * self._tr + tr
                 self._g2 = self.beta * self._g2 + big - tr * (1.0 / big_b - self.inv_n)
             self._pending.clear()
-        if self.n == 0 or not self._g2 > 0:
+        if not self._g2 > 0:  # also before any measurement
             return None
         ratio = self._tr / self._g2
         return ratio if math.isfinite(ratio) and ratio > 0 else None
@@ -144,11 +141,10 @@ class GradientProbe:
             for p in self.params:
                 p.grad = None
             (piece.sum() / self.total).backward(retain_graph=j < len(pieces) - 1)
-            grads = [p.grad for p in self.params]
-            self._pieces.append(torch.stack(torch._foreach_norm(grads)))
+            self._pieces.append(param_norms(self.params))
             self._sizes.append(len(piece))
             if so_far[0] is not None:
-                torch._foreach_add_(grads, so_far)
+                torch._foreach_add_([p.grad for p in self.params], so_far)
 
     def finish(self, noise: NoiseScale | None = None) -> torch.Tensor:
         """Per-parameter norms of the step's whole gradient; gives the step to `noise` (if it had two pieces)."""

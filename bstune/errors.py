@@ -15,3 +15,10 @@ _PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/:@\s]*:)(?P<pw>[^
 def redact(text: str) -> str:
     """Hide passwords in URLs (``postgresql://user:secret@host`` -> ``postgresql://user:***@host``)."""
     return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """What to quote of an exception in a one-line error: its (driver's) message's first line, without
+    passwords, cut at ``limit`` characters; its type's name when it has no message."""
+    text = str(getattr(e, "orig", None) or e).strip()
+    return redact(text.splitlines()[0] if text else type(e).__name__)[:limit]

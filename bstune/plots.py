@@ -19,10 +19,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from bstune.analysis import Analysis
-from bstune.results import TrialRecord, TrialTable
+from bstune.results import FAILED_STATES, TrialRecord, TrialTable
 
 DPI = 100
-_FAILED = ("OOM", "FAILED", "INTERRUPTED", "LOST")
 _FORM_STYLE = {"power": "-.", "linear": "--", "sqrt": ":", "saturating": (0, (5, 1, 1, 1, 1, 1))}
 _STATE_COLOURS = {"COMPLETE": "#4c72b0", "PRUNED": "#b0b0b0", "DIVERGED": "#c44e52", "failed": "#333333"}
 
@@ -140,7 +139,7 @@ def objective_map(analysis: Analysis, table: TrialTable) -> Figure:
     cmap = "viridis_r" if minimize else "viridis"  # better trials are the brighter ones
     groups: dict[str, list[TrialRecord]] = {"PRUNED": [], "DIVERGED": [], "failed": []}
     for r in table.records:
-        key = "failed" if r.state in _FAILED else r.state
+        key = "failed" if r.state in FAILED_STATES else r.state
         if key in groups:
             groups[key].append(r)
 
@@ -291,7 +290,7 @@ def budget_and_curves(analysis: Analysis, table: TrialTable) -> Figure:
         amount, unit = (lambda r: 1), "trials"
     bottom = np.zeros(len(sizes))
     for state, colour in _STATE_COLOURS.items():
-        spent = np.array([sum(amount(r) for r in rs if (r.state in _FAILED if state == "failed"
+        spent = np.array([sum(amount(r) for r in rs if (r.state in FAILED_STATES if state == "failed"
                                                         else r.state == state)) for rs in groups.values()],
                          dtype=float)
         if spent.any():

@@ -7,7 +7,7 @@ import time
 from typing import TextIO
 
 from bstune.budget import Spent, describe
-from bstune.results import TrialTable
+from bstune.results import FAILED_STATES, TrialTable
 from bstune.space import Config
 from bstune.spec import Budget
 
@@ -60,7 +60,7 @@ def format_summary(table: TrialTable, spent: Spent, budget: Budget, stop_reason:
     for b, rs in table.by_batch_size().items():
         states = [r.state for r in rs]
         done = [r for r in rs if r.state == "COMPLETE" and r.value is not None]
-        failed = sum(s in ("OOM", "FAILED", "INTERRUPTED", "LOST") for s in states)
+        failed = sum(s in FAILED_STATES for s in states)
         head = (f"{b:>7} {len(rs):>6} {states.count('COMPLETE'):>5} {states.count('PRUNED'):>6} "
                 f"{states.count('DIVERGED'):>8} {failed:>6}   ")
         if done:

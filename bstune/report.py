@@ -28,11 +28,11 @@ import yaml
 
 from bstune import plots
 from bstune.analysis import LEVEL, Analysis, LawFit, analyze, jsonable
-from bstune.errors import BstuneError
-from bstune.results import TrialTable
+from bstune.errors import BstuneError, first_line
+from bstune.results import RETRIED_STATES, TrialTable
 
 FORMATS = ("html", "md", "json")
-_UNCOUNTED = ("INTERRUPTED", "LOST", "RUNNING", "WAITING")  # re-run or unfinished: not a spent trial
+_UNCOUNTED = (*RETRIED_STATES, "RUNNING", "WAITING")  # re-run or unfinished: not a spent trial
 _PLOTS = (  # file stem, title, caption
     ("lr_vs_batch", "Optimal learning rate vs batch size",
      "Fitted optimum per batch size (95% bootstrap interval), every fitted form of lr*(B) with the preferred "
@@ -499,8 +499,7 @@ def publish(report: Report, files: Sequence[Path], tracking_uri: str, run_id: st
         try:
             tracker.attach_report(run_id, stage, _note(report, files[0]))
         except Exception as e:  # noqa: BLE001 - MLflow raises several types for a run it cannot find
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise BstuneError(f"cannot log the report to MLflow run {run_id} ({first[:200]}); check "
+            raise BstuneError(f"cannot log the report to MLflow run {run_id} ({first_line(e)}); check "
                               "--tracking-uri, or pass --no-mlflow") from None
     return run_id
 

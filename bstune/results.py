@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from bstune.errors import BstuneError
 # bstune's trial states. Optuna's own are coarser: DIVERGED is stored as PRUNED (so the samplers learn
 # that the region is bad), OOM / FAILED / INTERRUPTED / LOST as FAIL, each with its reason.
 STATES = ("COMPLETE", "PRUNED", "DIVERGED", "OOM", "FAILED", "INTERRUPTED", "LOST", "RUNNING")
+FAILED_STATES = ("OOM", "FAILED", "INTERRUPTED", "LOST")  # ended without saying anything about the lr
+RETRIED_STATES = ("INTERRUPTED", "LOST")  # re-run by the study: the compute counts, the trial does not
 
 
 @dataclass(frozen=True)
@@ -156,16 +158,6 @@ def _records_from_rows(rows: Sequence[dict[str, str]], source: str) -> list[Tria
             examples_seen=(curve[-1].examples_seen or 0) if curve else (_opt_int(first.get("examples_seen")) or 0),
         ))
     return records
-
-
-def records_from_dicts(items: Iterable[dict[str, Any]]) -> list[TrialRecord]:
-    """Build records from dicts with the TrialRecord field names (curve as a list of dicts)."""
-    out = []
-    for d in items:
-        d = dict(d)
-        d["curve"] = tuple(EpochPoint(**p) for p in d.get("curve", ()))
-        out.append(TrialRecord(**d))
-    return out
 
 
 def curve_to_json(curve: Sequence[EpochPoint]) -> str:

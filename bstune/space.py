@@ -74,14 +74,6 @@ class SearchSpace:
             m = min(max(1.0 - one_minus_m, self.momentum[0]), self.momentum[1])
         return Config(batch_size=b, lr=float(lr), momentum=float(m))
 
-    @staticmethod
-    def config_of(trial: FrozenTrial) -> Config | None:
-        """The point a finished trial used, read from what it recorded."""
-        a = trial.user_attrs
-        if "lr" not in a or BATCH_SIZE not in trial.params:
-            return None
-        return Config(int(trial.params[BATCH_SIZE]), float(a["lr"]), float(a["momentum"]))
-
 
 # --------------------------------------------------------------------------------------------------
 # A view of a study holding only one batch size's trials.

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from bstune.errors import BstuneError, redact
+from bstune.errors import BstuneError, first_line, redact
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -47,8 +47,7 @@ def check_storage(url: str) -> None:
         raise BstuneError(f"storage: {redact(url)} needs the {e.name} package; install it "
                           f"(for PostgreSQL: pip install 'psycopg[binary]')") from None
     except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-        first = str(getattr(e, "orig", e) or type(e).__name__).strip().splitlines()[0]
-        raise BstuneError(f"storage: cannot connect to {redact(url)} ({redact(first)[:200]}); "
+        raise BstuneError(f"storage: cannot connect to {redact(url)} ({first_line(e)}); "
                           f"start the database or fix storage") from None
 
 
@@ -67,7 +66,12 @@ def open_storage(url: str, heartbeat_seconds: int | None = None, on_lost: Any = 
 
 
 def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source: str = "") -> optuna.Study:
-    """An existing study (for analysis, reports and status); BstuneError naming the studies there if absent."""
+    """An existing study (for analysis, reports, status and joining workers); BstuneError naming the studies
+    there if absent. Creates nothing, not even the file of a mistyped SQLite path."""
+    how = f"run `bstune study {source}` first" if source else "check the study name"
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        raise BstuneError(f"storage: {db} does not exist, so study {name!r} is not there; {how}")
     check_storage(url)
     storage = open_storage(url, heartbeat_seconds)
     try:
@@ -75,5 +79,4 @@ def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         hint = f"; studies there: {', '.join(names)}" if names else ""
-        how = f"run `bstune study {source}` first" if source else "check the study name"
         raise BstuneError(f"no study named {name!r} in {redact(url)}{hint}; {how}") from None

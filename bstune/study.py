@@ -29,11 +29,11 @@ from bstune.claim import ClaimLock
 from bstune.data import Dataset, load_dataset
 from bstune.diagnostics import HISTOGRAM_ARTIFACT_DIR
 from bstune.errors import BstuneError, redact
-from bstune.results import EpochPoint, TrialTable, curve_to_json, from_study
+from bstune.results import FAILED_STATES, EpochPoint, TrialTable, curve_to_json, from_study
 from bstune.space import Config, SearchSpace, make_pruner, make_sampler
-from bstune.spec import StudySpec
+from bstune.spec import StudySpec, Workload
 from bstune.status import WorkerBeat, worker_id
-from bstune.storage import check_storage, load_study, open_storage, sqlite_path
+from bstune.storage import check_storage, load_study, open_storage
 from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, steps_per_epoch, train
 
@@ -155,7 +155,7 @@ def open_study(
         data = load_dataset(spec.workload)
     check_storage(spec.storage)
     if join:
-        existing_study(spec)
+        load_study(spec.storage, spec.name, source=spec.source or "SPEC")  # a worker joins; it creates nothing
     tracker = Tracker(spec.tracking_uri, spec.experiment)
     tracker.check()
 
@@ -215,7 +215,8 @@ def run_study(
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
     claim = ClaimLock(spec.storage, spec.name)
-    objective = _Objective(spec, opened.space, opened.data, dev, opened.tracker, opened.parent_run_id, progress,
+    # on the device once for the whole study, not once per trial
+    objective = _Objective(spec, opened.space, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress,
                            claimed=claim.release)
     interrupted = False
     stop_reason = ""
@@ -268,15 +269,6 @@ def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = Fal
                        trials_run, summary)
 
 
-def existing_study(spec: StudySpec) -> optuna.Study:
-    """The spec's study, which must exist (for joining workers and status): creates nothing, not even a file."""
-    db = sqlite_path(spec.storage)
-    if db is not None and not db.exists():
-        raise BstuneError(f"storage: {db} does not exist, so study {spec.name!r} is not there; start it with "
-                          f"`bstune study {spec.source or 'SPEC'}` first")
-    return load_study(spec.storage, spec.name, source=spec.source)
-
-
 def _public_spec(spec: StudySpec) -> dict[str, Any]:
     """The spec as stored in the study and logged to MLflow: URLs without their passwords."""
     d = spec.to_dict()
@@ -294,7 +286,7 @@ def summarize(table: TrialTable, spent: budget_mod.Spent, stop_reason: str) -> d
         "spent": spent.as_dict(), "stop_reason": stop_reason,
         "n_complete": states.count("COMPLETE"), "n_pruned": states.count("PRUNED"),
         "n_diverged": states.count("DIVERGED"),
-        "n_failed": sum(s in ("OOM", "FAILED", "INTERRUPTED", "LOST") for s in states),
+        "n_failed": sum(s in FAILED_STATES for s in states),
         "best_trial": best.number if best else None, "best_value": best.value if best else None,
         "best_per_batch_size": {
             str(b): _best_dict(rs, pick) for b, rs in table.by_batch_size().items()
@@ -322,6 +314,18 @@ def _study_params(spec: StudySpec, data: Dataset) -> dict[str, Any]:
         "objective": spec.search.objective, "budget_trials": spec.budget.trials,
         "budget_examples": spec.budget.examples, "budget_seconds": spec.budget.seconds,
     }
+
+
+def train_config(w: Workload, batch_size: int, lr: float, momentum: float, seed: int | None = None) -> TrainConfig:
+    """The training run of one trial: the workload's settings at (batch_size, lr, momentum); ``seed``
+    replaces the workload's."""
+    return TrainConfig(
+        batch_size=batch_size, lr=lr, momentum=momentum, optimizer=w.optimizer, epochs=w.epochs,
+        steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule, warmup_epochs=w.warmup_epochs,
+        weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps, seed=w.seed if seed is None else seed,
+        model=w.model, width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
+        grad_histogram_epochs=w.grad_histogram_epochs,
+    )
 
 
 def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -408,15 +412,8 @@ class _Objective:
             self.progress.trial_finished(trial.number, cfg, state, last.get("value"),
                                          time.perf_counter() - t0, reason)
 
-        tc = TrainConfig(
-            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, optimizer=w.optimizer, epochs=w.epochs,
-            steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule,
-            warmup_epochs=w.warmup_epochs, weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps,
-            seed=w.seed, model=w.model, width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
-            grad_histogram_epochs=w.grad_histogram_epochs,
-        )
         try:
-            history = train(tc, self.data, self.device, on_epoch)
+            history = train(train_config(w, cfg.batch_size, cfg.lr, cfg.momentum), self.data, self.device, on_epoch)
         except optuna.TrialPruned as e:
             finish("PRUNED", str(e))
             raise

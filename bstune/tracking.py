@@ -11,9 +11,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from bstune.errors import BstuneError, redact
+from bstune.errors import BstuneError, first_line, redact
 from bstune.storage import check_sqlite_url, sqlite_path
 
 # Fail fast instead of retrying for minutes when a tracking server does not answer.
@@ -33,14 +32,10 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "ex
 
 
 def artifact_root(tracking_uri: str) -> str | None:
-    """Where artifacts go for a local store: beside the database (mlruns/artifacts), as a file URI."""
+    """Where artifacts go for a SQLite store: beside the database (mlruns/artifacts), as a file URI. None
+    (MLflow's default) for others: a file store keeps them inside itself, a server decides."""
     db = sqlite_path(tracking_uri)
-    if db is not None:
-        return (db.parent.resolve() / "artifacts").as_uri()
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme in ("", "file"):
-        return None  # a file store keeps artifacts inside itself
-    return None
+    return (db.parent.resolve() / "artifacts").as_uri() if db is not None else None
 
 
 class Tracker:
@@ -69,9 +64,8 @@ class Tracker:
         try:
             self.client.search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - any failure here means "unusable store"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BstuneError(f"tracking_uri: cannot reach the MLflow store at {redact(self.uri)} "
-                              f"({redact(first)[:200]}); start it or fix tracking_uri") from None
+                              f"({first_line(e)}); start it or fix tracking_uri") from None
 
     @property
     def experiment_id(self) -> str:

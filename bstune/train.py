@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bstune.data import Dataset
-from bstune.diagnostics import EpochGradients, GradientProbe, GradientStats, Layers, NoiseScale, param_norms
+from bstune.diagnostics import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
 from bstune.models import build_model
 
 
@@ -218,7 +218,7 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
     grad_stats = GradientStats(params, layers)
     histogram_epochs = {epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
     # Noise scale averaged over about an epoch's measured steps, and at least 20 of them.
-    noise = NoiseScale(device, window=max(20, math.ceil(per_epoch / max(every, 1))),
+    noise = NoiseScale(window=max(20, math.ceil(per_epoch / max(every, 1))),
                        population=None if inputs.augment else n)
 
     history: list[EpochStats] = []
@@ -276,7 +276,7 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
         val_loss, val_acc = evaluate(model, data, inputs, cfg.eval_batch_size, autocast)
         with torch.no_grad():
             layer = dict(zip(layers.names, layers.norms(torch._foreach_sub(params, initial)).tolist(), strict=True))
-        grads = grad_stats.end_epoch() if every > 0 else EpochGradients(0, None)
+        grads = grad_stats.end_epoch()  # nothing measured (every = 0): no gradient statistics
         if grads.histogram is not None:
             grads.histogram.update(epoch=epoch, batch_size=b)
         stats = EpochStats(

@@ -97,3 +97,6 @@ def test_unknown_study_is_one_line(tmp_path: Path) -> None:
     assert code == 2 and "no study named 'nope'" in out and "small" in out, out
     code, out = _invoke("analyze")
     assert code == 2 and "--storage URL and --study NAME" in out, out
+    typo = tmp_path / "optuan.db"
+    code, out = _invoke("analyze", "--storage", f"sqlite:///{typo}", "--study", "small")
+    assert code == 2 and "optuan.db does not exist" in out and not typo.exists(), out
