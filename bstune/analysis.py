@@ -224,6 +224,13 @@ class Analysis:
     n_boot: int = 200
     min_trials: int = 4
 
+    def fits_for(self, effective: bool | None = None) -> tuple[dict[str, LawFit], str | None]:
+        """The fits of the effective lr (``effective``) or of the plain lr, and their preferred form; by
+        default those of ``basis``, the ones recommend() and B_noise use."""
+        if effective is None:
+            effective = self.basis == "effective"
+        return (self.effective_fits, self.effective_preferred) if effective else (self.fits, self.preferred)
+
     def optimum(self, batch_size: int) -> BatchOptimum:
         for o in self.per_batch:
             if o.batch_size == batch_size:
@@ -257,8 +264,7 @@ class Analysis:
             raise BstuneError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch_size = int(batch_size)
         effective = self.basis == "effective"
-        fits = self.effective_fits if effective else self.fits
-        form = self.effective_preferred if effective else self.preferred
+        fits, form = self.fits_for(effective)
         if not fits or form is None:
             raise BstuneError("no fit of lr*(B) to recommend from: fewer than 2 batch sizes have a bracketed "
                               "optimum; see the analysis warnings and widen the lr range")

@@ -290,7 +290,7 @@ def _stored_tracking_uri(spec: StudySpec, table: TrialTable) -> str:
 
 
 def _headline(a: Analysis) -> dict[str, float | None]:
-    fits = a.effective_fits if a.basis == "effective" else a.fits
+    fits, _ = a.fits_for()
     out: dict[str, float | None] = {"analysis.b_noise": a.b_noise}
     if "power" in fits:
         out["analysis.alpha"] = fits["power"].alpha

@@ -81,8 +81,7 @@ def lr_vs_batch(analysis: Analysis, table: TrialTable, extra: Sequence[tuple[int
                         color="black", mfc="black" if bracketed else "white", zorder=5,
                         label="fitted optimum, 95% interval" if bracketed
                         else "optimum not bracketed (a bound)")
-        fits = analysis.effective_fits if effective else analysis.fits
-        preferred = analysis.effective_preferred if effective else analysis.preferred
+        fits, preferred = analysis.fits_for(effective)
         for form, fit in fits.items():
             ys = np.array([fit.predict(b) for b in grid])
             best = form == preferred

@@ -143,7 +143,7 @@ def _rows(table: TrialTable, a: Analysis, requested: list[int]) -> tuple[list[Ro
               if o.fitted and o.value is not None}
     rate = _throughput(table)
     effective = a.basis == "effective"
-    fits = a.effective_fits if effective else a.fits
+    fits, _ = a.fits_for(effective)
     rows = []
     for b, source in report_batch_sizes(measured, requested):
         try:
