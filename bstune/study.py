@@ -35,7 +35,7 @@ from bstune.spec import StudySpec, Workload
 from bstune.status import WorkerBeat, worker_id
 from bstune.storage import check_storage, load_study, open_storage
 from bstune.tracking import EPOCH_METRICS, Tracker
-from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, steps_per_epoch, train
+from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, plan, train
 
 log = logging.getLogger("bstune")
 
@@ -354,15 +354,17 @@ class _Objective:
         if self.claimed:
             self.claimed()
         n = self.data.n_train
+        tc = train_config(w, cfg.batch_size, cfg.lr, cfg.momentum)
+        per_epoch, _, epochs = plan(tc, n)
         for k, v in (("lr", cfg.lr), ("momentum", cfg.momentum), ("effective_lr", cfg.effective_lr),
                      ("batch_size", cfg.batch_size), ("worker_pid", os.getpid()), ("bstune.worker", worker_id())):
             trial.set_user_attr(k, v)
         params = {
             "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum, "optimizer": w.optimizer,
-            "epochs": w.epochs, "accumulation_steps": w.accumulation_steps, "dataset": w.dataset,
+            "epochs": epochs, "accumulation_steps": w.accumulation_steps, "dataset": w.dataset,
             "model": w.model, "seed": w.seed, "effective_lr": cfg.effective_lr,
             "noise_scale": cfg.lr * n / (cfg.batch_size * (1.0 - cfg.momentum)),
-            "steps_per_epoch": steps_per_epoch(n, cfg.batch_size), "hold": w.hold, "steps": w.steps,
+            "steps_per_epoch": per_epoch, "hold": w.hold, "steps": w.steps,
             "lr_schedule": w.lr_schedule, "weight_decay": w.weight_decay, "optuna_trial": trial.number,
         }
         if "bstune.retry_of" in trial.user_attrs:
@@ -373,7 +375,6 @@ class _Objective:
 
         curve: list[EpochPoint] = []
         last: dict[str, Any] = {}
-        epochs = w.epochs if w.steps is None else -(-w.steps // steps_per_epoch(n, cfg.batch_size))
         t0 = time.perf_counter()
         saved = [t0]
 
@@ -413,7 +414,7 @@ class _Objective:
                                          time.perf_counter() - t0, reason)
 
         try:
-            history = train(train_config(w, cfg.batch_size, cfg.lr, cfg.momentum), self.data, self.device, on_epoch)
+            history = train(tc, self.data, self.device, on_epoch)
         except optuna.TrialPruned as e:
             finish("PRUNED", str(e))
             raise

@@ -98,6 +98,15 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return math.ceil(n_train / batch_size)
 
 
+def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, steps in all, epochs) of a run. Compiled runs drop the last, smaller
+    batch (see _train); with ``steps`` set the run lasts that many steps, however many epochs they take."""
+    per_epoch = n_train // cfg.batch_size if cfg.compile != "off" and n_train >= cfg.batch_size \
+        else steps_per_epoch(n_train, cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
+    return per_epoch, total, math.ceil(total / per_epoch)
+
+
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float,
                    weight_decay: float) -> torch.optim.Optimizer:
     """SGD / Nesterov / Adam / AdamW. For the Adam family, momentum is beta1."""
@@ -208,9 +217,7 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     n, b, k = data.n_train, cfg.batch_size, cfg.accumulation_steps
-    per_epoch = n // b if cfg.compile != "off" and n >= b else steps_per_epoch(n, b)
-    total_steps = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
-    epochs = math.ceil(total_steps / per_epoch)
+    per_epoch, total_steps, epochs = plan(cfg, n)
     warmup = int(round(cfg.warmup_epochs * per_epoch))
     blowup = 10.0 * math.log(data.num_classes) + 10.0  # a loss this far above chance level has diverged
     every = cfg.diagnostics_every

@@ -239,3 +239,21 @@ def test_grad_histogram_epochs_are_validated(tmp_path: Path) -> None:
         with pytest.raises(SpecError, match=f"workload.grad_histogram_epochs: .*{message}"):
             parse_spec(small_spec(tmp_path, **{"workload.grad_histogram_epochs": bad}))
 
+
+
+def test_plan_is_what_training_does() -> None:
+    from dataclasses import replace
+
+    from bstune.data import synthetic_classification
+    from bstune.train import TrainConfig, plan, train
+
+    data = synthetic_classification(n=300, val_fraction=0.2)
+    n = data.n_train
+    cfg = TrainConfig(batch_size=64, lr=0.1, momentum=0.9, epochs=3, model="linear")
+    assert plan(cfg, n) == (math.ceil(n / 64), 3 * math.ceil(n / 64), 3)
+    assert plan(replace(cfg, compile="default"), n)[0] == n // 64  # compiled runs drop the last partial batch
+    held = replace(cfg, steps=10)
+    per_epoch, total, epochs = plan(held, n)
+    history = train(held, data)
+    assert (total, len(history), history[-1].optimizer_steps) == (10, epochs, 10)
+    assert epochs == math.ceil(10 / per_epoch)
