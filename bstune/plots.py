@@ -56,7 +56,7 @@ def lr_vs_batch(analysis: Analysis, table: TrialTable, extra: Sequence[tuple[int
     for ax, effective in zip(axes, (False, True), strict=True):
         what = "effective lr = lr / (1 - m)" if effective else "learning rate lr"
         get = (lambda r: r.effective_lr) if effective else (lambda r: r.lr)
-        done = [r for r in table.records if r.state == "COMPLETE" and r.value is not None]
+        done = table.completed()
         diverged = [r for r in table.records if r.state == "DIVERGED"]
         ax.scatter([r.batch_size for r in done], [get(r) for r in done], s=12, color="#9a9a9a", alpha=0.5,
                    label="completed trials", zorder=2)

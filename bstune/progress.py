@@ -53,18 +53,16 @@ class ConsoleProgress:
 
 def format_summary(table: TrialTable, spent: Spent, budget: Budget, stop_reason: str, wall: float) -> str:
     """Best trial per batch size, counts by state, and the budget spent."""
-    pick = min if table.direction == "minimize" else max
     lines = [f"study {table.study_name}: {len(table.records)} trials, {stop_reason or 'done'}",
              f"{'batch':>7} {'trials':>6} {'done':>5} {'pruned':>6} {'diverged':>8} {'failed':>6}   "
              f"{'best lr':>9} {'momentum':>8} {'eff. lr':>9} {'best ' + table.metric:>16}"]
     for b, rs in table.by_batch_size().items():
         states = [r.state for r in rs]
-        done = [r for r in rs if r.state == "COMPLETE" and r.value is not None]
+        r = table.best(rs)
         failed = sum(s in FAILED_STATES for s in states)
         head = (f"{b:>7} {len(rs):>6} {states.count('COMPLETE'):>5} {states.count('PRUNED'):>6} "
                 f"{states.count('DIVERGED'):>8} {failed:>6}   ")
-        if done:
-            r = pick(done, key=lambda r: r.value)
+        if r is not None:
             lines.append(head + f"{r.lr:>9.4g} {r.momentum:>8.3f} {r.effective_lr:>9.4g} {r.value:>16.4g}")
         else:
             lines.append(head + f"{'-':>9} {'-':>8} {'-':>9} {'-':>16}")

@@ -67,8 +67,16 @@ class TrialTable:
         if self.direction not in ("minimize", "maximize"):
             raise BstuneError(f"direction must be minimize or maximize, got {self.direction!r}")
 
-    def completed(self) -> list[TrialRecord]:
-        return [r for r in self.records if r.state == "COMPLETE" and r.value is not None]
+    def completed(self, records: Sequence[TrialRecord] | None = None) -> list[TrialRecord]:
+        """The completed trials with a value, of ``records`` (default: all)."""
+        return [r for r in (self.records if records is None else records) if r.state == "COMPLETE"
+                and r.value is not None]
+
+    def best(self, records: Sequence[TrialRecord] | None = None) -> TrialRecord | None:
+        """The best completed trial of ``records`` (default: all) in the table's direction; None if none."""
+        done = self.completed(records)
+        pick = min if self.direction == "minimize" else max
+        return pick(done, key=lambda r: r.value) if done else None
 
     def batch_sizes(self) -> list[int]:
         return sorted({r.batch_size for r in self.records})

@@ -29,7 +29,7 @@ from bstune.claim import ClaimLock
 from bstune.data import Dataset, load_dataset
 from bstune.diagnostics import HISTOGRAM_ARTIFACT_DIR
 from bstune.errors import BstuneError, redact
-from bstune.results import FAILED_STATES, EpochPoint, TrialTable, curve_to_json, from_study
+from bstune.results import FAILED_STATES, EpochPoint, TrialRecord, TrialTable, curve_to_json, from_study
 from bstune.space import Config, SearchSpace, make_pruner, make_sampler
 from bstune.spec import StudySpec, Workload
 from bstune.status import WorkerBeat, worker_id
@@ -279,9 +279,7 @@ def _public_spec(spec: StudySpec) -> dict[str, Any]:
 
 def summarize(table: TrialTable, spent: budget_mod.Spent, stop_reason: str) -> dict[str, Any]:
     states = [r.state for r in table.records]
-    done = table.completed()
-    pick = min if table.direction == "minimize" else max
-    best = pick(done, key=lambda r: r.value) if done else None
+    best = table.best()
     return {
         "spent": spent.as_dict(), "stop_reason": stop_reason,
         "n_complete": states.count("COMPLETE"), "n_pruned": states.count("PRUNED"),
@@ -289,17 +287,13 @@ def summarize(table: TrialTable, spent: budget_mod.Spent, stop_reason: str) -> d
         "n_failed": sum(s in FAILED_STATES for s in states),
         "best_trial": best.number if best else None, "best_value": best.value if best else None,
         "best_per_batch_size": {
-            str(b): _best_dict(rs, pick) for b, rs in table.by_batch_size().items()
+            str(b): _best_dict(table.best(rs)) for b, rs in table.by_batch_size().items()
         },
     }
 
 
-def _best_dict(records: list, pick: Any) -> dict[str, Any] | None:
-    done = [r for r in records if r.state == "COMPLETE" and r.value is not None]
-    if not done:
-        return None
-    r = pick(done, key=lambda r: r.value)
-    return {"trial": r.number, "lr": r.lr, "momentum": r.momentum, "value": r.value}
+def _best_dict(r: TrialRecord | None) -> dict[str, Any] | None:
+    return None if r is None else {"trial": r.number, "lr": r.lr, "momentum": r.momentum, "value": r.value}
 
 
 def _study_params(spec: StudySpec, data: Dataset) -> dict[str, Any]:
