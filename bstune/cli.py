@@ -66,6 +66,9 @@ def _spec(path: str, storage: str | None, tracking_uri: str | None) -> StudySpec
 
 _storage_opt = click.option("--storage", metavar="URL", help="Optuna storage URL (overrides the spec's).")
 _tracking_opt = click.option("--tracking-uri", metavar="URI", help="MLflow tracking URI (overrides the spec's).")
+_study_opt = click.option("--study", "study_name", metavar="NAME",
+                          help="The study's name in --storage (instead of SPEC).")
+_target_opt = click.option("--target", type=float, help="Objective value for steps to target (default: from the data).")
 
 
 @main.command()
@@ -180,9 +183,9 @@ def _study_spec(spec_file: str | None, storage: str | None, study_name: str | No
 @click.option("--out", "out_dir", metavar="DIR", help="Folder for the report (default: reports/<study name>).")
 @click.option("--batch-size", "batch_sizes", type=int, multiple=True, metavar="B",
               help="Also recommend for this batch size (repeatable).")
-@click.option("--target", type=float, help="Objective value for steps to target (default: chosen from the data).")
+@_target_opt
 @_storage_opt
-@click.option("--study", "study_name", metavar="NAME", help="The study's name in --storage (instead of SPEC).")
+@_study_opt
 @_tracking_opt
 @click.option("--mlflow/--no-mlflow", "log_mlflow", default=True, show_default=True,
               help="Log the report under report/ in the study's MLflow parent run.")
@@ -223,11 +226,11 @@ def _source_options(f: Callable) -> Callable:
     for opt in reversed([
         click.argument("spec_file", metavar="[SPEC]", required=False),
         _storage_opt,
-        click.option("--study", "study_name", metavar="NAME", help="The study's name in --storage (instead of SPEC)."),
+        _study_opt,
         click.option("--csv", metavar="FILE", help="A CSV of trials (batch_size, lr, momentum, value, state, ...)."),
         click.option("--direction", type=click.Choice(["minimize", "maximize"]), default="minimize",
                      show_default=True, help="With --csv: whether lower or higher values are better."),
-        click.option("--target", type=float, help="Objective value for steps-to-target (default: from the data)."),
+        _target_opt,
     ]):
         f = opt(f)
     return f
