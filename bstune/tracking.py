@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +122,20 @@ class Tracker:
 
         ts = _now_ms()
         items = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(run_id, metrics=items)
-        self.client.log_dict(run_id, payload, "analysis.json")
+        with self._logging_to(run_id, "the analysis"):
+            self.client.log_batch(run_id, metrics=items)
+            self.client.log_dict(run_id, payload, "analysis.json")
+
+    @contextmanager
+    def _logging_to(self, run_id: str, what: str) -> Iterator[None]:
+        """Log to an existing run (checked first, so nothing is logged if it is not there); MLflow's errors,
+        of several types, become one BstuneError line."""
+        try:
+            self.client.get_run(run_id)
+            yield
+        except Exception as e:  # noqa: BLE001 - a missing run, another store, a server that went away
+            raise BstuneError(f"cannot log {what} to MLflow run {run_id} ({first_line(e)}); check "
+                              "--tracking-uri, or pass --no-mlflow") from None
 
     # ---- trial child runs
 
@@ -177,9 +191,9 @@ class Tracker:
 
     def attach_report(self, run_id: str, folder: str | Path, note: str) -> None:
         """Log a report's files under report/ in the study's parent run; ``note`` becomes its description."""
-        self.client.get_run(run_id)  # fails before anything is logged if the run is not there
-        self.client.log_artifacts(run_id, str(folder), "report")
-        self.client.set_tag(run_id, "mlflow.note.content", note)
+        with self._logging_to(run_id, "the report"):
+            self.client.log_artifacts(run_id, str(folder), "report")
+            self.client.set_tag(run_id, "mlflow.note.content", note)
 
     def log_json(self, run_id: str, data: dict[str, Any], path: str) -> None:
         """Save `data` as a JSON artifact of the run at `path` (e.g. grad_histograms/epoch_0001.json)."""

@@ -69,6 +69,11 @@ def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     assert any(k.startswith("analysis.lr_opt.B") for k in run.data.metrics)
     artifacts = {a.path for a in MlflowClient(spec.tracking_uri).list_artifacts(result.parent_run_id)}
     assert "analysis.json" in artifacts
+    # a tracking store without the study's run: one line, exit 2, no traceback
+    other = f"sqlite:///{tmp_path}/other.db"
+    code, out = _invoke("analyze", str(path), "--json", "-", "--tracking-uri", other)
+    line = out.strip().splitlines()[-1]
+    assert code == 2 and line.startswith(f"error: cannot log the analysis to MLflow run {result.parent_run_id}"), out
     code, out = _invoke("recommend", "--batch-size", "32", str(path))
     assert code == 0 and "lr=" in out, out
 
