@@ -987,20 +987,12 @@ def _steps_fit(table: TrialTable, groups: dict[int, list[TrialRecord]], per_batc
                warnings: list[str]) -> StepsFit | None:
     curves: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for b, records in groups.items():
-        per_epoch = math.ceil(table.n_train / b) if table.n_train else None
         for r in records:
             steps, vals = [], []
             for p in sorted(r.curve, key=lambda p: p.epoch):
-                if p.value is None or not math.isfinite(p.value):
+                s = p.steps(b, table.n_train)
+                if p.value is None or not math.isfinite(p.value) or s is None:
                     continue
-                s = p.optimizer_steps
-                if s is None:
-                    if per_epoch is not None:
-                        s = p.epoch * per_epoch
-                    elif p.examples_seen:
-                        s = p.examples_seen / b
-                    else:
-                        continue
                 steps.append(s)
                 vals.append(sign * p.value)
             if steps:

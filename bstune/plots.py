@@ -317,7 +317,7 @@ def budget_and_curves(analysis: Analysis, table: TrialTable) -> Figure:
             continue
         best = min(done, key=lambda r: sign * float(r.value))
         pts = [p for p in best.curve if _finite(p.value)]
-        steps = [p.optimizer_steps if p.optimizer_steps else p.epoch * _per_epoch(table, b) for p in pts]
+        steps = [p.steps(b, table.n_train) or p.epoch for p in pts]  # the epoch when nothing says more
         ax2.plot(steps, [p.value for p in pts], marker="o", ms=3.5, color=colours[b],
                  label=f"B={b}: lr={best.lr:.3g}, m={best.momentum:.2f}")
         values += [p.value for p in pts]
@@ -372,10 +372,6 @@ def _log2_batch_axis(ax: Any, sizes: Sequence[int]) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
-
-
-def _per_epoch(table: TrialTable, b: int) -> int:
-    return math.ceil(table.n_train / b) if table.n_train else 1
 
 
 def _finite(v: float | None) -> bool:

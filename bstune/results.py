@@ -32,6 +32,15 @@ class EpochPoint:
     optimizer_steps: int | None = None
     examples_seen: int | None = None
 
+    def steps(self, batch_size: int, n_train: int | None) -> float | None:
+        """Optimizer steps taken by this point: as recorded, else epochs x ceil(n_train / B), else examples
+        seen / B; None when the table says none of these."""
+        if self.optimizer_steps is not None:
+            return self.optimizer_steps
+        if n_train:
+            return self.epoch * math.ceil(n_train / batch_size)
+        return self.examples_seen / batch_size if self.examples_seen else None
+
 
 @dataclass(frozen=True)
 class TrialRecord:
