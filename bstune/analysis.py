@@ -420,9 +420,9 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
                  for b, rs in groups.items()]
     # The batch sizes' valleys fitted together (one shape, placed per batch size) replace the separate fits
     # wherever they can be: they place batch sizes with only 2-3 completed trials, and the separate 2-D fits
-    # wobble with the momenta drawn unless each valley holds many trials (benchmarks/SEARCH.md).
+    # wobble with the momenta drawn unless each valley holds many trials (benchmarks/SEARCH.md). Except where
+    # the joint fit's optimum is only a bound and the batch size's own fit is bracketed.
     pooled = _pooled_valleys(done, sign, n_boot, rng)
-    # (Except where the joint fit's optimum is only a bound and the batch size's own fit is bracketed.)
     for i, o in enumerate(per_batch):
         if o.batch_size not in pooled:
             continue
