@@ -15,12 +15,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo  # noqa: F401 - see below
 import torch.nn.functional as F
 from torch import nn
 
 from bstune.data import Dataset
 from bstune.diagnostics import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
 from bstune.models import build_model
+
+# torch.optim imports torch._dynamo (a second or two) when the first optimizer is built; importing it above
+# keeps that out of the first trial. A Ctrl-C landing in it, inside a namedtuple's eval(), made a
+# `python -m bstune.cli` process exit by SIGINT after handling it, not with code 130 (a CPython quirk).
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,10 @@ def _relay(stream: Any, prefix: str, echo: Callable[[str], None], lock: threadin
 
 
 def _exit_note(code: int, heartbeat_seconds: int) -> str:
+    # A Ctrl-C handled inside an eval() (namedtuple does one) makes `python -m` exit by SIGINT, not with 130:
+    # the worker still recorded its trial and re-queued it.
+    if code == -signal.SIGINT:
+        return ""
     if code < 0:
         try:
             name = signal.Signals(-code).name

@@ -200,6 +200,7 @@ def test_status_then_ctrl_c_stops_every_worker_cleanly(tmp_path: Path) -> None:
     out = head + proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, out
     assert "Traceback" not in out and out.count("\nspent: ") == 1, out
+    assert "worker killed" not in out and "worker exited" not in out, out
     trials = _study(spec).trials
     interrupted = sorted(t.number for t in trials if trial_state(t) == "INTERRUPTED")
     assert len(interrupted) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
