@@ -15,7 +15,7 @@ the study in which only the trials of one batch size exist. The exception is the
 from __future__ import annotations
 
 import random
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,35 +219,42 @@ def make_sampler(search: Search, space: SearchSpace, seed_offset: int = 0) -> Ba
 
 
 class WithinBatchSizePruner(BasePruner):
-    """Runs an inner pruner against the trials of the same batch size only."""
+    """Runs an inner pruner, one per batch size (``make_inner(batch_size)``), against the trials of that
+    batch size only. One each, not one shared: a run's length in epochs can differ between batch sizes
+    (hold: steps), and Hyperband sizes its brackets by it."""
 
-    def __init__(self, inner: BasePruner) -> None:
-        self._inner = inner
+    def __init__(self, make_inner: Callable[[int], BasePruner]) -> None:
+        self._make_inner = make_inner
+        self._inner: dict[int, BasePruner] = {}
+
+    def inner(self, batch_size: int) -> BasePruner:
+        if batch_size not in self._inner:
+            self._inner[batch_size] = self._make_inner(batch_size)
+        return self._inner[batch_size]
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         b = trial.params.get(BATCH_SIZE)
         if b is None:
             return False
-        view = batch_size_view(study, b, trial, pruner=self._inner)
-        return self._inner.prune(view, trial)
+        inner = self.inner(b)
+        return inner.prune(batch_size_view(study, b, trial, pruner=inner), trial)
 
 
-def make_pruner(search: Search, max_epochs: int) -> BasePruner:
+def make_pruner(search: Search, epochs_at: Callable[[int], int]) -> BasePruner:
+    """The spec's pruner, per batch size; ``epochs_at(batch_size)`` is how many epochs a run there lasts."""
     p = search.pruner
     if p.name == "none":
         return optuna.pruners.NopPruner()
-    if p.name == "median":
-        inner: BasePruner = optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs
-        )
-    elif p.name == "percentile":
-        # Keeps the best `percentile` percent (the median pruner keeps 50%): a high one prunes only the
-        # clearly hopeless trials and lets the valley's walls finish, which the analysis's fit needs.
-        inner = optuna.pruners.PercentilePruner(
-            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs
-        )
-    else:
-        inner = optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=max_epochs, reduction_factor=p.reduction_factor
-        )
-    return WithinBatchSizePruner(inner)
+
+    def make_inner(batch_size: int) -> BasePruner:
+        if p.name == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs)
+        if p.name == "percentile":
+            # Keeps the best `percentile` percent (the median pruner keeps 50%): a high one prunes only the
+            # clearly hopeless trials and lets the valley's walls finish, which the analysis's fit needs.
+            return optuna.pruners.PercentilePruner(
+                p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_epochs)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=epochs_at(batch_size), reduction_factor=p.reduction_factor)
+
+    return WithinBatchSizePruner(make_inner)

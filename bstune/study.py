@@ -177,10 +177,14 @@ def open_study(
         existing = None
     if existing is not None:
         _check_same_spec(existing, spec)
+
+    def epochs_at(batch_size: int) -> int:  # with hold: steps, a run's epochs depend on its batch size
+        return plan(train_config(spec.workload, batch_size, 1.0, 0.0), data.n_train)[2]
+
     study = optuna.create_study(
         study_name=spec.name, storage=storage, direction=spec.search.direction, load_if_exists=True,
         sampler=make_sampler(spec.search, space, seed_offset=worker * 1000 + len(existing.trials if existing else [])),
-        pruner=make_pruner(spec.search, spec.workload.epochs),
+        pruner=make_pruner(spec.search, epochs_at),
     )
     # Rewritten on resume too: the fixed fields are checked equal above, and the budget may have been raised.
     study.set_user_attr("bstune.spec", _public_spec(spec))

@@ -99,7 +99,7 @@ def _trial(b: int, values: list[float], state: TrialState = TrialState.COMPLETE)
 
 def test_pruning_compares_only_the_same_batch_size(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/p.db"
-    pruner = WithinBatchSizePruner(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    pruner = WithinBatchSizePruner(lambda b: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
     study = optuna.create_study(storage=storage, pruner=pruner)
     # Large batches converge faster per epoch: B=64 trials are far better at epoch 1 than any B=16 trial.
     for v in (0.10, 0.12, 0.11):
@@ -121,7 +121,7 @@ def test_pruning_compares_only_the_same_batch_size(tmp_path: Path) -> None:
 def test_percentile_pruner_keeps_the_best_three_quarters_of_the_batch_size(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, **{"search.pruner": {"name": "percentile", "percentile": 75,
                                                                "n_startup_trials": 4, "n_warmup_epochs": 0}}))
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/p.db", pruner=make_pruner(spec.search, 4))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/p.db", pruner=make_pruner(spec.search, lambda b: 4))
     for v in (0.1, 0.2, 0.3, 0.4):
         study.add_trial(_trial(16, [v, v]))
     study.add_trial(_trial(64, [5.0, 5.0]))  # another batch size: not compared
@@ -132,6 +132,17 @@ def test_percentile_pruner_keeps_the_best_three_quarters_of_the_batch_size(tmp_p
         trial.report(value, 1)
         assert bool(trial.should_prune()) == pruned, value
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def test_hyperband_is_sized_by_each_batch_size_s_run_length(tmp_path: Path) -> None:
+    # With hold: steps a run lasts a different number of epochs at each batch size; Hyperband's brackets
+    # must follow the batch size's own length, not the spec's epochs.
+    spec = load_spec(write_spec(tmp_path, **{"workload.hold": "steps", "workload.steps": 120,
+                                             "search.pruner": {"name": "hyperband", "min_resource": 1}}))
+    epochs = {16: 4, 64: 15}
+    pruner = make_pruner(spec.search, epochs.__getitem__)
+    assert pruner.inner(16) is pruner.inner(16) and pruner.inner(16) is not pruner.inner(64)
+    assert {b: pruner.inner(b)._max_resource for b in epochs} == epochs
 
 
 def test_batch_sizes_stay_covered_and_conditioned(tmp_path: Path) -> None:
