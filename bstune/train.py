@@ -275,7 +275,7 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
             step += 1
             if step % cfg.check_every == 0 and not torch.isfinite(loss_sum):
                 raise Diverged(epoch, step, "became non-finite")
-        epoch_loss = float(loss_sum) / max(seen, 1)  # one host sync per epoch
+        epoch_loss = float(loss_sum) / max(seen, 1)  # a sync; in the step loop only the divergence check syncs
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
