@@ -74,12 +74,13 @@ def exhausted(budget: Budget, s: Spent, in_flight: int = 0) -> str | None:
 def describe(budget: Budget, s: Spent) -> str:
     """'12/24 trials, 1.2M/5M examples, 33s/150s' for the parts of the budget that are set."""
     parts = [f"{s.trials}" + (f"/{budget.trials}" if budget.trials else "") + " trials",
-             f"{_short(s.examples)}" + (f"/{_short(budget.examples)}" if budget.examples else "") + " examples",
+             short_count(s.examples) + (f"/{short_count(budget.examples)}" if budget.examples else "") + " examples",
              f"{s.seconds:.0f}s" + (f"/{budget.seconds:g}s" if budget.seconds else "") + " training"]
     return ", ".join(parts)
 
 
-def _short(x: float) -> str:
+def short_count(x: float) -> str:
+    """A count in 3 significant digits with k/M/G: 51.2k."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
             return f"{x / div:.3g}{unit}"

@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from bstune.analysis import Analysis
+from bstune.budget import short_count
 from bstune.results import FAILED_STATES, TrialRecord, TrialTable
 
 DPI = 100
@@ -353,7 +354,7 @@ def _legend_below(ax: Any, ncol: int = 2, **kw: Any) -> None:
 def _plain_numbers(axis: Any) -> None:
     """1,500 and 0.02 rather than 1.5x10^3 and 2x10^-2, on major and minor ticks alike."""
     def label(v: float, _: Any) -> str:
-        return _short(v) if v >= 1000 else f"{v:g}"
+        return short_count(v) if v >= 1000 else f"{v:g}"
 
     def minor(v: float, _: Any) -> str:  # minor ticks only where the axis spans about a decade or less
         lo, hi = axis.get_view_interval()
@@ -376,13 +377,6 @@ def _log2_batch_axis(ax: Any, sizes: Sequence[int]) -> None:
 
 def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
-
-
-def _short(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 def _study_title(table: TrialTable, what: str) -> str:
