@@ -212,8 +212,8 @@ def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
 
 
 def _slow_spec(tmp_path: Path, trials: int = 4) -> Path:
-    # Trials of a few seconds each, so a signal lands mid-trial.
-    return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": 8, "search.batch_sizes": [16],
+    # Trials of a few seconds each (4 on an idle machine), so a signal lands mid-trial.
+    return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": 20, "search.batch_sizes": [16],
                                    "search.pruner": "none", "budget.trials": trials})
 
 

@@ -124,7 +124,8 @@ def test_example_budget_is_overspent_by_at_most_the_trials_in_flight(tmp_path: P
 def check_four_workers_one_killed(tmp_path: Path, stores: Stores) -> tuple[StudySpec, list[str]]:
     """4 workers run exactly the budget, though one is killed mid-trial: its trial is retried once.
     Returns the spec and what the commands printed."""
-    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 12, "search.pruner": "none",
+    # Trials of a few seconds (an idle machine runs ~30 of these epochs a second), so two run at once.
+    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 60, "search.pruner": "none",
                                             "budget.trials": 8})
     proc, head = _start(_cmd(stores, "study", str(path), "--workers", "4"), tmp_path)
     victim = _wait_for_running(spec, proc, n=2)[0]
