@@ -41,9 +41,10 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import qmc
 
-BATCH_SIZE = "batch_size"  # the parameter names of space.py (which imports this module)
+# The search space's parameter names, here because space.py imports this module (and re-exports them).
+BATCH_SIZE = "batch_size"
 LR = "lr"
-ONE_MINUS_M = "one_minus_momentum"
+ONE_MINUS_M = "one_minus_momentum"  # momentum is searched on log(1 - m): 0.9 -> 0.99 is as far as 0 -> 0.9
 
 PRIOR_SLOPE = 0.5  # d log2 lr* / d log2 B before the data say otherwise: between sqrt (0.5) and linear (1)
 SLOPE_RANGE = (-0.5, 1.5)  # a fitted slope outside this is noise, not a law

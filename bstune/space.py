@@ -25,12 +25,8 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune.lawsampler import LawSampler
+from bstune.lawsampler import BATCH_SIZE, LR, ONE_MINUS_M, LawSampler
 from bstune.spec import Search
-
-BATCH_SIZE = "batch_size"
-LR = "lr"
-ONE_MINUS_M = "one_minus_momentum"  # momentum is searched on log(1 - m): 0.9 -> 0.99 is as far as 0 -> 0.9
 
 
 @dataclass(frozen=True)
