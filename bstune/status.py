@@ -23,6 +23,7 @@ from bstune.budget import trial_state
 from bstune.errors import redact
 from bstune.results import STATES
 from bstune.spec import Budget, StudySpec
+from bstune.storage import grace_seconds
 
 WORKER_KEY = "bstune.worker:"
 
@@ -33,8 +34,8 @@ def worker_id(pid: int | None = None) -> str:
 
 
 def alive_seconds(heartbeat_seconds: int) -> float:
-    """How old a worker's last beat may be while it counts as alive (Optuna's 2x, plus slack for a busy host)."""
-    return 2 * heartbeat_seconds + 2
+    """How old a worker's last beat may be while it counts as alive (the grace period, plus slack for a busy host)."""
+    return grace_seconds(heartbeat_seconds) + 2
 
 
 class WorkerBeat:
@@ -131,7 +132,7 @@ def format_status(st: StudyStatus, heartbeat_seconds: int, now: float | None = N
         lines.append(f"  w{w.index:<3d} {w.id:<28s} {w.device:<8s} {doing} (seen {max(0.0, now - w.seen):.0f}s ago)")
     if st.orphaned:
         lines.append(f"running trials without a live worker: {', '.join(map(str, st.orphaned))} (a worker marks "
-                     f"them LOST and re-queues them once their heartbeat is {2 * heartbeat_seconds}s old)")
+                     f"them LOST and re-queues them once their heartbeat is {grace_seconds(heartbeat_seconds)}s old)")
     return "\n".join(lines)
 
 

@@ -61,8 +61,14 @@ def open_storage(url: str, heartbeat_seconds: int | None = None, on_lost: Any = 
         engine_kwargs["pool_pre_ping"] = True
     return optuna.storages.RDBStorage(
         url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-        grace_period=2 * heartbeat_seconds if heartbeat_seconds else None, heartbeat_stale_trial_callback=on_lost,
+        grace_period=grace_seconds(heartbeat_seconds) if heartbeat_seconds else None,
+        heartbeat_stale_trial_callback=on_lost,
     )
+
+
+def grace_seconds(heartbeat_seconds: int) -> int:
+    """How long a running trial's worker may go silent before the trial is declared lost and re-queued."""
+    return 2 * heartbeat_seconds
 
 
 def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source: str = "") -> optuna.Study:

@@ -33,7 +33,7 @@ from bstune.results import FAILED_STATES, EpochPoint, TrialRecord, TrialTable, c
 from bstune.space import Config, SearchSpace, make_pruner, make_sampler
 from bstune.spec import StudySpec, Workload
 from bstune.status import WorkerBeat, worker_id
-from bstune.storage import check_storage, load_study, open_storage
+from bstune.storage import check_storage, grace_seconds, load_study, open_storage
 from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, plan, train
 
@@ -248,7 +248,7 @@ def run_study(
                         run += 1
                     except _TrialTakenAway as e:
                         progress.note(f"trial {e} was declared lost while this worker ran it (no heartbeat for "
-                                      f"{2 * spec.heartbeat_seconds}s); dropped here, it runs again")
+                                      f"{grace_seconds(spec.heartbeat_seconds)}s); dropped here, it runs again")
                 finally:
                     claim.release()
     except KeyboardInterrupt:

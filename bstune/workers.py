@@ -31,6 +31,7 @@ from bstune import budget as budget_mod
 from bstune.errors import BstuneError
 from bstune.spec import StudySpec
 from bstune.status import worker_id
+from bstune.storage import grace_seconds
 from bstune.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
 
 
@@ -218,7 +219,7 @@ def _exit_note(code: int, heartbeat_seconds: int) -> str:
         except ValueError:
             name = f"signal {-code}"
         return (f"worker killed ({name}); a live worker retries its trial once its heartbeat is "
-                f"{2 * heartbeat_seconds}s old")
+                f"{grace_seconds(heartbeat_seconds)}s old")
     return "" if code in (0, 130) else f"worker exited with code {code}"
 
 
