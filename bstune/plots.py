@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from bstune.analysis import Analysis
 from bstune.budget import short_count
@@ -310,13 +310,11 @@ def budget_and_curves(analysis: Analysis, table: TrialTable) -> Figure:
     ax.grid(True, axis="y", alpha=0.3)
 
     colours = batch_colours(sizes)
-    sign = 1.0 if table.direction == "minimize" else -1.0
     values: list[float] = []
     for b, rs in groups.items():
-        done = [r for r in rs if r.state == "COMPLETE" and _finite(r.value) and r.curve]
-        if not done:
+        best = table.best([r for r in rs if r.curve and _finite(r.value)])
+        if best is None:
             continue
-        best = min(done, key=lambda r: sign * float(r.value))
         pts = [p for p in best.curve if _finite(p.value)]
         steps = [p.steps(b, table.n_train) or p.epoch for p in pts]  # the epoch when nothing says more
         ax2.plot(steps, [p.value for p in pts], marker="o", ms=3.5, color=colours[b],
@@ -331,7 +329,7 @@ def budget_and_curves(analysis: Analysis, table: TrialTable) -> Figure:
                     label=f"target {analysis.steps.target:.4g}")
     ax2.set_xscale("log")
     _plain_numbers(ax2.xaxis)
-    if sign > 0 and values and min(values) > 0:
+    if table.direction == "minimize" and values and min(values) > 0:
         ax2.set_yscale("log")
         _plain_numbers(ax2.yaxis)
     ax2.set_xlabel("optimizer steps (log scale)")
@@ -368,7 +366,6 @@ def _log2_batch_axis(ax: Any, sizes: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     lo, hi = math.floor(math.log2(min(sizes))), math.ceil(math.log2(max(sizes)))
     ticks = [2.0**k for k in range(lo, hi + 1)]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.set_xticks(ticks, [str(int(t)) for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
