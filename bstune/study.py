@@ -154,8 +154,8 @@ def open_study(
     if data is None:
         data = load_dataset(spec.workload)
     check_storage(spec.storage)
-    if join:
-        load_study(spec.storage, spec.name, source=spec.source or "SPEC")  # a worker joins; it creates nothing
+    # a worker joins: the study must be there, and nothing is created
+    existing = load_study(spec.storage, spec.name, source=spec.source or "SPEC") if join else None
     tracker = Tracker(spec.tracking_uri, spec.experiment)
     tracker.check()
 
@@ -171,10 +171,11 @@ def open_study(
         progress.note(f"trial {trial.number} was lost with its worker; re-queued")
 
     storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
-    try:
-        existing = optuna.load_study(study_name=spec.name, storage=storage)
-    except KeyError:
-        existing = None
+    if not join:
+        try:
+            existing = optuna.load_study(study_name=spec.name, storage=storage)
+        except KeyError:
+            existing = None
     if existing is not None:
         _check_same_spec(existing, spec)
 
