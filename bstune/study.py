@@ -336,7 +336,7 @@ class _Objective:
     """One trial: pick a config, train it, report every epoch, record how it ended."""
 
     def __init__(self, spec: StudySpec, space: SearchSpace, data: Dataset, device: Any, tracker: Tracker,
-                 parent: str, progress: Progress, claimed: Callable[[], None] | None = None) -> None:
+                 parent: str, progress: Progress, claimed: Callable[[], None]) -> None:
         self.spec, self.space, self.data, self.device = spec, space, data, device
         self.tracker, self.parent, self.progress = tracker, parent, progress
         self.claimed = claimed  # called once the trial exists and has its batch size
@@ -350,8 +350,7 @@ class _Objective:
     def _run(self, trial: optuna.Trial) -> float:
         spec, w = self.spec, self.spec.workload
         cfg = self.space.suggest(trial)
-        if self.claimed:
-            self.claimed()
+        self.claimed()
         n = self.data.n_train
         tc = train_config(w, cfg.batch_size, cfg.lr, cfg.momentum)
         per_epoch, _, epochs = plan(tc, n)
