@@ -234,8 +234,8 @@ def _law(a: Analysis) -> dict[str, Any]:
     """The preferred law and what it says about the linear and square-root rules, per basis."""
     out: dict[str, Any] = {"basis": a.basis, "criterion": a.criterion, "b_noise": a.b_noise,
                            "b_noise_interval": a.b_noise_interval}
-    for key, fits, preferred in (("lr", a.fits, a.preferred), ("effective_lr", a.effective_fits,
-                                                                  a.effective_preferred)):
+    for key, effective in (("lr", False), ("effective_lr", True)):
+        fits, preferred = a.fits_for(effective)
         out[key] = {"preferred": preferred, "verdict": _verdict(fits, preferred, a.criterion)}
     return out
 
@@ -478,12 +478,12 @@ def _seconds(s: float | None) -> str:
 # ----------------------------------------------------------------------------------------------- MLflow
 
 
-def publish(report: Report, files: Sequence[Path], tracking_uri: str, run_id: str | None = None) -> str:
+def publish(report: Report, files: Sequence[Path], tracking_uri: str) -> str:
     """Log the report and its plots under ``report/`` in the study's MLflow parent run and set the run's
     description to say where it is. Returns the run id."""
     from bstune.tracking import Tracker
 
-    run_id = run_id or report.table.meta.get("mlflow_parent_run_id")
+    run_id = report.table.meta.get("mlflow_parent_run_id")
     if not run_id:
         raise BstuneError("the study has no MLflow parent run (user attr mlflow_parent_run_id); "
                           "pass --no-mlflow to write the report only")
