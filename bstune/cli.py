@@ -204,11 +204,12 @@ def report(spec_file: str | None, fmt: str, out_dir: str | None, batch_sizes: tu
 
     spec = _study_spec(spec_file, storage, study_name, tracking_uri)
     table = _table(spec)
+    log_to = (tracking_uri or _stored_tracking_uri(spec, table)) if log_mlflow else ""
     rep, files = make_report(table, Path(out_dir) if out_dir else Path("reports") / spec.name, fmt,
                              batch_sizes=batch_sizes, target=target)
     click.echo(f"report: {files[0]}")
-    if log_mlflow:
-        run_id = publish(rep, files, tracking_uri or _stored_tracking_uri(spec, table))
+    if log_to:
+        run_id = publish(rep, files, log_to)
         click.echo(f"logged under report/ in MLflow run {run_id}")
 
 
@@ -267,6 +268,8 @@ def analyze(spec_file: str | None, storage: str | None, study_name: str | None, 
     import json
 
     spec, table, result = _analysis(spec_file, storage, study_name, csv, direction, target)
+    run_id = table.meta.get("mlflow_parent_run_id")
+    log_to = (tracking_uri or _stored_tracking_uri(spec, table)) if log_mlflow and spec is not None and run_id else ""
     click.echo(result.format_table())
     payload = result.to_dict()
     if json_path != "-":
@@ -275,21 +278,25 @@ def analyze(spec_file: str | None, storage: str | None, study_name: str | None, 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2))
         click.echo(f"wrote {path}")
-    run_id = table.meta.get("mlflow_parent_run_id")
-    if log_mlflow and spec is not None and run_id:
+    if log_to:
         from bstune.tracking import Tracker
 
-        tracker = Tracker(tracking_uri or _stored_tracking_uri(spec, table))
+        tracker = Tracker(log_to)
         tracker.check()
         tracker.log_analysis(run_id, _headline(result), payload)
         click.echo(f"logged to MLflow run {run_id}")
 
 
 def _stored_tracking_uri(spec: StudySpec, table: TrialTable) -> str:
-    """The tracking store the study was run with (the SPEC's, else what the study recorded)."""
+    """The tracking store the study was run with (the SPEC's, else what the study recorded). The study
+    records URLs without their passwords, so one with a password must be given again."""
     if spec.source:
         return spec.tracking_uri
-    return table.meta.get("spec", {}).get("tracking_uri") or spec.tracking_uri
+    stored = table.meta.get("spec", {}).get("tracking_uri")
+    if stored and ":***@" in stored:
+        raise BstuneError(f"the study was tracked in {stored}, whose password bstune does not keep; pass "
+                          "--tracking-uri with it (or the SPEC), or --no-mlflow")
+    return stored or spec.tracking_uri
 
 
 def _headline(a: Analysis) -> dict[str, float | None]:

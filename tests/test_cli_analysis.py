@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -76,6 +77,19 @@ def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     assert code == 2 and line.startswith(f"error: cannot log the analysis to MLflow run {result.parent_run_id}"), out
     code, out = _invoke("recommend", "--batch-size", "32", str(path))
     assert code == 0 and "lr=" in out, out
+    # The study records its URLs without passwords: by --storage alone, a password-protected tracking store
+    # must be named again, said before anything is written.
+    study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    stored = study.user_attrs["bstune.spec"]
+    study.set_user_attr("bstune.spec", {**stored, "tracking_uri": "postgresql://me:***@db.example/mlflow"})
+    by_storage = ["--storage", spec.storage, "--study", spec.name]
+    code, out = _invoke("analyze", *by_storage, "--json", str(tmp_path / "b.json"))
+    assert code == 2 and "password" in out and "--tracking-uri" in out, out
+    assert not (tmp_path / "b.json").exists()
+    code, out = _invoke("report", *by_storage, "--out", str(tmp_path / "rep"))
+    assert code == 2 and "password" in out and not (tmp_path / "rep").exists(), out
+    code, out = _invoke("analyze", *by_storage, "--json", str(tmp_path / "b.json"), "--no-mlflow")
+    assert code == 0 and (tmp_path / "b.json").exists(), out
 
 
 @pytest.mark.parametrize("content,words", [
