@@ -163,7 +163,6 @@ class GradientProbe:
 class EpochGradients:
     """One epoch's gradient statistics, over its measured steps."""
 
-    measured_steps: int
     grad_norm: float | None  # mean over measured steps of the whole-model gradient norm
     layer_norms: dict[str, float] = field(default_factory=dict)  # mean per-layer gradient norm
     histogram: dict | None = None  # counts on HISTOGRAM_EDGES, whole model and per layer (histogram epochs)
@@ -200,7 +199,7 @@ class GradientStats:
 
     def end_epoch(self) -> EpochGradients:
         if not self._norms:
-            return EpochGradients(0, None)
+            return EpochGradients(None)
         per_step = self.layers.combine(torch.stack(self._norms))  # (steps, layers)
         whole = per_step.pow(2).sum(1).sqrt()
         means = torch.cat([per_step.mean(0), whole.mean(0, keepdim=True)]).tolist()
@@ -213,7 +212,7 @@ class GradientStats:
                 "measured_steps": len(self._norms),
             }
         layer_means = dict(zip(self.layers.names, means[:-1], strict=True))
-        return EpochGradients(len(self._norms), means[-1], layer_means, hist)
+        return EpochGradients(means[-1], layer_means, hist)
 
 
 # --------------------------------------------------------------------------------------------------
