@@ -25,7 +25,7 @@ import torch
 
 from bstune.data import Dataset, load_dataset, random_images
 from bstune.spec import Workload
-from bstune.train import TrainConfig, pick_device, steps_per_epoch, train
+from bstune.train import TrainConfig, pick_device, plan, train
 
 MODES = {  # label -> overrides of TrainConfig
     "off": {"diagnostics_every": 0},
@@ -96,7 +96,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for label, cfg, data in rows:
         t = time_modes(cfg, data, device, args.rounds)
-        steps = steps_per_epoch(data.n_train, cfg.batch_size) * cfg.epochs
+        steps = plan(cfg, data.n_train)[1]
         measured = math.ceil(steps / defaults.diagnostics_every)
         print(f"| {label} | {measured}/{steps} | {t['off'][0]:.3f} | {t['no histograms'][0]:.3f} "
               f"({t['no histograms'][1] - 1:+.1%}) | {t['defaults'][0]:.3f} | {t['defaults'][1] - 1:+.1%} |",

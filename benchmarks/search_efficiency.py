@@ -127,15 +127,11 @@ def _init_worker(spec: StudySpec) -> None:
 def _run_point(args: tuple[StudySpec, tuple[int, float, float, int]]) -> dict[str, Any]:
     spec, (b, lr, m, seed) = args
     assert _DATA is not None
-    objective = spec.search.objective
-    curve: list[float] = []
-    state = "COMPLETE"
     try:
-        train(train_config(spec.workload, b, lr, m, seed), _DATA, torch.device("cpu"),
-              lambda s: curve.append(float(getattr(s, objective))))
+        history = train(train_config(spec.workload, b, lr, m, seed), _DATA, torch.device("cpu"))
+        state, value = "COMPLETE", float(getattr(history[-1], spec.search.objective))
     except Diverged:
-        state = "DIVERGED"
-    value = curve[-1] if state == "COMPLETE" and curve else None
+        state, value = "DIVERGED", None
     return {"batch_size": b, "lr": lr, "momentum": m, "seed": seed, "state": state, "value": value}
 
 

@@ -72,8 +72,7 @@ def log_b_axis(ax: plt.Axes, sizes: list[int]) -> None:
 
 
 def best_per_batch(table: TrialTable) -> dict[int, object]:
-    return {b: min((r for r in rs if r.state == "COMPLETE" and r.value is not None), key=lambda r: r.value)
-            for b, rs in table.by_batch_size().items()}
+    return {b: table.best(rs) for b, rs in table.by_batch_size().items()}
 
 
 def lr_section(store: Store, names: dict[str, str]) -> dict[str, object]:
