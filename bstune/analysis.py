@@ -519,10 +519,7 @@ def _batch_optimum(b: int, records: list[TrialRecord], done: list[TrialRecord], 
     )
     if len(done) < min_trials:
         return out
-    x = np.log2([r.lr for r in done])
-    u = np.log2([1.0 - r.momentum for r in done])
-    y = sign * np.array([r.value for r in done], dtype=float)
-    _place(out, _fit_valley(x, u, y, n_boot, rng), records, sign, warnings)
+    _place(out, _fit_valley(*_valley_points(done, sign, n_boot, rng)), records, sign, warnings)
     return out
 
 
@@ -591,14 +588,22 @@ class _Valley:
     noise: float  # residual RMS of the fit over the valley
 
 
-def _fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, n_boot: int,
-                rng: np.random.Generator) -> _Valley:
-    """Quadratic fit of the (to-be-minimised) objective y over the valley, for the data and every resample."""
+def _valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Completed trials as (log2 lr, log2(1 - m), sign * value), sorted by value, and their weights in the
+    valley for the data (row 0) and every bootstrap resample."""
+    y = sign * np.array([r.value for r in rs], dtype=float)
     order = np.argsort(y, kind="stable")
-    x, u, y = x[order], u[order], y[order]
-    n = len(y)
-    counts = _resample_counts(n, n_boot, rng)
-    weights = _window_weights(y, counts, min(n, _MIN_POINTS_2D))
+    counts = _resample_counts(len(rs), n_boot, rng)
+    x = np.log2([rs[i].lr for i in order])
+    u = np.log2([1.0 - rs[i].momentum for i in order])
+    y = y[order]
+    return x, u, y, _window_weights(y, counts, min(len(rs), _MIN_POINTS_2D))
+
+
+def _fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray) -> _Valley:
+    """Quadratic fit of the (to-be-minimised) objective y over the valley, for the data and every resample
+    (the rows of ``weights``); the points as ``_valley_points`` gives them."""
     used = weights.any(axis=0)  # only trials in some resample's valley matter below
     x, u, y, weights = x[used], u[used], y[used], weights[:, used]
     in0 = weights[0] > 0
@@ -683,14 +688,7 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     for b, rs in sorted(done.items()):
         if len(rs) < 2:
             continue
-        y = sign * np.array([r.value for r in rs], dtype=float)
-        order = np.argsort(y, kind="stable")
-        n = len(rs)
-        counts = _resample_counts(n, n_boot, rng)
-        weights = _window_weights(y[order], counts, min(n, _MIN_POINTS_2D))
-        x = np.log2([rs[i].lr for i in order])
-        u = np.log2([1.0 - rs[i].momentum for i in order])
-        blocks.append((b, x, u, y[order], weights))
+        blocks.append((b, *_valley_points(rs, sign, n_boot, rng)))
     nb = len(blocks)
     # the shared curvature needs data beyond each batch size's offset and slope
     if nb < 2 or sum(int((blk[4][0] > 0).sum()) for blk in blocks) < 2 * nb + 3:
