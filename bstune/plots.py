@@ -54,11 +54,11 @@ def lr_vs_batch(analysis: Analysis, table: TrialTable, extra: Sequence[tuple[int
     axes = fig.subplots(1, 2)
     sizes = table.batch_sizes()
     grid = np.geomspace(min(sizes) / 1.5, max(sizes) * 1.5, 200)
+    done = table.completed()
+    diverged = [r for r in table.records if r.state == "DIVERGED"]
     for ax, effective in zip(axes, (False, True), strict=True):
         what = "effective lr = lr / (1 - m)" if effective else "learning rate lr"
         get = (lambda r: r.effective_lr) if effective else (lambda r: r.lr)
-        done = table.completed()
-        diverged = [r for r in table.records if r.state == "DIVERGED"]
         ax.scatter([r.batch_size for r in done], [get(r) for r in done], s=12, color="#9a9a9a", alpha=0.5,
                    label="completed trials", zorder=2)
         if diverged:
@@ -172,15 +172,14 @@ def objective_map(analysis: Analysis, table: TrialTable) -> Figure:
     # the valleys; pruned trials at their last value, diverged ones along the worst edge
     shown = [r.value for r in table.records if r.state in ("COMPLETE", "PRUNED") and _finite(r.value)]
     worst = _valley_worst(np.array(shown, dtype=float), minimize)
-    for b in sizes:
-        rs = sorted((r for r in table.records if r.batch_size == b and r.state == "COMPLETE" and _finite(r.value)),
-                    key=lambda r: r.effective_lr)
+    for b, group in table.by_batch_size().items():
+        rs = sorted((r for r in group if r.state == "COMPLETE" and _finite(r.value)), key=lambda r: r.effective_lr)
         ax2.plot([r.effective_lr for r in rs], [r.value for r in rs], marker="o", ms=5, lw=1, color=colours[b],
                  label=f"B={b}")
-        pr = [r for r in table.records if r.batch_size == b and r.state == "PRUNED" and _finite(r.value)]
+        pr = [r for r in group if r.state == "PRUNED" and _finite(r.value)]
         ax2.scatter([r.effective_lr for r in pr], [min(r.value, worst) if minimize else r.value for r in pr],
                     marker="^", s=30, facecolor="white", edgecolor=colours[b], zorder=3)
-        dv = [r for r in table.records if r.batch_size == b and r.state == "DIVERGED"]
+        dv = [r for r in group if r.state == "DIVERGED"]
         ax2.scatter([r.effective_lr for r in dv], [worst] * len(dv), marker="X", s=50, color=colours[b],
                     edgecolor=_STATE_COLOURS["DIVERGED"], zorder=3)
     ax2.set_xscale("log")
