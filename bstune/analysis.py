@@ -4,12 +4,13 @@
 
 1. Per batch size, the optimum of a smooth fit to the objective's valley, not the best trial (whose lr
    jitters by an octave in a flat valley). The valley has much the same shape at every batch size and moves
-   with it, so the batch sizes are fitted together (``_pooled_valleys``): one quadratic in log2 of the
-   effective lr lr/(1 - m), or of the plain lr when that fits better (SGD's valley follows the effective lr,
-   Adam's the plain one), over the completed trials near each batch size's best, with per batch size an
-   offset, a slope and a curvature pulled towards the shared one. A batch size with only 2-3 completed
-   trials is placed by the others' curvature; one with many has its own. The argmin, clipped to the
-   valley's sampled range, gives the effective lr*; m* is the valley's weighted median momentum. Where no
+   with it, so the batch sizes are fitted together (``_pooled_valleys``), over the completed trials near
+   each batch size's best: a quadratic across a floor that is a line in (log2 lr, log2(1 - m)), tilted
+   along the effective lr lr/(1 - m) (SGD with many steps), along the plain lr (Adam), or in between, the
+   tilt moving with log2 B; per batch size an offset, a shift of the floor and a curvature, the last two
+   pulled towards the others'. A batch size with only 2-3 completed trials is placed by the others' shape;
+   one with many by its own trials. m* is the valley's weighted median momentum, lr* the floor there,
+   clipped to the valley's sampled range. Where no
    joint fit is possible, each batch size with ``min_trials`` completed trials is fitted alone, by a 2-D
    quadratic in (log2 lr, log2(1 - m)) or a 1-D one. 95% intervals come from a bootstrap over the trials
    (within each batch size), vectorised over resamples. Pruned trials' values come from earlier epochs and
@@ -54,6 +55,10 @@ _MIN_POINTS_2D = 10  # a 2-D quadratic has 6 coefficients
 _MIN_MOMENTUM_SPAN = 1.0  # octaves of (1 - m) the valley must span for a 2-D fit
 _MAX_CONDITION = 1e3  # curvature ratio beyond which the 2-D fit cannot place the momentum
 _POOL_PRIOR = 10.0  # trials' worth of belief that a batch size's valley is as curved as the others'
+_FLOOR_PRIOR = 0.5  # ... that its floor lies on the line through the others' (in log2 B)
+_TILT_PRIOR = 1.0  # ... that the floor's tilt is 1/2, between the plain lr's (0) and the effective lr's (1)
+_LM_STEPS = 40
+_FLOOR_SHARED = 5  # the pooled valley model's shared parameters (see _fit_floor)
 _SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 _GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
 _GRID_STEP = 0.02
@@ -90,7 +95,7 @@ class BatchOptimum:
     value: float | None = None  # the fit's expected objective at the optimum
     max_stable_lr: float | None = None
     max_stable_effective_lr: float | None = None
-    fit: str = ""  # "pooled-effective", "pooled-lr" (fitted with the other batch sizes), "2d", "1d-lr", "1d-effective"
+    fit: str = ""  # "pooled" ("pooled-lr": one momentum; with the other batch sizes), "2d", "1d-lr", "1d-effective"
     n_window: int = 0  # completed trials in the valley the fit used
     bracketed: bool = False  # clearly worse trials on both sides: lr* is an estimate, not a bound
     _log2_lr: np.ndarray | None = field(default=None, repr=False, compare=False)  # point, then replicates
@@ -558,13 +563,17 @@ def _bracket(records: list[TrialRecord], sign: float, v: _Valley, log2_lr: float
              log2_eff: float) -> tuple[bool, bool]:
     """Whether some trial more than half an octave below, and some above, the optimum is clearly worse:
     pruned, diverged, or completed more than twice the fit's residual RMS above the fitted optimum value.
-    Checked in the coordinate the fit used (either one for the 2-D fit)."""
+    Checked in the coordinate the fit used (either one for the 2-D fit; across the floor, at the trial's own
+    momentum, for the pooled fit)."""
     worse = [r for r in records if r.state in ("PRUNED", "DIVERGED")
              or (r.state == "COMPLETE" and (not _is_complete(r) or sign * r.value > v.value + 2.0 * v.noise))]
     offsets = []
-    if v.kind in ("1d-lr", "pooled-lr", "2d"):
+    if v.tilt is not None:  # distance from the floor at the trial's own momentum
+        offsets.append(np.log2([r.lr for r in worse]) - log2_lr
+                       - v.tilt * (np.log2([1.0 - r.momentum for r in worse]) - float(v.log2_one_minus_m[0])))
+    elif v.kind in ("1d-lr", "2d"):
         offsets.append(np.log2([r.lr for r in worse]) - log2_lr)
-    if v.kind in ("1d-effective", "pooled-effective", "2d"):
+    if v.tilt is None and v.kind in ("1d-effective", "2d"):
         offsets.append(np.log2([r.effective_lr for r in worse]) - log2_eff)
     return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
 
@@ -586,6 +595,7 @@ class _Valley:
     kind: str
     n_window: int
     noise: float  # residual RMS of the fit over the valley
+    tilt: float | None = None  # the pooled fit's floor: d log2 lr / d log2(1 - m) along it
 
 
 def _valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int,
@@ -672,72 +682,149 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     batch size.
 
     The valley has much the same shape at every batch size; what the batch size changes is where it sits
-    (Smith & Le 2018; Shallue et al. 2018). So one quadratic in z = log2 lr or log2 effective lr (centred per
-    batch size) is fitted to all batch sizes' valleys at once, with per batch size an offset, a slope and a
-    curvature pulled towards the shared one by a ridge worth _POOL_PRIOR trials:
+    (Smith & Le 2018; Shallue et al. 2018). Its floor is a line in (x, u) = (log2 lr, log2(1 - m)): along
+    the effective lr (x - u constant, a tilt of 1) for SGD with many steps, along the plain lr (tilt 0)
+    for Adam, and in between when a run is too short for momentum to act as a plain multiplier on the lr
+    (large batches: on digits, a run at B = 512 is 36 steps). So all batch sizes' valleys are fitted at once
+    with (``_fit_floor``)
 
-        y = c_B + beta_B z + (a + d_B) z^2
+        y = c_B + k_B (x - s_B(u))^2,   s_B(u) = a + b L + f_B + (g + h L) u,   L = log2 B (centred)
 
-    A batch size with two or three completed trials is placed by the others' curvature; one with many has
-    its own. Separate 2-D fits per batch size would need ten trials in each valley and still wobble with
-    the momenta drawn; here the momentum at the optimum is the weighted median of the valley's. Each row
-    (the data, then every resample) takes the coordinate with the smaller residual over all batch sizes, as
-    ``_fit_valley`` does per batch size. Resamples draw trials within each batch size; where one drew fewer
-    than two distinct trials of a batch size, that batch size takes another resample's replicate."""
+    the floor a line in log2 B with per batch size a shift f_B, its tilt moving linearly with log2 B, and
+    the curvature k_B = exp(kappa + d_B); f_B and d_B pulled towards 0 by priors worth _FLOOR_PRIOR and
+    _POOL_PRIOR trials. A batch size with two or three completed trials is placed by the others' shape and
+    by the line through their floors; one with many by its own trials. The momentum at the optimum is the
+    valley's weighted median, the lr* the floor there, clipped to the valley's sampled lr range. Each row
+    (the data, then every resample) is fitted alike. Resamples draw trials within each batch size; where one
+    drew fewer than two distinct trials of a batch size, that batch size takes another resample's
+    replicate."""
     blocks = []
     for b, rs in sorted(done.items()):
         if len(rs) < 2:
             continue
         blocks.append((b, *_valley_points(rs, sign, n_boot, rng)))
     nb = len(blocks)
-    # the shared curvature needs data beyond each batch size's offset and slope
+    # the shared shape needs data beyond each batch size's offset and shift
     if nb < 2 or sum(int((blk[4][0] > 0).sum()) for blk in blocks) < 2 * nb + 3:
         return {}
     ids = np.concatenate([np.full(len(blk[3]), j) for j, blk in enumerate(blocks)])
-    one_hot = np.eye(nb)[ids]
+    x = np.concatenate([blk[1] for blk in blocks])
+    u = np.concatenate([blk[2] for blk in blocks])
     y0 = min(float(blk[3].min()) for blk in blocks)
-    y_all = np.concatenate([blk[3] for blk in blocks]) - y0
-    w_all = np.concatenate([blk[4] for blk in blocks], axis=1)
-    in0 = w_all[0] > 0
-    momentum_fixed = all(float(np.ptp(blk[2])) < 1e-9 for blk in blocks)
-    kinds = ["1d-lr"] if momentum_fixed else ["1d-lr", "1d-effective"]
-    rows = np.arange(w_all.shape[0])
-    fits = []
-    for kind in kinds:
-        zs, spans = [], []
-        for _, x, u, _, w in blocks:
-            z = x if kind == "1d-lr" else x - u
-            inside = w[0] > 0
-            centre = float(z[inside].mean())
-            spans.append((centre, float(z[inside].min()) - centre, float(z[inside].max()) - centre))
-            zs.append(z - centre)
-        z = np.concatenate(zs)
-        feats = np.concatenate([one_hot, one_hot * z[:, None], one_hot * (z * z)[:, None], (z * z)[:, None]], axis=1)
-        penalty = np.zeros(feats.shape[1])
-        penalty[2 * nb : 3 * nb] = _POOL_PRIOR * float(np.mean(z[in0] ** 4))  # as if _POOL_PRIOR trials said d_B = 0
-        coef, sse = _wls(feats, y_all, w_all, penalty)
-        r2 = w_all[0] * (y_all - feats @ coef[0]) ** 2  # the data's residuals: each batch size's own noise
-        noise = [math.sqrt(float(r2[ids == j].sum() / max(w_all[0, ids == j].sum(), 1e-12))) for j in range(nb)]
-        best, value = [], []
-        for j, (centre, lo, hi) in enumerate(spans):
-            cj = np.stack([coef[:, j], coef[:, nb + j], coef[:, 2 * nb + j] + coef[:, -1]], axis=1)
-            bz = _argmin_1d(cj, lo, hi)
-            distinct = (w_all[:, ids == j] > 0).sum(axis=1) >= 2
-            best.append(np.where(distinct, bz + centre, np.nan))
-            value.append(float(cj[0, 0] + cj[0, 1] * bz[0] + cj[0, 2] * bz[0] ** 2))
-        fits.append((np.stack(best, axis=1), np.array(value), sse, noise))
-    pick = np.argmin(np.stack([f[2] for f in fits], axis=1), axis=1)
+    y = np.concatenate([blk[3] for blk in blocks]) - y0
+    w = np.concatenate([blk[4] for blk in blocks], axis=1)
+    in0 = w[0] > 0
+    log2_b = np.log2([float(blk[0]) for blk in blocks])
+    lb = log2_b - float(log2_b.mean())
+    tilted = float(np.ptp(u)) >= 1e-9  # with one momentum there is no tilt to fit
+    u_centre = float(u[in0].mean())
+    uc = u - u_centre if tilted else np.zeros_like(u)
+    theta = _fit_floor(x, uc, lb, y, w, ids, tilted)
+    a, b_, g, h, kappa = (theta[:, i] for i in range(_FLOOR_SHARED))
+    c, d, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in range(3))
     out = {}
-    for j, (b, _, u, _, w) in enumerate(blocks):
-        z = np.stack([f[0][:, j] for f in fits], axis=1)[rows, pick]
-        lost = np.isnan(z)
+    for j, (b, xb, ub, _, wb) in enumerate(blocks):
+        lu = _weighted_median_rows(ub, wb)
+        tilt = g + h * lb[j]
+        lx = a + b_ * lb[j] + f[:, j] + tilt * ((lu - u_centre) if tilted else 0.0)
+        inside = wb[0] > 0
+        lx = np.clip(lx, float(xb[inside].min()), float(xb[inside].max()))
+        lost = (wb > 0).sum(axis=1) < 2
+        if lost.all():
+            continue
         if lost.any():
-            z[lost] = z[rng.choice(np.flatnonzero(~lost), size=int(lost.sum()))]
-        lu = _weighted_median_rows(u, w)
-        lx = np.where(np.array(kinds)[pick] == "1d-lr", z, z + lu)
-        out[b] = _Valley(lx, lu, float(fits[pick[0]][1][j]) + y0, "pooled-" + kinds[pick[0]][3:],
-                         int((w[0] > 0).sum()), fits[pick[0]][3][j])
+            take = rng.choice(np.flatnonzero(~lost), size=int(lost.sum()))
+            lx[lost], lu[lost] = lx[take], lu[take]
+        mine = ids == j
+        e = x[mine] - (a[0] + b_[0] * lb[j] + f[0, j] + tilt[0] * uc[mine])
+        resid = y[mine] - c[0, j] - np.exp(kappa[0] + d[0, j]) * e**2
+        noise = math.sqrt(float((w[0, mine] * resid**2).sum() / max(w[0, mine].sum(), 1e-12)))
+        out[b] = _Valley(lx, lu, float(c[0, j]) + y0, "pooled" if tilted else "pooled-lr", int(inside.sum()),
+                         noise, float(tilt[0]) if tilted else 0.0)
     return out
+
+
+def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weights: np.ndarray,
+               ids: np.ndarray, tilted: bool) -> np.ndarray:
+    """Weighted least squares of ``_pooled_valleys``'s valley model for every row of ``weights`` at once
+    (Levenberg-Marquardt, all rows in step), from a start the data's best trials give. Returns the
+    parameters (R, 5 + 3 nb): a, b, g, h, kappa, then c_B, d_B, f_B per batch size."""
+    nb = len(lb)
+    R, n = weights.shape
+    p = _FLOOR_SHARED + 3 * nb
+    one_hot = np.eye(nb)[ids]  # (n, nb)
+    L = lb[ids]
+    in0 = weights[0] > 0
+    # start: the floor through each batch size's best trial with a tilt of 1/2, a common curvature
+    best = [int(np.flatnonzero((ids == j) & in0)[np.argmin(y[(ids == j) & in0])]) for j in range(nb)]
+    g0 = 0.5 if tilted else 0.0
+    shift = np.array([x[i] - g0 * u[i] for i in best])
+    slope = float(np.polyfit(lb, shift, 1)[0]) if nb >= 2 else 0.0
+    intercept = float(shift.mean() - slope * lb.mean())
+    e0 = x - (intercept + slope * L + (shift - intercept - slope * lb)[ids] + g0 * u)
+    spread = float(np.average(e0**2, weights=weights[0]))
+    k0 = max(float(np.average(y, weights=weights[0])), 1e-9) / max(spread, 0.25)
+    theta0 = np.concatenate([[intercept, slope, g0, 0.0, math.log(k0)],
+                             [float(y[(ids == j) & in0].min()) for j in range(nb)], np.zeros(nb),
+                             shift - intercept - slope * lb])
+    # priors, in the data's units: "worth n trials" of the change each parameter makes to a trial's value
+    m2, m4 = spread, float(np.average(e0**4, weights=weights[0]))
+    prior_w = np.zeros(p)
+    first = _FLOOR_SHARED
+    prior_w[first + nb : first + 2 * nb] = _POOL_PRIOR * k0**2 * m4
+    prior_w[first + 2 * nb :] = _FLOOR_PRIOR * 4.0 * k0**2 * m2
+    prior_w[2] = _TILT_PRIOR * 4.0 * k0**2 * m2 * float(np.average(u**2, weights=weights[0]))
+    prior_w[3] = prior_w[2] * max(float(np.mean(lb**2)), 1e-12)
+    centre = np.zeros(p)
+    centre[2] = g0
+    free = np.ones(p, dtype=bool)
+    if not tilted:
+        free[2:4] = False
+    sw = np.sqrt(weights)
+
+    def residuals(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b, g, h, kappa = (theta[:, i : i + 1] for i in range(_FLOOR_SHARED))
+        c, d, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in range(3))
+        e = x - (a + b * L + f[:, ids] + (g + h * L) * u)
+        k = np.exp(kappa + d[:, ids])
+        r = sw * (y - c[:, ids] - k * e**2)
+        pr = np.sqrt(prior_w) * (theta - centre)
+        return np.concatenate([r, pr], axis=1), e, k
+
+    def cost(theta: np.ndarray) -> np.ndarray:
+        return (residuals(theta)[0] ** 2).sum(axis=1)
+
+    theta = np.tile(theta0, (R, 1))
+    lam = np.full(R, 1e-3)
+    current = cost(theta)
+    for _ in range(_LM_STEPS):
+        r, e, k = residuals(theta)
+        dm_ds = -2.0 * k * e  # d model / d floor position
+        jm = np.empty((R, n, p))
+        jm[:, :, 0] = dm_ds
+        jm[:, :, 1] = dm_ds * L
+        jm[:, :, 2] = dm_ds * u
+        jm[:, :, 3] = dm_ds * L * u
+        jm[:, :, 4] = k * e**2
+        first = _FLOOR_SHARED
+        jm[:, :, first : first + nb] = one_hot
+        jm[:, :, first + nb : first + 2 * nb] = (k * e**2)[:, :, None] * one_hot
+        jm[:, :, first + 2 * nb :] = dm_ds[:, :, None] * one_hot
+        jac = np.concatenate([-sw[:, :, None] * jm, np.broadcast_to(np.diag(np.sqrt(prior_w)), (R, p, p))],
+                             axis=1)
+        jac[:, :, ~free] = 0.0
+        a_mat = np.matmul(jac.transpose(0, 2, 1), jac)
+        grad = np.matmul(jac.transpose(0, 2, 1), r[:, :, None])[:, :, 0]
+        diag = np.diagonal(a_mat, axis1=1, axis2=2)
+        ridge = (1e-9 * diag.sum(axis=1) + 1e-12)[:, None] + lam[:, None] * diag
+        step = -np.linalg.solve(a_mat + ridge[:, :, None] * np.eye(p), grad[:, :, None])[:, :, 0]
+        trial = theta + step
+        new = cost(trial)
+        better = new < current
+        theta = np.where(better[:, None], trial, theta)
+        current = np.where(better, new, current)
+        lam = np.where(better, lam / 3.0, lam * 4.0)
+    return theta
 
 
 def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -226,6 +226,31 @@ def test_a_valley_in_plain_lr_is_fitted_in_plain_lr():
     assert r.basis == "lr" and _octaves(r.lr, 1e-3 * 2) <= 0.25
 
 
+def test_a_floor_that_turns_from_effective_lr_to_plain_lr_with_the_batch_size_is_followed():
+    # A short run (large B) leaves momentum no time to act as a multiplier on the lr: the valley's floor runs
+    # along lr/(1 - m) at B = 32 and along the plain lr at B = 512 (as on digits). Few trials per batch size.
+    rng = np.random.default_rng(1)
+    u0 = math.log2(0.1)
+
+    def floor(b: int, u: float) -> float:  # log2 lr* at log2(1 - m) = u
+        t = math.log2(b / 32) / 4.0
+        return math.log2(0.05) + 0.8 * math.log2(b / 32) + (1.0 - t) * (u - u0)
+
+    records = []
+    for b in (32, 64, 128, 256, 512):
+        for _ in range(8):
+            u = rng.uniform(math.log2(0.02), 0.0)
+            x = floor(b, u) + rng.uniform(-2.0, 2.0)
+            value = 0.3 + 0.05 * (x - floor(b, u)) ** 2 + 0.01 * (u - u0) ** 2 + 0.005 * rng.standard_normal()
+            records.append(TrialRecord(number=len(records), batch_size=b, lr=2**x, momentum=1 - 2**u, value=value,
+                                       state="COMPLETE"))
+    a = analyze(TrialTable(records))
+    for o in a.per_batch:
+        assert o.fit == "pooled"
+        # lr* is on the floor at the momentum the fit chose, whichever way the floor runs at this B
+        assert abs(math.log2(o.lr) - floor(o.batch_size, math.log2(1 - o.momentum))) <= 0.3, o.batch_size
+
+
 # ------------------------------------------------------------------------------------ steps to target
 
 
