@@ -10,12 +10,13 @@ see ``bench_spec``), in temporary stores, to the same budget in examples process
 - bstune: the search of ``studies/digits.yaml`` (its sampler, pruner and allocation over batch sizes);
 - protocol: Sobol quasi-random (lr, momentum) independently per batch size, every trial to the end.
 
-Every few trials the trials so far are analysed by ``analyze()`` and its effective lr* = lr/(1 - m) per batch
-size compared with a reference: ``analyze()`` on a dense grid over (effective lr, momentum) at every batch size
-and several training seeds, run once and cached in ``search_efficiency_reference.json`` (recomputed when the
-workload or the grid changes). ``--compare`` measures other searches beside the two (see COMPARE); ``--runs``
-keeps every run in a JSON file, so that adding a search or re-writing the report does not re-run the others.
-About 3 minutes per search and seed on 2 busy CPU cores, two at a time.
+Every few trials the trials so far are analysed by ``analyze()`` and its lr* per batch size compared with a
+reference's lr* at the same momentum: the valley floor of a dense grid over (effective lr, momentum) at every
+batch size and two training seeds, run once and cached in ``search_efficiency_reference.json`` (recomputed when
+the workload or the grid changes). ``estimator_floor`` measures what ``analyze()`` makes of well-placed trials
+drawn from that grid: the part of the error no search can remove. ``--compare`` measures other searches beside
+the two (see COMPARE); ``--runs`` keeps every run in a JSON file, so that adding a search or re-writing the
+report does not re-run the others. About a minute per search and seed on 2 CPU cores, two at a time.
 """
 
 from __future__ import annotations
@@ -153,6 +154,14 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
                         seconds: float) -> dict[str, Any]:
     result = analyze(trial_table(rows, spec, n_train), seed=0)
     sign = 1.0 if spec.search.direction == "minimize" else -1.0
+    # The valley floor: lr* at each grid momentum, from analyze() on that momentum's column of the grid.
+    valley: dict[int, list[list[float]]] = {int(b): [] for b in spec.search.batch_sizes}
+    for m in GRID_MOMENTA:
+        column = [r for r in rows if r["momentum"] == m]
+        if column:
+            for o in analyze(trial_table(column, spec, n_train), seed=0).per_batch:
+                if o.fitted and o.bracketed and o.lr_interval is not None:
+                    valley[o.batch_size].append([m, o.lr, *o.lr_interval])
     per_batch = {}
     for o in result.per_batch:
         if not (o.fitted and o.bracketed):
@@ -165,6 +174,7 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
                 means.setdefault((r["lr"], r["momentum"]), []).append(sign * v)
         best_lr, best_m = min(means, key=lambda k: float(np.mean(means[k])))
         per_batch[str(o.batch_size)] = {
+            "valley": valley[o.batch_size],
             "effective_lr": o.effective_lr, "effective_lr_interval": list(o.effective_lr_interval or ()),
             "lr": o.lr, "lr_interval": list(o.lr_interval or ()), "momentum": o.momentum, "fit": o.fit,
             "fitted_value": o.value, "best_grid_value": sign * float(np.mean(means[(best_lr, best_m)])),
@@ -293,35 +303,88 @@ def estimate(records: list[TrialRecord], table: TrialTable, ref: dict[str, Any])
     sub = TrialTable(records, direction=table.direction, metric=table.metric, n_train=table.n_train)
     sign = 1.0 if table.direction == "minimize" else -1.0
     errors: dict[str, float | None] = {str(b): None for b in map(int, ref["per_batch"])}
+    eff_errors = dict(errors)
     try:
         result = analyze(sub)
     except BstuneError:
         result = None
     if result is not None:
         for o in result.per_batch:
-            if o.effective_lr is not None and str(o.batch_size) in errors:
-                errors[str(o.batch_size)] = abs(math.log2(o.effective_lr / ref["per_batch"][str(o.batch_size)]
-                                                          ["effective_lr"]))
+            r = ref["per_batch"].get(str(o.batch_size))
+            if o.lr is not None and o.momentum is not None and r is not None:
+                errors[str(o.batch_size)] = abs(math.log2(o.lr / reference_lr(r, o.momentum)))
+                eff_errors[str(o.batch_size)] = abs(math.log2(o.effective_lr / r["effective_lr"]))
     gaps = []
     for b, r in ref["per_batch"].items():
         done = [x.value for x in records if x.batch_size == int(b) and x.state == "COMPLETE" and x.value is not None
                 and math.isfinite(x.value)]
         gaps.append(min(sign * v for v in done) - sign * r["best_grid_value"] if done else math.inf)
-    known = [e for e in errors.values() if e is not None]
-    error = float(np.mean(known)) if len(known) == len(errors) else math.inf
-    return {"error": error, "per_batch": errors, "gap": float(np.mean(gaps))}
+    def mean(es: dict[str, float | None]) -> float:
+        known = [e for e in es.values() if e is not None]
+        return float(np.mean(known)) if len(known) == len(es) else math.inf
+
+    return {"error": mean(errors), "per_batch": errors, "eff_error": mean(eff_errors), "gap": float(np.mean(gaps))}
 
 
-def compute_to_target(points: Sequence[dict[str, Any]], target: float = TARGET) -> tuple[float, float]:
-    """Compute at which the error first goes under `target`, and from which it stays under it to the end of
-    the run (inf where it does not)."""
-    first = next((p["compute"] for p in points if p["error"] < target), math.inf)
+def reference_lr(ref_b: dict[str, Any], momentum: float) -> float:
+    """The reference's lr* at this momentum: its valley floor (lr* per grid momentum, where bracketed),
+    interpolated linearly in log2 lr against log2(1 - m), held flat beyond the end columns."""
+    floor = sorted((math.log2(1.0 - m), math.log2(lr)) for m, lr, *_ in ref_b["valley"])
+    us, xs = zip(*floor, strict=True)
+    return float(2.0 ** np.interp(math.log2(max(1.0 - momentum, 1e-12)), us, xs))
+
+
+def compute_to_target(points: Sequence[dict[str, Any]], target: float = TARGET,
+                      key: str = "error") -> tuple[float, float]:
+    """Compute at which the error (``key``) first goes under `target`, and from which it stays under it to
+    the end of the run (inf where it does not)."""
+    first = next((p["compute"] for p in points if p[key] < target), math.inf)
     stays = math.inf
     for p in reversed(points):
-        if p["error"] >= target:
+        if p[key] >= target:
             break
         stays = p["compute"]
     return first, stays
+
+
+# ------------------------------------------------------------------------------------------ floor
+
+FLOOR_PER_BATCH = (3, 4, 6, 8)  # trials per batch size (2 at each is too few for the joint fit)
+FLOOR_DRAWS = 40
+ORACLE_BAND = 1.5  # octaves either side of the reference's valley floor
+
+
+def estimator_floor(ref: dict[str, Any], spec: StudySpec, draws: int = FLOOR_DRAWS, seed: int = 0,
+                    key: str = "error") -> list[dict[str, Any]]:
+    """What analyze() makes of n completed trials per batch size that a search could not have placed
+    better: drawn from the reference grid itself (one training seed per draw, as a search has), either
+    *oracle* (within ORACLE_BAND octaves of the reference's valley floor at the trial's momentum) or
+    *anywhere* on the grid (where the standard protocol's trials fall). No training: this is the estimator's
+    share of the error, which no search can remove."""
+    rng = np.random.default_rng(seed)
+    rows = [r for r in ref["rows"] if r["state"] == "COMPLETE"]
+
+    def on_floor(r: dict[str, Any]) -> bool:
+        floor = reference_lr(ref["per_batch"][str(r["batch_size"])], r["momentum"])
+        return abs(math.log2(r["lr"] / floor)) <= ORACLE_BAND
+
+    out = []
+    for n in FLOOR_PER_BATCH:
+        row: dict[str, Any] = {"per_batch": n}
+        for design in ("oracle", "anywhere"):
+            errors = []
+            for _ in range(draws):
+                s = int(rng.choice(REFERENCE_SEEDS))
+                picked = []
+                for b in spec.search.batch_sizes:
+                    pool = [r for r in rows if r["batch_size"] == b and r["seed"] == s
+                            and (design == "anywhere" or on_floor(r))]
+                    picked += [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+                table = trial_table(picked, spec, ref["n_train"])
+                errors.append(estimate(table.records, table, ref)[key])
+            row[design] = (statistics.median(errors), sum(e < TARGET for e in errors) / draws)
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -347,12 +410,13 @@ def _summary(values: Sequence[float], nd: int = 2) -> str:
 
 
 def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec, budget: float, seeds: Sequence[int],
-           unit: int, command: str = "") -> list[str]:
+           unit: int, command: str = "", floor_rows: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The Markdown report; its last line is the median compute ratio."""
     w, s = spec.workload, spec.search
     by = {(r["label"], r["seed"]): r["points"] for r in runs}
     widths = [float(np.mean([math.log2(r[k][1] / r[k][0]) for r in ref["per_batch"].values()]))
               for k in ("lr_interval", "effective_lr_interval")]
+    floor_width = float(np.mean([math.log2(v[3] / v[2]) for r in ref["per_batch"].values() for v in r["valley"]]))
     lines = [
         "# Search efficiency: bstune's search against the standard protocol",
         "",
@@ -375,15 +439,18 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "and the sampler seed of both searches.",
         f"- **Compute**: examples processed, counted in full trials ({w.epochs} epochs x {ref['n_train']} = "
         f"{unit:,} examples); both searches get {budget:g} full trials' worth ({budget * unit:,.0f} examples).",
-        "- **Quantity**: the effective lr* = lr/(1 - m) per batch size, from `analyze()` on the trials run so "
-        "far (identically for both searches). With momentum searched the valley runs along lr/(1 - m): trials "
-        "at m = 0.9 and m = 0.5 with the same lr/(1 - m) score alike, so the plain lr* of the fit slides along "
-        "the valley while its lr/(1 - m) stays put (in the reference below the plain lr*'s 95% interval is "
-        f"{widths[0]:.1f} octaves wide on average, the effective lr*'s {widths[1]:.1f}). Error = mean over the "
-        "batch sizes of |log2(effective lr* / reference)|, in octaves; undefined (-) until `analyze()` gives "
-        "every batch size an estimate, which takes 2 completed trials at each (the batch sizes' valleys are "
-        "fitted together, with one shape): "
-        f"{len(s.batch_sizes) * 2} full trials at the least, for any search.",
+        "- **Quantity**: lr*(B) as `analyze()` gives it on the trials run so far (identically for both "
+        "searches): per batch size an lr and a momentum m*. With momentum searched the valley's floor runs "
+        "through (lr, m): at B = 32 along lr/(1 - m), at B = 512 (36 optimizer steps a run) along the "
+        "plain lr, so trials at m = 0.5 and 0.9 on the floor score alike and no single lr* or lr/(1 - m) is "
+        "*the* optimum; what must be right is the lr for the momentum the analysis recommends. Error = mean "
+        "over the batch sizes of |log2(lr* / reference lr* at m*)|, in octaves, the reference's lr* at m* "
+        "read off its valley floor (below); undefined (-) until `analyze()` gives every batch size an "
+        "estimate, which takes 2 completed trials at each and 3 more (the batch sizes' valleys are fitted "
+        f"together): {len(s.batch_sizes) * 2 + 3} full trials at the least, for any search. The error of the "
+        "effective lr* lr/(1 - m) against the reference's single effective lr* is shown too; it charges a search for "
+        "choosing a different, equally good, momentum (the reference's own 95% interval of the effective lr* "
+        f"is {widths[1]:.1f} octaves wide on average, its lr*'s at a given momentum {floor_width:.1f}).",
         f"- **Reference**: `analyze()` on a dense grid run once ({ref['n_trials']} trials: effective lr "
         f"2^{GRID_LOG2_EFF[0]:g}..2^{GRID_LOG2_EFF[-1]:g} in half octaves x momentum "
         f"{', '.join(f'{m:g}' for m in GRID_MOMENTA)}, inside the searched lr range, at training seeds "
@@ -394,12 +461,19 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "",
         "## Reference optimum",
         "",
-        "| B | effective lr* | 95% interval | lr* | m* | best grid value |",
-        "|---:|---:|---|---:|---:|---:|",
+        "The valley floor: lr* at each momentum of the grid, from `analyze()` on that momentum's trials "
+        "(where its optimum is bracketed; between the momenta, interpolated in log2 lr against log2(1 - m)). "
+        "The last columns: `analyze()` on the whole grid.",
+        "",
+        "| B | " + " | ".join(f"lr* at m = {m:g}" for m in GRID_MOMENTA)
+        + " | effective lr* (95% interval) | its m* | best grid value |",
+        "|---:|" + "---:|" * (len(GRID_MOMENTA) + 3),
     ]
     for b, r in ref["per_batch"].items():
         lo, hi = r["effective_lr_interval"]
-        lines.append(f"| {b} | {r['effective_lr']:.3g} | {lo:.3g}..{hi:.3g} | {r['lr']:.3g} | {r['momentum']:.3f} "
+        at = {v[0]: f"{v[1]:.3g}" for v in r["valley"]}
+        lines.append(f"| {b} | " + " | ".join(at.get(m, "-") for m in GRID_MOMENTA)
+                     + f" | {r['effective_lr']:.3g} ({lo:.3g}..{hi:.3g}) | {r['momentum']:.3f} "
                      f"| {r['best_grid_value']:.4f} |")
     extra = [x for x in COMPARE if any(r["label"] == x for r in runs)]
     labels = ["bstune", "protocol", *extra]
@@ -409,22 +483,18 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
     lines += [
         "",
         f"## Against compute (median over {len(seeds)} seeds [min, max])",
-        "",
-        "Error of the effective lr* per batch size (octaves):",
-        "",
-        "| compute (full trials) | " + " | ".join(labels) + " |",
-        "|---:|" + "---|" * len(labels),
     ]
     marks = [c for c in (5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100, 120, 140, 160, 180, 200)
              if c <= budget] + ([budget] if budget % 10 else [])
-    for key, nd, title in (("error", 2, None), ("gap", 4, f"Best-value gap ({s.objective}):")):
-        if title:
-            lines += ["", title, "", "| compute (full trials) | " + " | ".join(labels) + " |",
-                      "|---:|" + "---|" * len(labels)]
+    for key, nd, title in (("error", 2, "Error of lr* at the recommended momentum (octaves):"),
+                           ("eff_error", 2, "Error of the effective lr* (octaves; for comparison):"),
+                           ("gap", 4, f"Best-value gap ({s.objective}):")):
+        lines += ["", title, "", "| compute (full trials) | " + " | ".join(labels) + " |",
+                  "|---:|" + "---|" * len(labels)]
         for c in marks:
             row = [f"{c:g}"] + [_summary([_at(by[(label, seed)], c, key) for seed in seeds], nd) for label in labels]
             lines.append("| " + " | ".join(row) + " |")
-    floor = len(s.batch_sizes) * 2
+    floor = len(s.batch_sizes) * 2 + 3
     lines += [
         "",
         f"## Compute to bring the error under {TARGET:g} octave (a factor of sqrt(2))",
@@ -432,7 +502,8 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "*first*: the first evaluation (every 2.5 full trials) with the error under it; *kept*: the one from "
         "which it stays under it to the end of the run. The ratio uses *kept*; a search that never gets there "
         f"counts as needing the whole budget ({budget:g}), which makes its ratio a bound. No search can get "
-        f"there before {floor} full trials (2 completed trials at each batch size), so a protocol that needs "
+        f"there before {floor} full trials (2 completed trials at each batch size, {floor} in all), so a "
+        "protocol that needs "
         f"P full trials caps the ratio at P / {floor}.",
         "",
         "| seed | " + " | ".join(f"{x} first | {x} kept" for x in labels) + " | ratio (protocol / bstune) |"
@@ -451,12 +522,34 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         lines.append("| " + " | ".join(row) + " |")
     median = statistics.median([r for r in ratios if math.isfinite(r)] or [math.nan])
     kept = statistics.median(min(compute_to_target(by[("protocol", x)])[1], budget) for x in seeds)
+    eff_ratios = [_ratio(compute_to_target(by[("protocol", x)], key="eff_error")[1],
+                         compute_to_target(by[("bstune", x)], key="eff_error")[1], budget)[0] for x in seeds]
+    eff_median = statistics.median([r for r in eff_ratios if math.isfinite(r)] or [math.nan])
     lines += [
         "",
-        f"The protocol's median *kept*: {kept:.1f} full trials (so here the ratio cannot exceed {kept / floor:.1f}).",
-        "",
-        f"compute ratio (protocol / bstune): {median:.2f}",
+        f"The protocol's median *kept*: {kept:.1f} full trials (so here the ratio cannot exceed {kept / floor:.1f}). "
+        f"Measured on the effective lr* instead, the median ratio is {eff_median:.2f}.",
     ]
+    if floor_rows:
+        lines += [
+            "",
+            "## What the estimator allows",
+            "",
+            "`analyze()` on n completed trials per batch size drawn from the reference grid itself (one training "
+            f"seed per draw, as a search has; {FLOOR_DRAWS} draws): *oracle*, within {ORACLE_BAND:g} octaves of "
+            "the reference's valley floor at the trial's momentum, as well placed as a search could place them; "
+            "*anywhere*, any grid point, as the protocol's trials fall. No training: this is the error that "
+            "the estimate keeps however the trials were chosen, and the compute no search can go below.",
+            "",
+            "| trials per batch size | full trials | oracle: median error | oracle: under 0.5 | anywhere: median "
+            "error | anywhere: under 0.5 |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in floor_rows:
+            n = row["per_batch"]
+            (om, oshare), (am, ashare) = row["oracle"], row["anywhere"]
+            lines.append(f"| {n} | {n * len(s.batch_sizes)} | {_fmt(om)} | {oshare:.0%} | {_fmt(am)} | {ashare:.0%} |")
+    lines += ["", f"compute ratio (protocol / bstune): {median:.2f}"]
     return lines
 
 
@@ -510,7 +603,8 @@ def main() -> None:
                     Path(args.runs).write_text(json.dumps(kept + runs))
     command = f" --seeds {args.seeds} --budget {args.budget:g}" + "".join(
         f" --compare {' '.join(args.compare)}" for _ in args.compare[:1])
-    lines = report(runs, ref, spec, args.budget, seeds, unit, command)
+    log(f"estimator floor: analyze() on trials drawn from the reference grid ({FLOOR_DRAWS} draws per row)")
+    lines = report(runs, ref, spec, args.budget, seeds, unit, command, estimator_floor(ref, spec))
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)
