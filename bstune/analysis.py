@@ -58,6 +58,7 @@ _POOL_PRIOR = 10.0  # trials' worth of belief that a batch size's valley is as c
 _FLOOR_PRIOR = 0.5  # ... that its floor lies on the line through the others' (in log2 B)
 _TILT_PRIOR = 1.0  # ... that the floor's tilt is 1/2, between the plain lr's (0) and the effective lr's (1)
 _LM_STEPS = 40
+_LM_TOL = 1e-9  # relative decrease of the cost below which a row has converged
 _FLOOR_SHARED = 5  # the pooled valley model's shared parameters (see _fit_floor)
 _SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 _GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
@@ -707,12 +708,14 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     # the shared shape needs data beyond each batch size's offset and shift
     if nb < 2 or sum(int((blk[4][0] > 0).sum()) for blk in blocks) < 2 * nb + 3:
         return {}
-    ids = np.concatenate([np.full(len(blk[3]), j) for j, blk in enumerate(blocks)])
-    x = np.concatenate([blk[1] for blk in blocks])
-    u = np.concatenate([blk[2] for blk in blocks])
-    y0 = min(float(blk[3].min()) for blk in blocks)
-    y = np.concatenate([blk[3] for blk in blocks]) - y0
     w = np.concatenate([blk[4] for blk in blocks], axis=1)
+    used = w.any(axis=0)  # only trials in some resample's valley matter below
+    w = w[:, used]
+    ids = np.concatenate([np.full(len(blk[3]), j) for j, blk in enumerate(blocks)])[used]
+    x = np.concatenate([blk[1] for blk in blocks])[used]
+    u = np.concatenate([blk[2] for blk in blocks])[used]
+    y0 = min(float(blk[3].min()) for blk in blocks)
+    y = np.concatenate([blk[3] for blk in blocks])[used] - y0
     in0 = w[0] > 0
     log2_b = np.log2([float(blk[0]) for blk in blocks])
     lb = log2_b - float(log2_b.mean())
@@ -752,7 +755,6 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
     nb = len(lb)
     R, n = weights.shape
     p = _FLOOR_SHARED + 3 * nb
-    one_hot = np.eye(nb)[ids]  # (n, nb)
     L = lb[ids]
     in0 = weights[0] > 0
     # start: the floor through each batch size's best trial with a tilt of 1/2, a common curvature
@@ -780,9 +782,8 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
     free = np.ones(p, dtype=bool)
     if not tilted:
         free[2:4] = False
-    sw = np.sqrt(weights)
 
-    def residuals(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def residuals(theta: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b, g, h, kappa = (theta[:, i : i + 1] for i in range(_FLOOR_SHARED))
         c, d, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in range(3))
         e = x - (a + b * L + f[:, ids] + (g + h * L) * u)
@@ -791,40 +792,68 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
         pr = np.sqrt(prior_w) * (theta - centre)
         return np.concatenate([r, pr], axis=1), e, k
 
-    def cost(theta: np.ndarray) -> np.ndarray:
-        return (residuals(theta)[0] ** 2).sum(axis=1)
+    shared_free = free[:_FLOOR_SHARED].astype(float)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # where each batch size's trials begin
+    block = _FLOOR_SHARED + np.arange(3)[:, None] * nb + np.arange(nb)[None, :]  # (c, d, f) x batch size
 
-    theta = np.tile(theta0, (R, 1))
-    lam = np.full(R, 1e-3)
-    current = cost(theta)
-    for _ in range(_LM_STEPS):
-        r, e, k = residuals(theta)
+    def normal_equations(theta: np.ndarray, e: np.ndarray, k: np.ndarray, wr: np.ndarray,
+                         w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """J'J and J'r of the weighted residuals, from the model's gradient per trial: five shared
+        parameters, and (c, d, f) of the trial's own batch size, so each sum over trials is a small one."""
         dm_ds = -2.0 * k * e  # d model / d floor position
-        jm = np.empty((R, n, p))
-        jm[:, :, 0] = dm_ds
-        jm[:, :, 1] = dm_ds * L
-        jm[:, :, 2] = dm_ds * u
-        jm[:, :, 3] = dm_ds * L * u
-        jm[:, :, 4] = k * e**2
-        first = _FLOOR_SHARED
-        jm[:, :, first : first + nb] = one_hot
-        jm[:, :, first + nb : first + 2 * nb] = (k * e**2)[:, :, None] * one_hot
-        jm[:, :, first + 2 * nb :] = dm_ds[:, :, None] * one_hot
-        jac = np.concatenate([-sw[:, :, None] * jm, np.broadcast_to(np.diag(np.sqrt(prior_w)), (R, p, p))],
-                             axis=1)
-        jac[:, :, ~free] = 0.0
-        a_mat = np.matmul(jac.transpose(0, 2, 1), jac)
-        grad = np.matmul(jac.transpose(0, 2, 1), r[:, :, None])[:, :, 0]
-        diag = np.diagonal(a_mat, axis1=1, axis2=2)
-        ridge = (1e-9 * diag.sum(axis=1) + 1e-12)[:, None] + lam[:, None] * diag
-        step = -np.linalg.solve(a_mat + ridge[:, :, None] * np.eye(p), grad[:, :, None])[:, :, 0]
-        trial = theta + step
-        new = cost(trial)
-        better = new < current
-        theta = np.where(better[:, None], trial, theta)
-        current = np.where(better, new, current)
-        lam = np.where(better, lam / 3.0, lam * 4.0)
-    return theta
+        shared = np.stack([dm_ds, dm_ds * L, dm_ds * u, dm_ds * L * u, k * e**2], axis=2) * shared_free
+        own = np.stack([np.ones_like(e), k * e**2, dm_ds], axis=2)
+        rows = theta.shape[0]
+        a_mat = np.zeros((rows, p, p))
+        ws = w[:, :, None] * shared
+        a_mat[:, :_FLOOR_SHARED, :_FLOOR_SHARED] = np.matmul(ws.transpose(0, 2, 1), shared)
+        # sums over each batch size's trials (they come in batch-size order): (rows, nb, ...)
+        cross = np.add.reduceat(ws[:, :, :, None] * own[:, :, None, :], starts, axis=1)
+        own_own = np.add.reduceat((w[:, :, None] * own)[:, :, :, None] * own[:, :, None, :], starts, axis=1)
+        own_grad = -np.add.reduceat(wr[:, :, None] * own, starts, axis=1)
+        grad = np.zeros((rows, p))
+        grad[:, :_FLOOR_SHARED] = -np.matmul(wr[:, None, :], shared)[:, 0, :]
+        for q in range(3):
+            a_mat[:, :_FLOOR_SHARED, block[q]] = cross[:, :, :, q].transpose(0, 2, 1)
+            a_mat[:, block[q], :_FLOOR_SHARED] = cross[:, :, :, q]
+            grad[:, block[q]] = own_grad[:, :, q]
+            for t in range(3):
+                a_mat[:, block[q], block[t]] = own_own[:, :, q, t]  # pairs: each batch size with itself
+        a_mat += np.diag(prior_w)
+        grad += prior_w * (theta - centre)
+        return a_mat, grad
+
+    def solve(theta: np.ndarray, sw: np.ndarray) -> np.ndarray:
+        """Levenberg-Marquardt on every row at once; a row drops out once it has converged."""
+        theta = theta.copy()
+        lam = np.full(theta.shape[0], 1e-3)
+        current = (residuals(theta, sw)[0] ** 2).sum(axis=1)
+        active = np.arange(theta.shape[0])
+        for _ in range(_LM_STEPS):
+            th, cur, lm, s_w = theta[active], current[active], lam[active], sw[active]
+            r, e, k = residuals(th, s_w)
+            a_mat, grad = normal_equations(th, e, k, r[:, :n] * s_w, s_w**2)
+            diag = np.diagonal(a_mat, axis1=1, axis2=2)
+            ridge = (1e-9 * diag.sum(axis=1) + 1e-12)[:, None] + lm[:, None] * diag
+            step = -np.linalg.solve(a_mat + ridge[:, :, None] * np.eye(p), grad[:, :, None])[:, :, 0]
+            trial = th + step
+            new = (residuals(trial, s_w)[0] ** 2).sum(axis=1)
+            better = new < cur
+            gain = np.where(better, cur - new, 0.0)
+            theta[active] = np.where(better[:, None], trial, th)
+            current[active] = np.where(better, new, cur)
+            lam[active] = np.where(better, lm / 3.0, lm * 4.0)
+            tiny = np.linalg.norm(step, axis=1) <= 1e-6 * (np.linalg.norm(th, axis=1) + 1e-6)
+            active = active[~(tiny | (better & (gain <= _LM_TOL * current[active])))]
+            if not len(active):
+                break
+        return theta
+
+    # the data alone (so that its solution does not depend on the resamples beside it), then every resample
+    # from the data's solution (they differ little)
+    sw = np.sqrt(weights)
+    theta = solve(theta0[None, :], sw[:1])
+    return np.concatenate([theta, solve(np.tile(theta[0], (R - 1, 1)), sw[1:])])
 
 
 def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:

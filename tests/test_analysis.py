@@ -124,7 +124,8 @@ def test_point_estimates_do_not_depend_on_the_bootstrap_seed():
     table = _sim("saturating", 1)
     a, b, c = analyze(table, seed=0), analyze(table, seed=0), analyze(table, seed=1)
     assert a.to_dict() == b.to_dict()
-    assert [o.effective_lr for o in a.per_batch] == [o.effective_lr for o in c.per_batch]
+    # equal but for rounding: which trials some resample draws changes the order of the joint fit's sums
+    assert [o.effective_lr for o in a.per_batch] == pytest.approx([o.effective_lr for o in c.per_batch], rel=1e-9)
     assert a.b_noise == pytest.approx(c.b_noise, rel=0.05)  # the seed moves only the fits' weights
     assert a.b_noise_interval != c.b_noise_interval
 
