@@ -46,7 +46,8 @@ _FIXED_ALPHA = {"linear": 1.0, "sqrt": 0.5}
 LEVEL = 0.95  # of every interval
 
 # The valley: completed trials whose value lies within this fraction of the way from the best values (the
-# mean of the best three) to the 90th percentile, and at least the best _MIN_POINTS_2D. Far from the optimum
+# mean of the best three) to the 90th percentile (in the joint fit, at least that of all batch sizes' trials),
+# and at least the best _MIN_POINTS_2D. Far from the optimum
 # the objective flattens out ("no progress") or blows up; a quadratic through those points would say
 # little about where the bottom is.
 _WINDOW_FRACTION = 0.4
@@ -599,8 +600,8 @@ class _Valley:
     tilt: float | None = None  # the pooled fit's floor: d log2 lr / d log2(1 - m) along it
 
 
-def _valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int, rng: np.random.Generator,
+                   shared_high: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Completed trials as (log2 lr, log2(1 - m), sign * value), sorted by value, and their weights in the
     valley for the data (row 0) and every bootstrap resample."""
     y = sign * np.array([r.value for r in rs], dtype=float)
@@ -609,7 +610,7 @@ def _valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int,
     x = np.log2([rs[i].lr for i in order])
     u = np.log2([1.0 - rs[i].momentum for i in order])
     y = y[order]
-    return x, u, y, _window_weights(y, counts, min(len(rs), _MIN_POINTS_2D))
+    return x, u, y, _window_weights(y, counts, min(len(rs), _MIN_POINTS_2D), shared_high)
 
 
 def _fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray) -> _Valley:
@@ -700,10 +701,13 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     drew fewer than two distinct trials of a batch size, that batch size takes another resample's
     replicate."""
     blocks = []
+    # Far from the optimum every batch size is stuck near the same loss, so the top of the window's scale is
+    # shared: a batch size whose trials all sit near its valley would otherwise see only its bottom.
+    high = float(np.quantile([sign * float(r.value) for rs in done.values() for r in rs], _WINDOW_QUANTILE))
     for b, rs in sorted(done.items()):
         if len(rs) < 2:
             continue
-        blocks.append((b, *_valley_points(rs, sign, n_boot, rng)))
+        blocks.append((b, *_valley_points(rs, sign, n_boot, rng, shared_high=high)))
     nb = len(blocks)
     # the shared shape needs data beyond each batch size's offset and shift
     if nb < 2 or sum(int((blk[4][0] > 0).sum()) for blk in blocks) < 2 * nb + 3:
@@ -864,16 +868,19 @@ def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarra
     return counts
 
 
-def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int) -> np.ndarray:
+def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
+                    shared_high: float | None = None) -> np.ndarray:
     """Per resample (rows of ``counts`` over the trials, sorted by y): the weight of each trial in the valley.
 
-    Inside: y at most 40% of the way from the best (mean of the best three draws) to the 90th percentile, or
-    among the k_min best distinct trials drawn. The weight tapers from 1 at the bottom to 0.2 at the cut, so
-    the fit follows the bottom more than the walls."""
+    Inside: y at most 40% of the way from the best (mean of the best three draws) to the 90th percentile (or
+    to ``shared_high``, where that is higher), or among the k_min best distinct trials drawn. The weight
+    tapers from 1 at the bottom to 0.2 at the cut, so the fit follows the bottom more than the walls."""
     cum = np.cumsum(counts, axis=1)
     take = np.clip(np.minimum(cum, 3) - np.minimum(cum - counts, 3), 0, None)
     low = (take * y).sum(axis=1) / 3.0
     high = y[np.argmax(cum >= _WINDOW_QUANTILE * cum[:, -1:], axis=1)]
+    if shared_high is not None:
+        high = np.maximum(high, shared_high)
     cut = low + _WINDOW_FRACTION * (high - low)
     present = counts > 0
     inside = present & ((y[None, :] <= cut[:, None]) | (np.cumsum(present, axis=1) <= k_min))
