@@ -354,8 +354,8 @@ FLOOR_DRAWS = 40
 ORACLE_BAND = 1.5  # octaves either side of the reference's valley floor
 
 
-def estimator_floor(ref: dict[str, Any], spec: StudySpec, draws: int = FLOOR_DRAWS, seed: int = 0,
-                    key: str = "error") -> list[dict[str, Any]]:
+def estimator_floor(ref: dict[str, Any], spec: StudySpec, draws: int = FLOOR_DRAWS,
+                    seed: int = 0) -> list[dict[str, Any]]:
     """What analyze() makes of n completed trials per batch size that a search could not have placed
     better: drawn from the reference grid itself (one training seed per draw, as a search has), either
     *oracle* (within ORACLE_BAND octaves of the reference's valley floor at the trial's momentum) or
@@ -368,6 +368,10 @@ def estimator_floor(ref: dict[str, Any], spec: StudySpec, draws: int = FLOOR_DRA
         floor = reference_lr(ref["per_batch"][str(r["batch_size"])], r["momentum"])
         return abs(math.log2(r["lr"] / floor)) <= ORACLE_BAND
 
+    # the grid points each draw picks from: per design, training seed and batch size
+    pools = {(design, s, b): [r for r in rows if r["batch_size"] == b and r["seed"] == s
+                              and (design == "anywhere" or on_floor(r))]
+             for design in ("oracle", "anywhere") for s in REFERENCE_SEEDS for b in spec.search.batch_sizes}
     out = []
     for n in FLOOR_PER_BATCH:
         row: dict[str, Any] = {"per_batch": n}
@@ -377,11 +381,10 @@ def estimator_floor(ref: dict[str, Any], spec: StudySpec, draws: int = FLOOR_DRA
                 s = int(rng.choice(REFERENCE_SEEDS))
                 picked = []
                 for b in spec.search.batch_sizes:
-                    pool = [r for r in rows if r["batch_size"] == b and r["seed"] == s
-                            and (design == "anywhere" or on_floor(r))]
+                    pool = pools[(design, s, b)]
                     picked += [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
                 table = trial_table(picked, spec, ref["n_train"])
-                errors.append(estimate(table.records, table, ref)[key])
+                errors.append(estimate(table.records, table, ref)["error"])
             row[design] = (statistics.median(errors), sum(e < TARGET for e in errors) / draws)
         out.append(row)
     return out
@@ -503,8 +506,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "which it stays under it to the end of the run. The ratio uses *kept*; a search that never gets there "
         f"counts as needing the whole budget ({budget:g}), which makes its ratio a bound. No search can get "
         f"there before {floor} full trials (2 completed trials at each batch size, {floor} in all), so a "
-        "protocol that needs "
-        f"P full trials caps the ratio at P / {floor}.",
+        f"protocol that needs P full trials caps the ratio at P / {floor}.",
         "",
         "| seed | " + " | ".join(f"{x} first | {x} kept" for x in labels) + " | ratio (protocol / bstune) |"
         + "".join(f" ratio (protocol / {x}) |" for x in extra),

@@ -765,7 +765,7 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
     best = [int(np.flatnonzero((ids == j) & in0)[np.argmin(y[(ids == j) & in0])]) for j in range(nb)]
     g0 = 0.5 if tilted else 0.0
     shift = np.array([x[i] - g0 * u[i] for i in best])
-    slope = float(np.polyfit(lb, shift, 1)[0]) if nb >= 2 else 0.0
+    slope = float(np.polyfit(lb, shift, 1)[0])  # nb >= 2: _pooled_valleys fits nothing with fewer
     intercept = float(shift.mean() - slope * lb.mean())
     e0 = x - (intercept + slope * L + (shift - intercept - slope * lb)[ids] + g0 * u)
     spread = float(np.average(e0**2, weights=weights[0]))
@@ -904,17 +904,14 @@ class _Scale:
         return v * self.scale + self.centre
 
 
-def _wls(feats: np.ndarray, y: np.ndarray, weights: np.ndarray,
-         penalty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _wls(feats: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares for every row of ``weights`` at once: coefficients (R, p) and the weighted
-    mean squared residual (R,). ``penalty``: a ridge per coefficient (towards 0)."""
+    mean squared residual (R,)."""
     wf = weights[:, :, None] * feats[None, :, :]
     a = np.matmul(wf.transpose(0, 2, 1), feats)
     b = np.matmul(wf.transpose(0, 2, 1), y)
     p = feats.shape[1]
     ridge = (1e-9 * np.trace(a, axis1=1, axis2=2) + 1e-12)[:, None, None] * np.eye(p)
-    if penalty is not None:
-        ridge = ridge + np.diag(penalty)
     coef = np.linalg.solve(a + ridge, b[..., None])[..., 0]
     resid = y[None, :] - coef @ feats.T
     return coef, (weights * resid**2).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
