@@ -12,11 +12,12 @@ see ``bench_spec``), in temporary stores, to the same budget in examples process
 
 Every few trials the trials so far are analysed by ``analyze()`` and its lr* per batch size compared with a
 reference's lr* at the same momentum: the valley floor of a dense grid over (effective lr, momentum) at every
-batch size and two training seeds, run once and cached in ``search_efficiency_reference.json`` (recomputed when
-the workload or the grid changes). ``estimator_floor`` measures what ``analyze()`` makes of well-placed trials
-drawn from that grid: the part of the error no search can remove. ``--compare`` measures other searches beside
-the two (see COMPARE); ``--runs`` keeps every run in a JSON file, so that adding a search or re-writing the
-report does not re-run the others. About a minute per search and seed on 2 CPU cores, two at a time.
+batch size and eight training seeds, read off the grid (the best lr per momentum, no model), run once and cached
+in ``search_efficiency_reference.json`` (recomputed when the workload or the grid changes). ``estimator_floor``
+measures what ``analyze()`` makes of well-placed trials drawn from that grid: the part of the error no search
+can remove. ``--compare`` measures other searches beside the two (see COMPARE); ``--runs`` keeps every run
+in a JSON file, so that adding a search or re-writing the report does not re-run the others. About a minute
+per search and seed on 2 CPU cores, two at a time.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ REFERENCE = HERE / "search_efficiency_reference.json"
 
 BATCH_SIZES = (32, 64, 128, 256, 512)  # B = 16 alone would cost as much as the other five together
 TARGET = 0.5  # octaves of mean |log2(eff lr* / reference)|: a factor of sqrt(2)
-# The reference grid: effective lr in half-octave steps, six momenta, two training seeds unseen by the searches.
+# The reference grid: effective lr in half-octave steps, six momenta, eight training seeds unseen by the searches
+# (the valley is flat at the bottom: one seed's best lr lands about 0.7 octave from another's).
 GRID_LOG2_EFF = tuple(-4.0 + 0.5 * i for i in range(17))
 GRID_MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
-REFERENCE_SEEDS = (1000, 1001)
+REFERENCE_SEEDS = (1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007)
 STEP = 2.5  # full trials of compute between evaluations of the error
 
 
@@ -91,12 +93,13 @@ def trial_examples(spec: StudySpec, n_train: int) -> int:
 # ------------------------------------------------------------------------------------------ reference
 
 
-def reference_key(spec: StudySpec) -> str:
-    """What the reference depends on: the workload (less its seed), the space, the objective and the grid."""
+def workload_key(spec: StudySpec, grid: bool = True) -> str:
+    """What the reference depends on: the workload (less its seed), the space, the objective and the grid
+    (without ``grid``: what a search's runs depend on beside its own settings)."""
     w = {k: v for k, v in dataclasses.asdict(spec.workload).items() if k != "seed"}
     s = spec.search
     what = {"workload": w, "batch_sizes": list(s.batch_sizes), "lr": list(s.lr), "momentum": list(s.momentum),
-            "objective": s.objective, "grid": [GRID_LOG2_EFF, GRID_MOMENTA, REFERENCE_SEEDS]}
+            "objective": s.objective} | ({"grid": [GRID_LOG2_EFF, GRID_MOMENTA, REFERENCE_SEEDS]} if grid else {})
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -152,40 +155,59 @@ def compute_reference(spec: StudySpec, n_train: int, jobs: int, log: Any = print
 
 def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train: int,
                         seconds: float) -> dict[str, Any]:
-    result = analyze(trial_table(rows, spec, n_train), seed=0)
+    """The reference optimum per batch size, read off the grid itself: at each grid momentum, the lr with the
+    best value averaged over the training seeds, refined by the parabola through it and its two neighbours
+    (``column_optimum``). Not a model fit over the whole valley: the valley is lopsided (a long slope at low
+    lr, a cliff at high lr), and a quadratic across it puts the centre on the long side, an octave or more
+    from the grid's own best points."""
     sign = 1.0 if spec.search.direction == "minimize" else -1.0
-    # The valley floor: lr* at each grid momentum, from analyze() on that momentum's column of the grid.
-    valley: dict[int, list[list[float]]] = {int(b): [] for b in spec.search.batch_sizes}
-    for m in GRID_MOMENTA:
-        column = [r for r in rows if r["momentum"] == m]
-        if column:
-            for o in analyze(trial_table(column, spec, n_train), seed=0).per_batch:
-                if o.fitted and o.bracketed and o.lr_interval is not None:
-                    valley[o.batch_size].append([m, o.lr, *o.lr_interval])
     per_batch = {}
-    for o in result.per_batch:
-        if not (o.fitted and o.bracketed):
-            raise BstuneError(f"reference: B={o.batch_size}: {o.status}; widen the grid")
-        # the best grid point, its value averaged over the training seeds
-        means: dict[tuple[float, float], list[float]] = {}
-        for r in rows:
-            if r["batch_size"] == o.batch_size:
-                v = r["value"] if r["value"] is not None else math.inf
-                means.setdefault((r["lr"], r["momentum"]), []).append(sign * v)
-        best_lr, best_m = min(means, key=lambda k: float(np.mean(means[k])))
-        per_batch[str(o.batch_size)] = {
-            "valley": valley[o.batch_size],
-            "effective_lr": o.effective_lr, "effective_lr_interval": list(o.effective_lr_interval or ()),
-            "lr": o.lr, "lr_interval": list(o.lr_interval or ()), "momentum": o.momentum, "fit": o.fit,
-            "fitted_value": o.value, "best_grid_value": sign * float(np.mean(means[(best_lr, best_m)])),
-            "best_grid_lr": best_lr, "best_grid_momentum": best_m,
-        }
+    for b in spec.search.batch_sizes:
+        valley, best, best_point = [], None, math.inf
+        for m in GRID_MOMENTA:
+            column = [r for r in rows if r["batch_size"] == b and r["momentum"] == m]
+            if not column:
+                continue
+            lrs = sorted({r["lr"] for r in column})
+            by_seed = {s: {r["lr"]: (sign * r["value"] if r["value"] is not None else math.inf)
+                           for r in column if r["seed"] == s} for s in REFERENCE_SEEDS}
+            x = np.log2(lrs)
+            mean = np.array([np.mean([by_seed[s].get(lr, math.inf) for s in REFERENCE_SEEDS]) for lr in lrs])
+            best_point = min(best_point, float(mean.min()))
+            opt = column_optimum(x, mean)
+            if opt is None:  # the best lr at an end of the searched range: no optimum to read
+                continue
+            singles = [o[0] for s in REFERENCE_SEEDS
+                       if (o := column_optimum(x, np.array([by_seed[s].get(lr, math.inf) for lr in lrs]))) is not None]
+            valley.append([m, float(2.0 ** opt[0]), float(2.0 ** min(singles)), float(2.0 ** max(singles))])
+            if best is None or opt[1] < best[2]:
+                best = (m, float(2.0 ** opt[0]), opt[1])
+        if best is None:
+            raise BstuneError(f"reference: B={b}: no momentum has its best lr inside the grid; widen the grid")
+        m, lr, _ = best
+        per_batch[str(b)] = {"valley": valley, "lr": lr, "momentum": m, "effective_lr": lr / (1.0 - m),
+                             "best_grid_value": sign * best_point}
     return {
-        "key": reference_key(spec), "n_trials": len(rows), "seeds": list(REFERENCE_SEEDS),
+        "key": workload_key(spec), "n_trials": len(rows), "seeds": list(REFERENCE_SEEDS),
         "grid": {"log2_effective_lr": list(GRID_LOG2_EFF), "momentum": list(GRID_MOMENTA)},
         "objective": spec.search.objective, "n_train": n_train, "seconds": round(seconds, 1),
         "per_batch": per_batch, "rows": list(rows),
     }
+
+
+def column_optimum(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """The minimum of a profile y (inf: diverged) on an evenly spaced grid x: the best point, moved to the
+    vertex of the parabola through it and its two neighbours (by at most half a step); (x, y) there. None
+    where the best point is at an end of the grid (not bracketed)."""
+    i = int(np.argmin(y))
+    if i == 0 or i == len(y) - 1 or not math.isfinite(y[i]):
+        return None
+    y0, y1, y2 = y[i - 1], y[i], y[i + 1]
+    if not (math.isfinite(y0) and math.isfinite(y2)):  # a neighbour diverged: the cliff is one step away
+        return float(x[i]), float(y1)
+    curve = y0 - 2.0 * y1 + y2
+    d = 0.5 * (y0 - y2) / curve if curve > 0 else 0.0
+    return float(x[i] + d * (x[i + 1] - x[i])), float(y1 - 0.25 * (y0 - y2) * d)
 
 
 def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERENCE,
@@ -194,7 +216,7 @@ def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERE
     grid's trials: the summary is redone from them with the analysis as it is now."""
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("key") == reference_key(spec) and "rows" in cached:
+        if cached.get("key") == workload_key(spec) and "rows" in cached:
             return summarize_reference(spec, cached["rows"], n_train, cached["seconds"])
         log(f"reference: {path.name} is for another workload or grid; recomputing")
     ref = compute_reference(spec, n_train, jobs, log)
@@ -230,7 +252,7 @@ def compare_spec(spec: StudySpec, name: str) -> StudySpec:
 def run_key(spec: StudySpec, budget: float) -> str:
     """What a search's runs depend on: the workload, its search and the budget (for --runs)."""
     search = json.dumps(dataclasses.asdict(spec.search), sort_keys=True, default=str)
-    return f"{reference_key(spec)}:{budget:g}:{hashlib.sha256(search.encode()).hexdigest()[:16]}"
+    return f"{workload_key(spec, grid=False)}:{budget:g}:{hashlib.sha256(search.encode()).hexdigest()[:16]}"
 
 
 def search_specs(spec: StudySpec, compare: Sequence[str] = ()) -> dict[str, StudySpec]:
@@ -390,6 +412,27 @@ def estimator_floor(ref: dict[str, Any], spec: StudySpec, draws: int = FLOOR_DRA
     return out
 
 
+def seed_limit(ref: dict[str, Any], spec: StudySpec) -> tuple[list[float], list[float]]:
+    """Per training seed of the reference, with that seed's whole grid (about a hundred trials per batch
+    size): the error, as ``estimate`` measures it, of the grid's own optimum read off that seed's trials alone
+    (at the reference's best momentum), and of ``analyze()``. The first is what one training seed's noise
+    costs an estimate made without a model and without a shortage of trials; the second adds the model's."""
+    sign = 1.0 if spec.search.direction == "minimize" else -1.0
+    read, fitted = [], []
+    for seed in ref["seeds"]:
+        errors = []
+        for b, r in ref["per_batch"].items():
+            column = sorted((x for x in ref["rows"] if x["batch_size"] == int(b) and x["momentum"] == r["momentum"]
+                             and x["seed"] == seed), key=lambda x: x["lr"])
+            y = np.array([sign * x["value"] if x["value"] is not None else math.inf for x in column])
+            opt = column_optimum(np.log2([x["lr"] for x in column]), y)
+            errors.append(abs(opt[0] - math.log2(r["lr"])) if opt is not None else math.inf)
+        read.append(float(np.mean(errors)))
+        table = trial_table([x for x in ref["rows"] if x["seed"] == seed], spec, ref["n_train"])
+        fitted.append(estimate(table.records, table, ref)["error"])
+    return read, fitted
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -417,9 +460,8 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
     """The Markdown report; its last line is the median compute ratio."""
     w, s = spec.workload, spec.search
     by = {(r["label"], r["seed"]): r["points"] for r in runs}
-    widths = [float(np.mean([math.log2(r[k][1] / r[k][0]) for r in ref["per_batch"].values()]))
-              for k in ("lr_interval", "effective_lr_interval")]
-    floor_width = float(np.mean([math.log2(v[3] / v[2]) for r in ref["per_batch"].values() for v in r["valley"]]))
+    spread = float(np.mean([math.log2(v[3] / v[2]) for r in ref["per_batch"].values() for v in r["valley"]]))
+    n_seeds = len(ref["seeds"])
     lines = [
         "# Search efficiency: bstune's search against the standard protocol",
         "",
@@ -451,33 +493,33 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         "read off its valley floor (below); undefined (-) until `analyze()` gives every batch size an "
         "estimate, which takes 2 completed trials at each and 3 more (the batch sizes' valleys are fitted "
         f"together): {len(s.batch_sizes) * 2 + 3} full trials at the least, for any search. The error of the "
-        "effective lr* lr/(1 - m) against the reference's single effective lr* is shown too; it charges a search for "
-        "choosing a different, equally good, momentum (the reference's own 95% interval of the effective lr* "
-        f"is {widths[1]:.1f} octaves wide on average, its lr*'s at a given momentum {floor_width:.1f}).",
-        f"- **Reference**: `analyze()` on a dense grid run once ({ref['n_trials']} trials: effective lr "
+        "effective lr* lr/(1 - m) against the reference's effective lr* (at its best momentum) is shown too; "
+        "it charges a search for choosing a different, equally good, momentum.",
+        f"- **Reference**: a dense grid run once ({ref['n_trials']} trials: effective lr "
         f"2^{GRID_LOG2_EFF[0]:g}..2^{GRID_LOG2_EFF[-1]:g} in half octaves x momentum "
         f"{', '.join(f'{m:g}' for m in GRID_MOMENTA)}, inside the searched lr range, at training seeds "
-        f"{', '.join(map(str, REFERENCE_SEEDS))}, which no search uses), cached in "
-        f"`benchmarks/{REFERENCE.name}`. The best value's gap: the best {s.objective} a search has found at "
-        "each batch size minus the best grid point's (averaged over the two training seeds), averaged over "
-        "the batch sizes; negative where a search beat the grid.",
+        f"{', '.join(map(str, ref['seeds']))}, which no search uses), cached in `benchmarks/{REFERENCE.name}`. "
+        f"Its optimum is read off the grid, not fitted: at each momentum, the lr with the best {s.objective} "
+        f"averaged over the {n_seeds} training seeds, moved to the vertex of the parabola through it and its two "
+        "neighbours (half an octave each side). The best value's gap: the best "
+        f"{s.objective} a search has found at each batch size minus the best grid point's (averaged over the "
+        "training seeds), averaged over the batch sizes; negative where a search beat the grid.",
         "",
         "## Reference optimum",
         "",
-        "The valley floor: lr* at each momentum of the grid, from `analyze()` on that momentum's trials "
-        "(where its optimum is bracketed; between the momenta, interpolated in log2 lr against log2(1 - m)). "
-        "The last columns: `analyze()` on the whole grid.",
+        "The valley floor: lr* at each momentum of the grid (where the best lr is inside the grid; between the "
+        "momenta, interpolated in log2 lr against log2(1 - m)). The valley is flat at the bottom: the same "
+        f"reading on one training seed's grid alone lands {spread:.1f} octaves apart from seed to seed on average "
+        "(the range over the seeds). The last columns: the momentum with the best value, and its effective lr*.",
         "",
         "| B | " + " | ".join(f"lr* at m = {m:g}" for m in GRID_MOMENTA)
-        + " | effective lr* (95% interval) | its m* | best grid value |",
+        + " | best m | effective lr* there | best grid value |",
         "|---:|" + "---:|" * (len(GRID_MOMENTA) + 3),
     ]
     for b, r in ref["per_batch"].items():
-        lo, hi = r["effective_lr_interval"]
-        at = {v[0]: f"{v[1]:.3g}" for v in r["valley"]}
+        at = {v[0]: f"{v[1]:.3g} ({v[2]:.3g}..{v[3]:.3g})" for v in r["valley"]}
         lines.append(f"| {b} | " + " | ".join(at.get(m, "-") for m in GRID_MOMENTA)
-                     + f" | {r['effective_lr']:.3g} ({lo:.3g}..{hi:.3g}) | {r['momentum']:.3f} "
-                     f"| {r['best_grid_value']:.4f} |")
+                     + f" | {r['momentum']:g} | {r['effective_lr']:.3g} | {r['best_grid_value']:.4f} |")
     extra = [x for x in COMPARE if any(r["label"] == x for r in runs)]
     labels = ["bstune", "protocol", *extra]
     for x in reversed(extra):
@@ -533,6 +575,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         f"Measured on the effective lr* instead, the median ratio is {eff_median:.2f}.",
     ]
     if floor_rows:
+        read, fitted = seed_limit(ref, spec)
         lines += [
             "",
             "## What the estimator allows",
@@ -541,7 +584,13 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
             f"seed per draw, as a search has; {FLOOR_DRAWS} draws): *oracle*, within {ORACLE_BAND:g} octaves of "
             "the reference's valley floor at the trial's momentum, as well placed as a search could place them; "
             "*anywhere*, any grid point, as the protocol's trials fall. No training: this is the error that "
-            "the estimate keeps however the trials were chosen, and the compute no search can go below.",
+            "the estimate keeps however the trials were chosen, and the compute no search can go below. For "
+            "scale, on one training seed's whole grid (about a hundred trials per batch size), in the median "
+            f"over the reference's {len(read)} seeds: the grid's own optimum read off it (no model) misses the "
+            f"reference by {statistics.median(read):.2f} octave; `analyze()` on it, by "
+            f"{statistics.median(fitted):.2f}. The difference is the valley model's: the valley is lopsided (a "
+            "long slope at low lr, a cliff at high lr) and the fit's parabola in log lr, spread over the walls, "
+            "puts its centre on the long side.",
             "",
             "| trials per batch size | full trials | oracle: median error | oracle: under 0.5 | anywhere: median "
             "error | anywhere: under 0.5 |",
