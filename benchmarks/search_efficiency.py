@@ -588,9 +588,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
             "scale, on one training seed's whole grid (about a hundred trials per batch size), in the median "
             f"over the reference's {len(read)} seeds: the grid's own optimum read off it (no model) misses the "
             f"reference by {statistics.median(read):.2f} octave; `analyze()` on it, by "
-            f"{statistics.median(fitted):.2f}. The difference is the valley model's: the valley is lopsided (a "
-            "long slope at low lr, a cliff at high lr) and the fit's parabola in log lr, spread over the walls, "
-            "puts its centre on the long side.",
+            f"{statistics.median(fitted):.2f}: the difference is what the valley model costs.",
             "",
             "| trials per batch size | full trials | oracle: median error | oracle: under 0.5 | anywhere: median "
             "error | anywhere: under 0.5 |",

@@ -61,6 +61,7 @@ _TILT_PRIOR = 1.0  # ... that the floor's tilt is 1/2, between the plain lr's (0
 _LM_STEPS = 40
 _LM_TOL = 1e-9  # relative decrease of the cost below which a row has converged
 _FLOOR_SHARED = 5  # the pooled valley model's shared parameters (see _fit_floor)
+_WALL_POWER = 0.5  # the valley is a parabola in (lr / lr*)^this (see _wall)
 _SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 _GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
 _GRID_STEP = 0.02
@@ -690,16 +691,16 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     (large batches: on digits, a run at B = 512 is 36 steps). So all batch sizes' valleys are fitted at once
     with (``_fit_floor``)
 
-        y = c_B + k_B (x - s_B(u))^2,   s_B(u) = a + b L + f_B + (g + h L) u,   L = log2 B (centred)
+        y = c_B + k_B q(x - s_B(u)),   s_B(u) = a + b L + f_B + (g + h L) u,   L = log2 B (centred)
 
-    the floor a line in log2 B with per batch size a shift f_B, its tilt moving linearly with log2 B, and
-    the curvature k_B = exp(kappa + d_B); f_B and d_B pulled towards 0 by priors worth _FLOOR_PRIOR and
-    _POOL_PRIOR trials. A batch size with two or three completed trials is placed by the others' shape and
-    by the line through their floors; one with many by its own trials. The momentum at the optimum is the
-    valley's weighted median, the lr* the floor there, clipped to the valley's sampled lr range. Each row
-    (the data, then every resample) is fitted alike. Resamples draw trials within each batch size; where one
-    drew fewer than two distinct trials of a batch size, that batch size takes another resample's
-    replicate."""
+    q the valley's lopsided profile across the floor (``_wall``), the floor a line in log2 B with per batch
+    size a shift f_B, its tilt moving linearly with log2 B, and the curvature k_B = exp(kappa + d_B); f_B and
+    d_B pulled towards 0 by priors worth _FLOOR_PRIOR and _POOL_PRIOR trials. A batch size with two or three
+    completed trials is placed by the others' shape and by the line through their floors; one with many by its
+    own trials. The momentum at the optimum is the valley's weighted median, the lr* the floor there, clipped
+    to the valley's sampled lr range. Each row (the data, then every resample) is fitted alike. Resamples draw
+    trials within each batch size; where one drew fewer than two distinct trials of a batch size, that batch
+    size takes another resample's replicate."""
     blocks = []
     # Far from the optimum every batch size is stuck near the same loss, so the top of the window's scale is
     # shared: a batch size whose trials all sit near its valley would otherwise see only its bottom.
@@ -744,7 +745,7 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
             lx[lost], lu[lost] = lx[take], lu[take]
         mine = ids == j
         e = x[mine] - (a[0] + b_[0] * lb[j] + f[0, j] + tilt[0] * uc[mine])
-        resid = y[mine] - c[0, j] - np.exp(kappa[0] + d[0, j]) * e**2
+        resid = y[mine] - c[0, j] - np.exp(kappa[0] + d[0, j]) * _wall(e)[0]
         noise = math.sqrt(float((w[0, mine] * resid**2).sum() / max(w[0, mine].sum(), 1e-12)))
         out[b] = _Valley(lx, lu, float(c[0, j]) + y0, "pooled" if tilted else "pooled-lr", int(inside.sum()),
                          noise, float(tilt[0]) if tilted else 0.0)
@@ -792,7 +793,7 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
         c, d, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in range(3))
         e = x - (a + b * L + f[:, ids] + (g + h * L) * u)
         k = np.exp(kappa + d[:, ids])
-        r = sw * (y - c[:, ids] - k * e**2)
+        r = sw * (y - c[:, ids] - k * _wall(e)[0])
         pr = np.sqrt(prior_w) * (theta - centre)
         return np.concatenate([r, pr], axis=1), e, k
 
@@ -804,9 +805,10 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
                          w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """J'J and J'r of the weighted residuals, from the model's gradient per trial: five shared
         parameters, and (c, d, f) of the trial's own batch size, so each sum over trials is a small one."""
-        dm_ds = -2.0 * k * e  # d model / d floor position
-        shared = np.stack([dm_ds, dm_ds * L, dm_ds * u, dm_ds * L * u, k * e**2], axis=2) * shared_free
-        own = np.stack([np.ones_like(e), k * e**2, dm_ds], axis=2)
+        q, dq = _wall(e)
+        dm_ds = -k * dq  # d model / d floor position
+        shared = np.stack([dm_ds, dm_ds * L, dm_ds * u, dm_ds * L * u, k * q], axis=2) * shared_free
+        own = np.stack([np.ones_like(e), k * q, dm_ds], axis=2)
         rows = theta.shape[0]
         a_mat = np.zeros((rows, p, p))
         ws = w[:, :, None] * shared
@@ -858,6 +860,17 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
     sw = np.sqrt(weights)
     theta = solve(theta0[None, :], sw[:1])
     return np.concatenate([theta, solve(np.tile(theta[0], (R - 1, 1)), sw[1:])])
+
+
+def _wall(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The valley's profile across its floor, at e octaves of lr from it, and its derivative: a parabola in
+    (lr / lr*)^_WALL_POWER, q = ((2^(p e) - 1) / (p ln 2))^2, which is e^2 near the floor. A parabola in
+    log lr (p -> 0) has walls equally steep, and the valley of a training run is not: it slopes up slowly
+    towards small lr (a run that learns too slowly) and steeply towards large lr (a run at the edge of
+    stability), and a symmetric fit across both walls puts the floor on the slow side."""
+    a = _WALL_POWER * math.log(2.0)
+    g = np.expm1(a * e) / a
+    return g * g, 2.0 * g * (1.0 + a * g)  # 1 + a g = 2^(p e)
 
 
 def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:

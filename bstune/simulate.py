@@ -14,20 +14,22 @@ up to ``range_jitter`` octaves per batch size, so the truth is not always at the
 log2(1 - m) uniformly over [log2 0.01, 0], i.e. m in [0, 0.99). Its loss is a valley in the effective lr:
 with d = log2(eff / eff*) and v = log2(1 - m) - log2(1 - m*),
 
-    s = 0.003 d^2 + 0.006 d^4 (times 1.5 for d > 0)  +  0.005 v^2
+    s = 0.01 (e^(1.5 d) - 1 - 1.5 d) + 0.01 d^2  +  0.005 v^2          (``valley_profile`` is the d part)
     asymptote = floor + (initial - floor) * (1 - exp(-s))
 
-flat within the noise for about an octave either side of the optimum, with steep walls (the right one, too
-much lr, steeper) and a plateau at the initial loss far away. Trials with d above ``diverge_at`` (give or
-take a quarter octave) diverge. The learning curve decays towards the asymptote with a per-step rate
-exp(-s) * B / (B + b_crit) / steps_scale, so at the optimum the steps to reach any loss follow
-S(B) = S_min (1 + b_crit / B) exactly (before the per-epoch noise and the epoch granularity).
+flat within the noise for about an octave either side of the optimum and lopsided, as the valley of a
+training run is (the dense digits grid of benchmarks/SEARCH.md): a long, slow slope towards small lr (a run
+that learns too slowly) and a steep wall towards large lr (a run at the edge of stability). Trials with d
+above ``diverge_at`` (give or take a quarter octave) diverge. The learning curve decays towards the asymptote
+with a per-step rate exp(-s) * B / (B + b_crit) / steps_scale, so at the optimum the steps to reach any loss
+follow S(B) = S_min (1 + b_crit / B) exactly (before the per-epoch noise and the epoch granularity).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +43,11 @@ FLOOR = 0.3  # the best loss the simulated model reaches
 INITIAL = 2.3  # the loss before training (ln 10: ten classes)
 _MOMENTUM_CURVATURE = 0.005
 _LOG2_ONE_MINUS_M_RANGE = (math.log2(0.01), 0.0)
+
+
+def valley_profile(d: Any) -> Any:
+    """s(d): how far above the floor a run ends, d octaves of lr from the optimum (see the module doc)."""
+    return 0.01 * (np.exp(1.5 * d) - 1.0 - 1.5 * d) + 0.01 * d**2
 
 
 def true_effective_lr(law: str, batch_size: float, *, alpha: float = 1.0, b_noise: float = 256.0,
@@ -131,8 +138,7 @@ def simulate_trials(
         centre += rng.uniform(-1, 1) * range_jitter
         x = rng.uniform(centre - lr_span[0], centre + lr_span[1], size=n)
         d = x - u - math.log2(eff_star)
-        s = 0.003 * d**2 + 0.006 * d**4
-        s = np.where(d > 0, 1.5 * s, s) + _MOMENTUM_CURVATURE * (u - u_opt) ** 2
+        s = valley_profile(d) + _MOMENTUM_CURVATURE * (u - u_opt) ** 2
         asymptote = FLOOR + (INITIAL - FLOOR) * (1.0 - np.exp(-s))
         steps_per_epoch = math.ceil(n_train / b)
         rate = np.exp(-s) * b / (b + b_crit) / steps_scale

@@ -13,7 +13,7 @@ import pytest
 from bstune.analysis import FORMS, Analysis, analyze
 from bstune.errors import BstuneError
 from bstune.results import TrialRecord, TrialTable
-from bstune.simulate import simulate_trials
+from bstune.simulate import simulate_trials, valley_profile
 
 B_NOISE = 256.0
 
@@ -77,7 +77,7 @@ def test_saturating_law_b_noise_is_recovered_covered_and_preferred():
         errors.append(abs(a.b_noise / B_NOISE - 1.0))
         lo, hi = a.b_noise_interval
         covered += lo <= B_NOISE <= hi
-    assert sum(e <= 0.15 for e in errors) >= 7, errors
+    assert sum(e <= 0.2 for e in errors) >= 7, errors  # the lopsided valley's long slope says little
     assert float(np.median(errors)) <= 0.10
     assert covered >= 6
 
@@ -135,7 +135,7 @@ def test_point_estimates_do_not_depend_on_the_bootstrap_seed():
 
 def _valley_records(batch_size: int, lrs: list[float], opt: float, start: int = 0) -> list[TrialRecord]:
     return [TrialRecord(number=start + i, batch_size=batch_size, lr=lr, momentum=0.0,
-                        value=0.3 + 0.1 * math.log2(lr / opt) ** 2, state="COMPLETE")
+                        value=0.3 + 2.0 * valley_profile(math.log2(lr / opt)), state="COMPLETE")
             for i, lr in enumerate(lrs)]
 
 
@@ -151,7 +151,8 @@ def test_max_stable_lr_is_the_largest_stable_lr_below_the_smallest_diverged_one(
     assert b32.max_stable_lr == 0.07  # pruned did not diverge; 0.16 lies above the first divergence
     assert (b32.n_complete, b32.n_pruned, b32.n_diverged, b32.n_failed) == (5, 1, 2, 1)
     assert b64.max_stable_lr is None  # no divergence seen: the edge is unknown
-    assert b32.lr == pytest.approx(0.03, rel=0.05) and b64.lr == pytest.approx(0.06, rel=0.05)
+    # within 0.15 octave: the fit's valley shape approximates the simulator's, five noise-free trials each
+    assert b32.lr == pytest.approx(0.03, rel=0.1) and b64.lr == pytest.approx(0.06, rel=0.1)
 
 
 def test_pruned_values_are_not_fitted_and_nan_values_count_as_diverged():
@@ -214,7 +215,7 @@ def test_a_valley_in_plain_lr_is_fitted_in_plain_lr():
         opt = math.log2(1e-3 * (b / 32) ** 0.5)
         for _ in range(40):
             x, m = opt + rng.uniform(-4, 3), 1 - 2 ** rng.uniform(math.log2(0.01), 0)
-            s = 0.003 * (x - opt) ** 2 + 0.006 * (x - opt) ** 4
+            s = valley_profile(x - opt)
             value = 0.3 + 2 * (1 - math.exp(-s)) + 0.02 * rng.standard_normal()
             records.append(TrialRecord(number=len(records), batch_size=b, lr=2**x, momentum=m, value=value,
                                        state="COMPLETE"))
