@@ -211,9 +211,9 @@ def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
 # Killed and interrupted processes
 
 
-def _slow_spec(tmp_path: Path, trials: int = 4, epochs: int = 20) -> Path:
-    # Trials of a few seconds each (3 to 4 on an idle machine at 20 epochs), so a signal lands mid-trial.
-    return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": epochs, "search.batch_sizes": [16],
+def _slow_spec(tmp_path: Path, trials: int = 4) -> Path:
+    # Trials of a few seconds each (4 on an idle machine), so a signal lands mid-trial.
+    return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": 20, "search.batch_sizes": [16],
                                    "search.pruner": "none", "budget.trials": trials})
 
 
@@ -268,8 +268,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
-    # trials long enough (~10 s) that the signal cannot miss the last one: polling the study takes a while
-    path = _slow_spec(tmp_path, trials=2, epochs=60)
+    path = _slow_spec(tmp_path, trials=2)
     spec = load_spec(path)
     proc = _start(path)
     _wait_for_running_trial(spec, proc, min_done=0)

@@ -186,9 +186,8 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
 
 def test_status_then_ctrl_c_stops_every_worker_cleanly(tmp_path: Path) -> None:
     stores = Stores(f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db")
-    # Long trials (an idle machine runs 30 to 45 of these epochs a second), all interrupted before they end:
-    # their length costs nothing, and `status` (a new MLflow client) can take ten seconds and more.
-    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 2000,
+    # Long trials (an idle machine runs ~30 of these epochs a second), all interrupted before they end.
+    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 400,
                                             "search.batch_sizes": [16], "search.pruner": "none",
                                             "budget.trials": 6})
     proc, head = _start(_cmd(stores, "study", str(path), "--workers", "2"), tmp_path)
