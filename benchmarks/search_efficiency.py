@@ -58,7 +58,7 @@ REFERENCE = HERE / "search_efficiency_reference.json"
 BATCH_SIZES = (32, 64, 128, 256, 512)  # B = 16 alone would cost as much as the other five together
 TARGET = 0.5  # octaves of mean |log2(eff lr* / reference)|: a factor of sqrt(2)
 # The reference grid: effective lr in half-octave steps, six momenta, eight training seeds unseen by the searches
-# (the valley is flat at the bottom: one seed's best lr lands about 0.7 octave from another's).
+# (the valley is flat at the bottom: eight seeds' best lrs at one momentum span about an octave).
 GRID_LOG2_EFF = tuple(-4.0 + 0.5 * i for i in range(17))
 GRID_MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 REFERENCE_SEEDS = (1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007)
