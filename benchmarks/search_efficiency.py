@@ -179,6 +179,7 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
                 continue
             singles = [o[0] for s in REFERENCE_SEEDS
                        if (o := column_optimum(x, np.array([by_seed[s].get(lr, math.inf) for lr in lrs]))) is not None]
+            singles = singles or [opt[0]]  # no seed's own optimum inside the grid: no spread to show
             valley.append([m, float(2.0 ** opt[0]), float(2.0 ** min(singles)), float(2.0 ** max(singles))])
             if best is None or opt[1] < best[2]:
                 best = (m, float(2.0 ** opt[0]), opt[1])
