@@ -169,16 +169,14 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
             if not column:
                 continue
             lrs = sorted({r["lr"] for r in column})
-            by_seed = {s: {r["lr"]: (sign * r["value"] if r["value"] is not None else math.inf)
-                           for r in column if r["seed"] == s} for s in REFERENCE_SEEDS}
             x = np.log2(lrs)
-            mean = np.array([np.mean([by_seed[s].get(lr, math.inf) for s in REFERENCE_SEEDS]) for lr in lrs])
+            mean = column_profile(column, lrs, REFERENCE_SEEDS, sign)
             best_point = min(best_point, float(mean.min()))
             opt = column_optimum(x, mean)
             if opt is None:  # the best lr at an end of the searched range: no optimum to read
                 continue
             singles = [o[0] for s in REFERENCE_SEEDS
-                       if (o := column_optimum(x, np.array([by_seed[s].get(lr, math.inf) for lr in lrs]))) is not None]
+                       if (o := column_optimum(x, column_profile(column, lrs, [s], sign))) is not None]
             singles = singles or [opt[0]]  # no seed's own optimum inside the grid: no spread to show
             valley.append([m, float(2.0 ** opt[0]), float(2.0 ** min(singles)), float(2.0 ** max(singles))])
             if best is None or opt[1] < best[2]:
@@ -194,6 +192,14 @@ def summarize_reference(spec: StudySpec, rows: Sequence[dict[str, Any]], n_train
         "objective": spec.search.objective, "n_train": n_train, "seconds": round(seconds, 1),
         "per_batch": per_batch, "rows": list(rows),
     }
+
+
+def column_profile(column: Sequence[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int],
+                   sign: float) -> np.ndarray:
+    """One grid column's (one batch size, one momentum) sign * value at each of ``lrs``, averaged over
+    ``seeds``; inf where a seed diverged or did not run."""
+    values = {(r["lr"], r["seed"]): sign * r["value"] if r["value"] is not None else math.inf for r in column}
+    return np.array([np.mean([values.get((lr, s), math.inf) for s in seeds]) for lr in lrs])
 
 
 def column_optimum(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
@@ -423,10 +429,9 @@ def seed_limit(ref: dict[str, Any], spec: StudySpec) -> tuple[list[float], list[
     for seed in ref["seeds"]:
         errors = []
         for b, r in ref["per_batch"].items():
-            column = sorted((x for x in ref["rows"] if x["batch_size"] == int(b) and x["momentum"] == r["momentum"]
-                             and x["seed"] == seed), key=lambda x: x["lr"])
-            y = np.array([sign * x["value"] if x["value"] is not None else math.inf for x in column])
-            opt = column_optimum(np.log2([x["lr"] for x in column]), y)
+            column = [x for x in ref["rows"] if x["batch_size"] == int(b) and x["momentum"] == r["momentum"]]
+            lrs = sorted({x["lr"] for x in column})
+            opt = column_optimum(np.log2(lrs), column_profile(column, lrs, [seed], sign))
             errors.append(abs(opt[0] - math.log2(r["lr"])) if opt is not None else math.inf)
         read.append(float(np.mean(errors)))
         table = trial_table([x for x in ref["rows"] if x["seed"] == seed], spec, ref["n_train"])

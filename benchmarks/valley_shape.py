@@ -16,38 +16,15 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-from typing import Any
 
 import numpy as np
-import torch
-from search_efficiency import column_optimum  # noqa: I001 - the sibling benchmark: run from benchmarks/
+
+# the sibling benchmark's grid runner and readers (the script runs from benchmarks/, which is on the path)
+from search_efficiency import _init_worker, _run_point, column_optimum, column_profile, trial_table  # noqa: I001
 
 import bstune.analysis as analysis
-from bstune.data import Dataset, load_dataset
-from bstune.results import TrialRecord, TrialTable
-from bstune.spec import StudySpec, load_spec
-from bstune.study import train_config
-from bstune.train import Diverged, train
-
-_DATA: Dataset | None = None
-_SPEC: StudySpec | None = None
-
-
-def _init(spec: StudySpec) -> None:
-    global _DATA, _SPEC
-    torch.set_num_threads(1)
-    _SPEC, _DATA = spec, load_dataset(spec.workload)
-
-
-def _run(point: tuple[int, float, float, int]) -> dict[str, Any]:
-    b, lr, m, seed = point
-    assert _SPEC is not None and _DATA is not None
-    try:
-        history = train(train_config(_SPEC.workload, b, lr, m, seed), _DATA, torch.device("cpu"))
-        value: float | None = float(getattr(history[-1], _SPEC.search.objective))
-    except Diverged:
-        value = None
-    return {"batch_size": b, "lr": lr, "momentum": m, "seed": seed, "value": value}
+from bstune.data import load_dataset
+from bstune.spec import load_spec
 
 
 def main() -> None:
@@ -66,17 +43,14 @@ def main() -> None:
     points = [(b, lr, m, seed) for seed in seeds for b in s.batch_sizes for lr in lrs]
     print(f"{spec.name}: {len(points)} trials ({len(s.batch_sizes)} batch sizes x {len(lrs)} lrs x {len(seeds)} "
           f"seeds, momentum {m:g})", flush=True)
-    with mp.get_context("spawn").Pool(args.jobs, initializer=_init, initargs=(spec,)) as pool:
-        rows = pool.map(_run, points, chunksize=4)
+    with mp.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=(spec,)) as pool:
+        rows = pool.map(_run_point, [(spec, p) for p in points], chunksize=4)
     sign = 1.0 if s.direction == "minimize" else -1.0
-
-    def profile(b: int, only: list[int]) -> np.ndarray:
-        return np.array([np.mean([sign * r["value"] if r["value"] is not None else math.inf for r in rows
-                                  if r["batch_size"] == b and r["lr"] == lr and r["seed"] in only]) for lr in lrs])
-
+    n_train = load_dataset(spec.workload).n_train
     reference = {}
     for b in s.batch_sizes:
-        opt = column_optimum(np.log2(lrs), profile(b, seeds))
+        column = [r for r in rows if r["batch_size"] == b]
+        opt = column_optimum(np.log2(lrs), column_profile(column, lrs, seeds, sign))
         reference[b] = None if opt is None else opt[0]
     print("grid's best lr (log2), seed-averaged: "
           + ", ".join(f"B={b}: {'-' if x is None else f'{x:.2f}'}" for b, x in reference.items()))
@@ -85,10 +59,7 @@ def main() -> None:
         saved, analysis._WALL_POWER = analysis._WALL_POWER, power
         try:
             for seed in seeds:
-                records = [TrialRecord(number=i, batch_size=r["batch_size"], lr=r["lr"], momentum=r["momentum"],
-                                       value=r["value"], state="COMPLETE" if r["value"] is not None else "DIVERGED")
-                           for i, r in enumerate(x for x in rows if x["seed"] == seed)]
-                a = analysis.analyze(TrialTable(records, direction=s.direction, metric=s.objective))
+                a = analysis.analyze(trial_table([r for r in rows if r["seed"] == seed], spec, n_train))
                 errors = [abs(math.log2(o.lr) - reference[o.batch_size]) for o in a.per_batch
                           if o.lr is not None and reference[o.batch_size] is not None]
                 alpha = a.fits["power"].alpha if "power" in a.fits else None
