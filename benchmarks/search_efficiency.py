@@ -640,6 +640,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         first = [min(f, budget) for f, _ in oracle]
         held = [min(k, budget) for _, k in oracle]
         ours = statistics.median(min(compute_to_target(by[("bstune", x)])[1], budget) for x in seeds)
+        early = statistics.median(min(compute_to_target(by[("protocol", x)])[0], budget) for x in seeds)
         lines += [
             "",
             "## A search that knows where the floor is",
@@ -654,7 +655,8 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
             f"{statistics.median(held):.1f} (*kept*: {_summary(held, 1)}, counting the budget where it never "
             "does): with every trial on the floor the error goes on wandering about the target, as one "
             "training seed's optimum, and the fit to it, lie that far from the mean over seeds. Against the "
-            f"protocol's median *kept* ({kept:.1f}) that is a ratio of {kept / statistics.median(held):.2f}. "
+            f"protocol's median *kept* ({kept:.1f}) that is a ratio of {kept / statistics.median(held):.2f}; "
+            f"on *first* (the protocol's median {early:.1f}), {early / statistics.median(first):.2f}. "
             "Not a proof that no search can do better (one might place its trials on the floor better than "
             "at random), but a measure of what this estimate of lr*(B) and this target allow; bstune's own "
             f"median *kept* above is {ours:.1f}.",
