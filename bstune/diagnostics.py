@@ -257,15 +257,18 @@ def load_grad_histograms(tracking_uri: str, study_name: str, experiment: str = "
         filter_string=f"tags.`bstune.study` = '{study_name}' and tags.`bstune.kind` = 'trial'")
     out: dict[int, list[GradHistogram]] = {}
     for run in runs:
-        if not client.list_artifacts(run.info.run_id, HISTOGRAM_ARTIFACT_DIR):
-            continue
+        # only the files asked for are fetched: a long study keeps one per trial and epoch
+        files = sorted(f.path for f in client.list_artifacts(run.info.run_id, HISTOGRAM_ARTIFACT_DIR)
+                       if Path(f.path).name.startswith("epoch_") and f.path.endswith(".json"))
+        if epoch == "last":
+            files = files[-1:]
+        elif epoch is not None:
+            files = [f for f in files if Path(f).name == f"epoch_{epoch:04d}.json"]
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(client.download_artifacts(run.info.run_id, HISTOGRAM_ARTIFACT_DIR, tmp))
-            files = sorted(folder.glob("epoch_*.json"))
-            for path in files[-1:] if epoch == "last" else files:
+            for name in files:
+                path = Path(client.download_artifacts(run.info.run_id, name, tmp))
                 h = _histogram(json.loads(path.read_text()), run)
-                if epoch in (None, "last") or h.epoch == epoch:
-                    out.setdefault(h.batch_size, []).append(h)
+                out.setdefault(h.batch_size, []).append(h)
     return {b: sorted(hs, key=lambda h: (h.trial, h.epoch)) for b, hs in sorted(out.items())}
 
 

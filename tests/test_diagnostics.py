@@ -220,6 +220,10 @@ def test_per_layer_norms_histograms_and_gap_land_in_mlflow(tmp_path: Path) -> No
             assert [sum(c) for c in zip(*h.layers.values(), strict=True)] == list(h.counts)
     last = load_grad_histograms(spec.tracking_uri, spec.name, epoch="last")
     assert {b: [h.epoch for h in g] for b, g in last.items()} == {16: [3], 128: [3]}
+    first = load_grad_histograms(spec.tracking_uri, spec.name, epoch=1)
+    assert {b: [h.epoch for h in g] for b, g in first.items()} == {16: [1], 128: [1]}
+    assert first[16][0].counts == hists[16][0].counts
+    assert load_grad_histograms(spec.tracking_uri, spec.name, epoch=2) == {}
 
 
 def test_changing_diagnostics_keeps_a_study_resumable(tmp_path: Path) -> None:
