@@ -119,6 +119,20 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
     if launched and launched.error:
         click.echo(f"error: {launched.error}", err=True)
         sys.exit(launched.exit_code)
+    if result.stop_reason:  # the budget is spent: the study is ready to be read
+        click.echo(_next_steps(spec_file, spec.tracking_uri))
+
+
+def _next_steps(spec_file: str, tracking_uri: str) -> str:
+    """What to run once a study is done (`bstune ui` only where it can serve the tracking store)."""
+    steps = [(f"bstune analyze {spec_file}", "how lr* moves with B, the critical batch size"),
+             (f"bstune report {spec_file} --batch-size B", "lr and momentum to use at B, with the evidence")]
+    if tracking_uri.startswith("sqlite:"):
+        default = ui.params[0].default  # type: ignore[attr-defined]
+        steps.append(("bstune ui" + ("" if tracking_uri == default else f" --tracking-uri {tracking_uri}"),
+                      "every trial in the MLflow UI"))
+    width = max(len(cmd) for cmd, _ in steps)
+    return "\n".join(f"{'next:' if i == 0 else '':6}{cmd:{width}}  # {why}" for i, (cmd, why) in enumerate(steps))
 
 
 @main.command()

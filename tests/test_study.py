@@ -205,6 +205,11 @@ def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
     out = result.output
     assert out.count("trial ") >= 4 and "B=16" in out and "B=64" in out
     assert "best lr" in out and "spent: 4/4 trials" in out
+    # then what to run next, for this study (its own tracking store, not the default one)
+    path, spec = tmp_path / "spec.yaml", load_spec(tmp_path / "spec.yaml")
+    steps = [line.removeprefix("next:").split("#")[0].split() for line in out[out.index("next:"):].splitlines()]
+    assert steps == [["bstune", "analyze", str(path)], ["bstune", "report", str(path), "--batch-size", "B"],
+                     ["bstune", "ui", "--tracking-uri", spec.tracking_uri]]
 
 
 # --------------------------------------------------------------------------------------------------
