@@ -221,12 +221,17 @@ def column_optimum(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
 def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERENCE,
                    log: Any = print) -> dict[str, Any]:
     """The cached reference when it matches the workload, else computed now and cached. The cache keeps the
-    grid's trials: the summary is redone from them with the analysis as it is now."""
+    grid's trials: the summary is redone from them with the analysis as it is now. Another workload's
+    reference goes beside ``path`` under its key, never over the one there (hours of training)."""
+    key = workload_key(spec)
+    for candidate in (path, path.with_name(f"{path.stem}-{key}{path.suffix}")):
+        if candidate.exists():
+            cached = json.loads(candidate.read_text())
+            if cached.get("key") == key and "rows" in cached:
+                return summarize_reference(spec, cached["rows"], n_train, cached["seconds"])
     if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == workload_key(spec) and "rows" in cached:
-            return summarize_reference(spec, cached["rows"], n_train, cached["seconds"])
-        log(f"reference: {path.name} is for another workload or grid; recomputing")
+        path = candidate
+        log(f"reference: the cached one is for another workload or grid; computing this one into {path.name}")
     ref = compute_reference(spec, n_train, jobs, log)
     path.write_text(json.dumps(ref) + "\n")
     return ref
