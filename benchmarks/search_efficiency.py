@@ -13,7 +13,7 @@ see ``bench_spec``), in temporary stores, to the same budget in examples process
 Every few trials the trials so far are analysed by ``analyze()`` and its lr* per batch size compared with a
 reference's lr* at the same momentum: the valley floor of a dense grid over (effective lr, momentum) at every
 batch size and eight training seeds, read off the grid (the best lr per momentum, no model), run once and cached
-in ``search_efficiency_reference.json`` (recomputed when the workload or the grid changes). ``estimator_floor``
+in ``search_efficiency_reference.json`` (another workload's or grid's, beside it under its key). ``estimator_floor``
 measures what ``analyze()`` makes of well-placed trials drawn from that grid: the part of the error no search
 can remove; ``oracle_search`` replays a search that places every trial on that floor, to see how early the
 error can be brought under the target and kept there. ``--compare`` measures other searches beside the two
