@@ -728,7 +728,7 @@ def main() -> None:
         f" --compare {' '.join(args.compare)}" for _ in args.compare[:1])
     log(f"estimator floor: analyze() on trials drawn from the reference grid ({FLOOR_DRAWS} draws per row)")
     floor_rows = estimator_floor(ref, spec)
-    log(f"a perfect search: trials on the reference's floor, {ORACLE_ORDERS} orders per reference seed (a minute)")
+    log(f"a search that knows where the floor is: {ORACLE_ORDERS} replays per reference seed (a minute)")
     oracle = oracle_search(ref, spec, args.budget, unit)
     lines = report(runs, ref, spec, args.budget, seeds, unit, command, floor_rows, oracle)
     text = "\n".join(lines) + "\n"
