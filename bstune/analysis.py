@@ -95,7 +95,7 @@ class BatchOptimum:
     momentum_interval: Interval | None = None
     effective_lr: float | None = None
     effective_lr_interval: Interval | None = None
-    value: float | None = None  # the fit's expected objective at the optimum
+    value: float | None = None  # the fit's expected objective at the optimum, never better than best_value
     max_stable_lr: float | None = None
     max_stable_effective_lr: float | None = None
     fit: str = ""  # "pooled" ("pooled-lr": one momentum; with the other batch sizes), "2d", "1d-lr", "1d-effective"
@@ -103,6 +103,7 @@ class BatchOptimum:
     bracketed: bool = False  # clearly worse trials on both sides: lr* is an estimate, not a bound
     _log2_lr: np.ndarray | None = field(default=None, repr=False, compare=False)  # point, then replicates
     _log2_eff: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _fit_value: float | None = field(default=None, repr=False, compare=False)  # value before the clip
 
     @property
     def fitted(self) -> bool:
@@ -539,7 +540,10 @@ def _place(out: BatchOptimum, v: _Valley, records: list[TrialRecord], sign: floa
     out.lr, out.lr_interval = float(2.0 ** lx[0]), _interval(2.0 ** lx[1:])
     out.momentum, out.momentum_interval = float(1.0 - 2.0 ** lu[0]), _interval(1.0 - 2.0 ** lu[1:])
     out.effective_lr, out.effective_lr_interval = float(2.0 ** leff[0]), _interval(2.0 ** leff[1:])
-    out.value = sign * v.value
+    # a sparsely sampled valley's fitted bottom can overshoot what any trial reached (even to a negative
+    # loss): the value reported is never better than the best trial's (the steps target keeps the fit's)
+    out._fit_value = sign * v.value
+    out.value = sign * max(v.value, sign * float(out.best_value)) if out.best_value is not None else out._fit_value
     out.fit, out.n_window = v.kind, v.n_window
     out._log2_lr, out._log2_eff = lx, leff
     below, above = _bracket(records, sign, v, lx[0], leff[0])
@@ -1140,7 +1144,7 @@ def _steps_fit(table: TrialTable, groups: dict[int, list[TrialRecord]], per_batc
     else:
         # Noisy curves dip below a target set just under the best value by luck; start from the smooth
         # fitted optimum values instead, and leave a margin.
-        optima = sorted(sign * o.value for o in per_batch if o.value is not None)
+        optima = sorted(sign * o._fit_value for o in per_batch if o._fit_value is not None)
         ref = optima[math.ceil(_TARGET_SHARE * len(optima)) - 1]
         start = float(np.median([v[0] for cs in curves.values() for _, v in cs]))
         goal = ref + _TARGET_SLACK * max(start - ref, 0.0)

@@ -139,8 +139,7 @@ def report_batch_sizes(measured: Sequence[int], requested: Sequence[int] = ()) -
 
 def _rows(table: TrialTable, a: Analysis, requested: list[int]) -> tuple[list[Row], str]:
     measured = [o.batch_size for o in a.per_batch]
-    fitted = {o.batch_size: _expected(o.value, o.best_value, a.direction) for o in a.per_batch
-              if o.fitted and o.value is not None}
+    fitted = {o.batch_size: o.value for o in a.per_batch if o.fitted and o.value is not None}
     rate = _throughput(table)
     effective = a.basis == "effective"
     fits, _ = a.fits_for(effective)
@@ -165,14 +164,6 @@ def _rows(table: TrialTable, a: Analysis, requested: list[int]) -> tuple[list[Ro
             notes=rec.notes,
         ))
     return rows, ""
-
-
-def _expected(fit: float, best: float | None, direction: str) -> float:
-    """The fitted optimum value, but never better than the best trial: a quadratic's bottom can overshoot
-    what any trial reached (even to a negative loss) when the valley is sparsely sampled."""
-    if best is None:
-        return fit
-    return max(fit, best) if direction == "minimize" else min(fit, best)
 
 
 def _throughput(table: TrialTable) -> dict[int, float]:

@@ -180,6 +180,27 @@ def test_too_few_trials_and_out_of_memory_batch_sizes_are_reported_not_fitted():
     assert a.effective_fits["saturating"].n_points == 7
 
 
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_the_optimum_value_is_never_better_than_the_best_trial(direction):
+    # Five trials per batch size: the fitted bottom of the valley usually lies beyond every trial (none sits
+    # on the optimum), and with few trials it can overshoot to a value no run could reach.
+    sign = 1.0 if direction == "minimize" else -1.0
+    clipped = 0
+    for seed in range(3):
+        a = analyze(_sim("saturating", seed, trials_per_batch=5, direction=direction), seed=seed, n_boot=50)
+        for o in a.per_batch:
+            if not o.fitted:
+                continue
+            assert sign * o.value >= sign * o.best_value
+            if sign * o._fit_value < sign * o.best_value:
+                clipped += 1
+                assert o.value == o.best_value
+            else:
+                assert o.value == o._fit_value
+            assert "_fit_value" not in o.to_dict()
+    assert clipped > 0
+
+
 def test_a_batch_size_with_two_completed_trials_is_placed_by_the_shared_valley_shape():
     table = _sim("saturating", 3)
     full = analyze(table).optimum(256)
