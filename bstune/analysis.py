@@ -731,9 +731,9 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     tilted = float(np.ptp(u)) >= 1e-9  # with one momentum there is no tilt to fit
     u_centre = float(u[in0].mean())
     uc = u - u_centre if tilted else np.zeros_like(u)
-    theta = _fit_floor(x, uc, lb, y, w, ids, tilted)
-    a, b_, g, h, kappa = (theta[:, i] for i in range(_FLOOR_SHARED))
-    c, d, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in range(3))
+    theta, resid = _fit_floor(x, uc, lb, y, w, ids, tilted)
+    a, b_, g, h = (theta[:, i] for i in range(4))  # and kappa, the shared curvature
+    c, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in (0, 2))  # (and d_B)
     out = {}
     for j, (b, xb, ub, _, wb) in enumerate(blocks):
         lu = _weighted_median_rows(ub, wb)
@@ -748,19 +748,18 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
             take = rng.choice(np.flatnonzero(~lost), size=int(lost.sum()))
             lx[lost], lu[lost] = lx[take], lu[take]
         mine = ids == j
-        e = x[mine] - (a[0] + b_[0] * lb[j] + f[0, j] + tilt[0] * uc[mine])
-        resid = y[mine] - c[0, j] - np.exp(kappa[0] + d[0, j]) * _wall(e)[0]
-        noise = math.sqrt(float((w[0, mine] * resid**2).sum() / max(w[0, mine].sum(), 1e-12)))
+        noise = math.sqrt(float((w[0, mine] * resid[mine] ** 2).sum() / max(w[0, mine].sum(), 1e-12)))
         out[b] = _Valley(lx, lu, float(c[0, j]) + y0, "pooled" if tilted else "pooled-lr", int(inside.sum()),
                          noise, float(tilt[0]) if tilted else 0.0)
     return out
 
 
 def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weights: np.ndarray,
-               ids: np.ndarray, tilted: bool) -> np.ndarray:
+               ids: np.ndarray, tilted: bool) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares of ``_pooled_valleys``'s valley model for every row of ``weights`` at once
     (Levenberg-Marquardt, all rows in step), from a start the data's best trials give. Returns the
-    parameters (R, 5 + 3 nb): a, b, g, h, kappa, then c_B, d_B, f_B per batch size."""
+    parameters (R, 5 + 3 nb): a, b, g, h, kappa, then c_B, d_B, f_B per batch size; and the data's (row
+    0's) residual per trial."""
     nb = len(lb)
     R, n = weights.shape
     p = _FLOOR_SHARED + 3 * nb
@@ -863,7 +862,8 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
     # from the data's solution (they differ little)
     sw = np.sqrt(weights)
     theta = solve(theta0[None, :], sw[:1])
-    return np.concatenate([theta, solve(np.tile(theta[0], (R - 1, 1)), sw[1:])])
+    resid = residuals(theta, np.ones((1, n)))[0][0, :n]  # the data's, unweighted: for the noise per batch size
+    return np.concatenate([theta, solve(np.tile(theta[0], (R - 1, 1)), sw[1:])]), resid
 
 
 def _wall(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
