@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from bstune.errors import BstuneError
-from bstune.spec import StudySpec, load_spec
+from bstune.spec import DEFAULT_TRACKING_URI, StudySpec, load_spec
 
 if TYPE_CHECKING:
     from bstune.analysis import Analysis
@@ -128,9 +128,8 @@ def _next_steps(spec_file: str, tracking_uri: str) -> str:
     steps = [(f"bstune analyze {spec_file}", "how lr* moves with B, the critical batch size"),
              (f"bstune report {spec_file} --batch-size B", "lr and momentum to use at B, with the evidence")]
     if tracking_uri.startswith("sqlite:"):
-        default = ui.params[0].default  # type: ignore[attr-defined]
-        steps.append(("bstune ui" + ("" if tracking_uri == default else f" --tracking-uri {tracking_uri}"),
-                      "every trial in the MLflow UI"))
+        store = "" if tracking_uri == DEFAULT_TRACKING_URI else f" --tracking-uri {tracking_uri}"
+        steps.append((f"bstune ui{store}", "every trial in the MLflow UI"))
     width = max(len(cmd) for cmd, _ in steps)
     return "\n".join(f"{'next:' if i == 0 else '':6}{cmd:{width}}  # {why}" for i, (cmd, why) in enumerate(steps))
 
@@ -347,7 +346,7 @@ def recommend(batch_size: int, spec_file: str | None, storage: str | None, study
 
 
 @main.command()
-@click.option("--tracking-uri", default="sqlite:///mlruns/mlflow.db", show_default=True, metavar="URI")
+@click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
 @click.option("--port", default=5000, show_default=True)
 def ui(tracking_uri: str, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the local tracking store."""
