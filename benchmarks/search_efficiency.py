@@ -224,13 +224,14 @@ def load_reference(spec: StudySpec, n_train: int, jobs: int, path: Path = REFERE
     grid's trials: the summary is redone from them with the analysis as it is now. Another workload's
     reference goes beside ``path`` under its key, never over the one there (hours of training)."""
     key = workload_key(spec)
-    for candidate in (path, path.with_name(f"{path.stem}-{key}{path.suffix}")):
+    keyed = path.with_name(f"{path.stem}-{key}{path.suffix}")
+    for candidate in (path, keyed):
         if candidate.exists():
             cached = json.loads(candidate.read_text())
             if cached.get("key") == key and "rows" in cached:
                 return summarize_reference(spec, cached["rows"], n_train, cached["seconds"])
     if path.exists():
-        path = candidate
+        path = keyed
         log(f"reference: the cached one is for another workload or grid; computing this one into {path.name}")
     ref = compute_reference(spec, n_train, jobs, log)
     path.write_text(json.dumps(ref) + "\n")

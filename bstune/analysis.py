@@ -732,8 +732,9 @@ def _pooled_valleys(done: dict[int, list[TrialRecord]], sign: float, n_boot: int
     u_centre = float(u[in0].mean())
     uc = u - u_centre if tilted else np.zeros_like(u)
     theta, resid = _fit_floor(x, uc, lb, y, w, ids, tilted)
-    a, b_, g, h = (theta[:, i] for i in range(4))  # and kappa, the shared curvature
-    c, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in (0, 2))  # (and d_B)
+    # the floor's position and each offset; the curvatures (kappa, d_B) are needed only in resid
+    a, b_, g, h = (theta[:, i] for i in range(4))
+    c, f = (theta[:, _FLOOR_SHARED + i * nb : _FLOOR_SHARED + (i + 1) * nb] for i in (0, 2))
     out = {}
     for j, (b, xb, ub, _, wb) in enumerate(blocks):
         lu = _weighted_median_rows(ub, wb)
