@@ -847,7 +847,8 @@ def _fit_floor(x: np.ndarray, u: np.ndarray, lb: np.ndarray, y: np.ndarray, weig
             ridge = (1e-9 * diag.sum(axis=1) + 1e-12)[:, None] + lm[:, None] * diag
             step = -np.linalg.solve(a_mat + ridge[:, :, None] * np.eye(p), grad[:, :, None])[:, :, 0]
             trial = th + step
-            new = (residuals(trial, s_w)[0] ** 2).sum(axis=1)
+            with np.errstate(over="ignore", invalid="ignore"):  # a wild step overflows (inf, nan): rejected
+                new = (residuals(trial, s_w)[0] ** 2).sum(axis=1)
             better = new < cur
             gain = np.where(better, cur - new, 0.0)
             theta[active] = np.where(better[:, None], trial, th)
