@@ -58,6 +58,7 @@ REFERENCE = HERE / "search_efficiency_reference.json"
 
 BATCH_SIZES = (32, 64, 128, 256, 512)  # B = 16 alone would cost as much as the other five together
 TARGET = 0.5  # octaves of mean |log2(eff lr* / reference)|: a factor of sqrt(2)
+OTHER_TARGETS = (0.4, 0.5, 0.6, 0.75, 1.0)  # shown beside it: whether the ratio depends on where the bar is
 # The reference grid: effective lr in half-octave steps, six momenta, eight training seeds unseen by the searches
 # (the valley is flat at the bottom: eight seeds' best lrs at one momentum span about an octave).
 GRID_LOG2_EFF = tuple(-4.0 + 0.5 * i for i in range(17))
@@ -255,7 +256,12 @@ COMPARE = {
     # momentum not searched: scored like the others, at the one momentum it has
     "m=0.9": (("law", 2, "median", 3, 4, 0.9), "the default search with the momentum held at 0.9 instead of "
               "searched"),
+    "protocol-m=0.9": (("qmc", 0, "none", 0, 0, 0.9), "the protocol with the momentum held at 0.9: Sobol lr per "
+                       "batch size, no pruning"),
 }
+# Compared searches also measured against a baseline of their own (both must be run): what the search itself
+# buys once both hold the momentum, apart from what not searching it buys.
+BASELINES = {"m=0.9": "protocol-m=0.9"}
 
 
 def compare_spec(spec: StudySpec, name: str) -> StudySpec:
@@ -613,16 +619,34 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         lines.append("| " + " | ".join(row) + " |")
     medians = {x: statistics.median([r for r in rs if math.isfinite(r)] or [math.nan]) for x, rs in ratios.items()}
     median = medians["bstune"]
-    kept = statistics.median(min(compute_to_target(by[("protocol", x)])[1], budget) for x in seeds)
-    eff_ratios = [_ratio(compute_to_target(by[("protocol", x)], key="eff_error")[1],
-                         compute_to_target(by[("bstune", x)], key="eff_error")[1], budget)[0] for x in seeds]
-    eff_median = statistics.median([r for r in eff_ratios if math.isfinite(r)] or [math.nan])
+    kept = _median_kept(by, "protocol", seeds, budget)
+    eff_median = _median_ratio(by, "protocol", "bstune", seeds, budget, key="eff_error")
     lines += [
         "",
         f"The protocol's median *kept*: {kept:.1f} full trials (so here the ratio cannot exceed {kept / floor:.1f}). "
         f"Measured on the effective lr* instead, the median ratio is {eff_median:.2f}."
         + ("".join(f" The median ratio of {x}: {medians[x]:.2f}." for x in extra) if extra else ""),
     ]
+    for x, base in BASELINES.items():
+        if x in extra and base in extra:
+            lines[-1] += (f" Against {base} instead (the protocol at the same held momentum), {x}'s median "
+                          f"ratio is {_median_ratio(by, base, x, seeds, budget):.2f}: what its sampler and pruner "
+                          "buy where neither search has a momentum to find.")
+    lines += [
+        "",
+        f"At other targets (for comparison; the ratio above is at {TARGET:g}): the median *kept* of each search "
+        "and the median ratio to the protocol, from the same runs.",
+        "",
+        "| target (octaves) | protocol kept | " + " | ".join(f"{x} kept | ratio (protocol / {x})"
+                                                         for x in ratios) + " |",
+        "|---:|---:|" + "---:|" * (2 * len(ratios)),
+    ]
+    for t in OTHER_TARGETS:
+        row = [f"{t:g}", f"{_median_kept(by, 'protocol', seeds, budget, t):.1f}"]
+        for x in ratios:
+            row.append(f"{_median_kept(by, x, seeds, budget, t):.1f} | "
+                       f"{_median_ratio(by, 'protocol', x, seeds, budget, t):.2f}")
+        lines.append("| " + " | ".join(row) + " |")
     if floor_rows:
         read, fitted = seed_limit(ref, spec)
         lines += [
@@ -650,7 +674,7 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
     if oracle:
         first = [min(f, budget) for f, _ in oracle]
         held = [min(k, budget) for _, k in oracle]
-        ours = statistics.median(min(compute_to_target(by[("bstune", x)])[1], budget) for x in seeds)
+        ours = _median_kept(by, "bstune", seeds, budget)
         early = statistics.median(min(compute_to_target(by[("protocol", x)])[0], budget) for x in seeds)
         lines += [
             "",
@@ -675,6 +699,20 @@ def report(runs: Sequence[dict[str, Any]], ref: dict[str, Any], spec: StudySpec,
         ]
     lines += ["", f"compute ratio (protocol / bstune): {median:.2f}"]
     return lines
+
+
+def _median_kept(by: dict[tuple[str, int], Any], label: str, seeds: Sequence[int], budget: float,
+                 target: float = TARGET) -> float:
+    """The median over seeds of a search's *kept* compute, the budget where it never gets there."""
+    return statistics.median(min(compute_to_target(by[(label, x)], target)[1], budget) for x in seeds)
+
+
+def _median_ratio(by: dict[tuple[str, int], Any], base: str, label: str, seeds: Sequence[int], budget: float,
+                  target: float = TARGET, key: str = "error") -> float:
+    """The median over seeds of base's *kept* compute over label's (seeds where neither gets there left out)."""
+    ratios = [_ratio(compute_to_target(by[(base, x)], target, key)[1],
+                     compute_to_target(by[(label, x)], target, key)[1], budget)[0] for x in seeds]
+    return statistics.median([r for r in ratios if math.isfinite(r)] or [math.nan])
 
 
 def _ratio(protocol: float, search: float, budget: float) -> tuple[float, str]:
