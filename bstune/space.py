@@ -25,6 +25,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from bstune.budget import counts_as_trial
 from bstune.lawsampler import BATCH_SIZE, LR, ONE_MINUS_M, LawSampler
 from bstune.spec import Search
 
@@ -169,7 +170,8 @@ class BatchSizeSampler(BaseSampler):
         oom = set()
         for t in study._get_trials(deepcopy=False, use_cache=False):
             b = t.params.get(BATCH_SIZE)
-            if b not in counts or t.number == trial.number:
+            # an interrupted or lost trial was queued again: its retry (waiting, running or done) counts
+            if b not in counts or t.number == trial.number or (t.state.is_finished() and not counts_as_trial(t)):
                 continue
             if t.state == TrialState.FAIL and t.user_attrs.get("bstune.state") == "OOM":
                 oom.add(b)

@@ -176,6 +176,23 @@ def test_batch_size_sampler_gives_a_pooled_sampler_the_whole_study() -> None:
         assert abs(_eff(study._storage.get_trial(trial._trial_id)) - _optimum(512)) < 1.0 + 2.0 + 0.5
 
 
+def test_a_retried_trial_counts_once_in_the_allocation() -> None:
+    study = optuna.create_study(sampler=make_sampler(SEARCH, SPACE))
+    dists = {BATCH_SIZE: B_DIST} | SPACE.distributions()
+    params = {LR: 0.1, ONE_MINUS_M: 0.1}
+    for b, state, attrs in [(32, TrialState.FAIL, {"bstune.state": "INTERRUPTED"}),  # Ctrl-C: queued again
+                            (32, TrialState.FAIL, {}),  # a worker died: LOST, queued again
+                            (32, TrialState.COMPLETE, {}), (32, TrialState.COMPLETE, {}),  # their retries
+                            (128, TrialState.COMPLETE, {}), (128, TrialState.COMPLETE, {}),
+                            (128, TrialState.COMPLETE, {}), (512, TrialState.FAIL, {"bstune.state": "DIVERGED"}),
+                            (512, TrialState.COMPLETE, {}), (512, TrialState.COMPLETE, {})]:
+        study.add_trial(create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None,
+                                     params={BATCH_SIZE: b} | params, distributions=dists, user_attrs=attrs))
+    # B=32 has 2 trials, the others 3 (a diverged trial counts): the retries' originals do not
+    trial = study.ask({BATCH_SIZE: B_DIST} | SPACE.distributions())
+    assert trial.params[BATCH_SIZE] == 32
+
+
 def test_qmc_gives_each_batch_size_its_own_sobol_sequence() -> None:
     search = Search(batch_sizes=(32, 64, 128), lr=(1e-3, 1.0), momentum=(0.0, 0.9),
                     sampler=Sampler(name="qmc", seed=5))
