@@ -34,7 +34,8 @@ def _quiet_libraries() -> None:
 
 
 class _Group(click.Group):
-    """Turns BstuneError into `error: ...` and exit code 2 for every command."""
+    """Turns BstuneError into `error: ...` and exit code 2 for every command, and a Ctrl-C that lands outside
+    a study's trials (which handle their own) into exit code 130, as the shell would give."""
 
     def invoke(self, ctx: click.Context) -> object:
         _quiet_libraries()
@@ -43,6 +44,9 @@ class _Group(click.Group):
         except BstuneError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted (Ctrl-C); a study resumes when the same command is run again", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

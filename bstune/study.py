@@ -30,7 +30,7 @@ from bstune.data import Dataset, load_dataset
 from bstune.diagnostics import HISTOGRAM_ARTIFACT_DIR
 from bstune.errors import BstuneError, redact
 from bstune.results import FAILED_STATES, EpochPoint, TrialRecord, TrialTable, curve_to_json, from_study
-from bstune.space import Config, SearchSpace, make_pruner, make_sampler
+from bstune.space import BATCH_SIZE, Config, SearchSpace, make_pruner, make_sampler
 from bstune.spec import StudySpec, Workload
 from bstune.status import WorkerBeat, worker_id
 from bstune.storage import check_storage, grace_seconds, load_study, open_storage
@@ -342,10 +342,26 @@ class _Objective:
         self.claimed = claimed  # called once the trial exists and has its batch size
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self._finish: Callable[[str, str], None] | None = None  # set by _run as the trial takes shape
+        self._run_id: str | None = None
         try:
             return self._run(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise _TrialTakenAway(trial.number) from None
+        except KeyboardInterrupt:
+            # Ctrl-C anywhere in the trial, in training or not (picking its config, MLflow's start or end
+            # of its run): recorded INTERRUPTED, its MLflow run closed, its config queued to run again
+            reason = "interrupted by the user (Ctrl-C); re-queued"
+            if self._finish is not None:
+                self._finish("INTERRUPTED", reason)
+            else:
+                trial.set_user_attr("bstune.state", "INTERRUPTED")
+                trial.set_user_attr("bstune.reason", reason)
+                if self._run_id is not None:
+                    self.tracker.close_if_running(self._run_id, "INTERRUPTED", reason)
+            if BATCH_SIZE in trial.params:  # before it has one there is nothing to re-run
+                _requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))
+            raise
 
     def _run(self, trial: optuna.Trial) -> float:
         spec, w = self.spec, self.spec.workload
@@ -369,6 +385,7 @@ class _Objective:
             params["retry_of"] = trial.user_attrs["bstune.retry_of"]
         run_id = self.tracker.start_trial(self.parent, spec.name, trial.number, trial._trial_id, params)
         trial.set_user_attr("mlflow_run_id", run_id)
+        self._run_id = run_id
         self.progress.trial_started(trial.number, cfg)
 
         curve: list[EpochPoint] = []
@@ -411,6 +428,7 @@ class _Objective:
             self.progress.trial_finished(trial.number, cfg, state, last.get("value"),
                                          time.perf_counter() - t0, reason)
 
+        self._finish = finish
         try:
             history = train(tc, self.data, self.device, on_epoch)
         except optuna.TrialPruned as e:
@@ -422,10 +440,6 @@ class _Objective:
         except OutOfMemory as e:
             finish("OOM", f"out of memory at batch size {cfg.batch_size}: {e}")
             raise _TrialFailed(str(e)) from None
-        except KeyboardInterrupt:
-            finish("INTERRUPTED", "interrupted by the user (Ctrl-C); re-queued")
-            _requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))
-            raise
         except Exception as e:  # noqa: BLE001 - a trial's failure must not end the study
             finish("FAILED", f"{type(e).__name__}: {e}")
             raise _TrialFailed(str(e)) from None

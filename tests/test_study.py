@@ -291,3 +291,57 @@ def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     trials = _study(spec).trials
     assert [trial_state(t) for t in trials] == ["INTERRUPTED", "COMPLETE", "COMPLETE"]
     assert trials[1].user_attrs["bstune.retry_of"] == 0 and trials[1].params == trials[0].params
+
+
+@pytest.mark.parametrize("where", ["start_trial", "end_trial"])
+def test_ctrl_c_outside_training_loses_no_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A Ctrl-C that lands in MLflow's start or end of a trial's run (not in train()) is handled as in training:
+    the trial INTERRUPTED, its MLflow run closed, its config queued again; the re-run completes the study."""
+    from bstune.tracking import Tracker
+
+    spec = load_spec(write_spec(tmp_path, **{"budget": {"trials": 2}}))
+    real = getattr(Tracker, where)
+    calls = []
+
+    def ctrl_c_once(self, *args, **kwargs):  # the signal arrives as the first trial's run starts or ends
+        calls.append(args)
+        if len(calls) == 1 and where == "start_trial":
+            raise KeyboardInterrupt
+        out = real(self, *args, **kwargs)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # end_trial: after the run was marked FINISHED
+        return out
+
+    monkeypatch.setattr(Tracker, where, ctrl_c_once)
+    result = run_study(spec)
+    assert result.interrupted
+    (t,) = _study(spec).trials[:1]
+    assert t.state == TrialState.FAIL and trial_state(t) == "INTERRUPTED"
+    waiting = [w for w in _study(spec).trials if w.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["bstune.retry_of"] == 0
+    assert waiting[0].system_attrs["fixed_params"] == t.params, "queued with the interrupted trial's config"
+    _, _, children = _runs(spec)
+    if where == "end_trial":  # its run had started: closed as KILLED, not left FINISHED or RUNNING
+        assert [(r.info.status, r.data.tags["bstune.state"]) for r in children] == [("KILLED", "INTERRUPTED")]
+    else:
+        assert children == []
+    monkeypatch.setattr(Tracker, where, real)
+    rerun = run_study(spec)
+    assert not rerun.interrupted and rerun.spent.trials == 2
+    trials = _study(spec).trials
+    assert [trial_state(x) for x in trials] == ["INTERRUPTED", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == t.params, "the retry ran first, with the interrupted trial's config"
+
+
+def test_ctrl_c_before_the_first_trial_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while a study opens (its stores, its data) exits as the shell would, with one line, not click's
+    'Aborted!' and exit code 1."""
+    import bstune.study
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bstune.study, "load_dataset", ctrl_c)
+    out = CliRunner().invoke(main, ["study", str(write_spec(tmp_path))])
+    assert out.exit_code == 130, out.output
+    assert "interrupted (Ctrl-C)" in out.output and "Aborted" not in out.output
