@@ -31,8 +31,22 @@ def check_sqlite_url(url: str, field: str) -> None:
 def check_storage(url: str) -> None:
     """Fail with one line if the Optuna storage URL cannot be used; creates nothing."""
     check_sqlite_url(url, "storage")
-    if url.startswith("sqlite"):
-        return
+    if not url.startswith("sqlite"):
+        check_database(url, "storage")
+
+
+# Database servers behind a URL (MLflow's tracking stores take the same ones; SQLite is a file, checked apart)
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "oracle")
+
+
+def is_database_url(url: str) -> bool:
+    """postgresql://..., mysql+pymysql://...: a database server (not SQLite, not an MLflow server or folder)."""
+    return url.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES
+
+
+def check_database(url: str, field: str) -> None:
+    """Fail with one line naming `field` if the database at `url` does not answer, within seconds (Optuna and
+    MLflow would retry for minutes); creates nothing."""
     import sqlalchemy
 
     try:
@@ -44,11 +58,11 @@ def check_storage(url: str) -> None:
             pass
         engine.dispose()
     except ModuleNotFoundError as e:
-        raise BstuneError(f"storage: {redact(url)} needs the {e.name} package; install it "
+        raise BstuneError(f"{field}: {redact(url)} needs the {e.name} package; install it "
                           f"(for PostgreSQL: pip install 'psycopg[binary]')") from None
     except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-        raise BstuneError(f"storage: cannot connect to {redact(url)} ({first_line(e)}); "
-                          f"start the database or fix storage") from None
+        raise BstuneError(f"{field}: cannot connect to {redact(url)} ({first_line(e)}); "
+                          f"start the database or fix {field}") from None
 
 
 def open_storage(url: str, heartbeat_seconds: int | None = None, on_lost: Any = None) -> optuna.storages.RDBStorage:

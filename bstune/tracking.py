@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bstune.errors import BstuneError, first_line, redact
-from bstune.storage import check_sqlite_url, sqlite_path
+from bstune.storage import check_database, check_sqlite_url, is_database_url, sqlite_path
 
 # Fail fast instead of retrying for minutes when a tracking server does not answer.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -63,6 +63,8 @@ class Tracker:
     def check(self) -> None:
         """Make sure the tracking store answers, without creating anything in it."""
         check_sqlite_url(self.uri, "tracking_uri")
+        if is_database_url(self.uri):  # MLflow would retry a silent database for two minutes
+            check_database(self.uri, "tracking_uri")
         try:
             self.client.search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - any failure here means "unusable store"

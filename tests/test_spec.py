@@ -81,6 +81,17 @@ def test_unreachable_storage_is_one_line(tmp_path: Path) -> None:
     _no_state(tmp_path)
 
 
+def test_unreachable_tracking_database_is_one_line_at_once(tmp_path: Path) -> None:
+    # MLflow alone retries a database that does not answer for about two minutes, printing as it goes.
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, tracking_uri="postgresql://bstune:s3cret@127.0.0.1:1/x")))
+    code, out = _run(["study", str(path)])
+    assert code == 2, out
+    assert out.startswith("error: tracking_uri: cannot connect") and out.count("\n") == 1, out
+    assert "s3cret" not in out
+    _no_state(tmp_path)
+
+
 def test_missing_storage_folder(tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(small_spec(tmp_path, storage=f"sqlite:///{tmp_path}/no/such/dir/o.db")))
