@@ -127,5 +127,3 @@ def test_powers_of_two_range_and_numbers_as_strings(tmp_path: Path) -> None:
     assert spec.search.batch_sizes == (16, 32, 64)
     assert spec.search.lr == (1e-4, 1e-1)
     assert spec.search.direction == "minimize"
-
-
