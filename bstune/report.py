@@ -257,22 +257,21 @@ def make_report(table: TrialTable, out_dir: str | Path, fmt: str = "html", *, ba
 
 
 def write_report(report: Report, out_dir: str | Path, fmt: str = "html") -> list[Path]:
-    """Write the report into ``out_dir`` as ``report.<fmt>`` (Markdown: with the PNG plots beside it).
+    """Write the report into ``out_dir`` as ``report.<fmt>`` (Markdown and JSON: with the PNG plots beside it).
     Returns the files written, the report first."""
     _check_output(out_dir, fmt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"report.{fmt}"
     files = [path]
-    if fmt == "json":
-        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    elif fmt == "md":
-        for stem, data in report.plots.items():
-            (out / f"{stem}.png").write_bytes(data)
-            files.append(out / f"{stem}.png")
-        path.write_text(to_markdown(report))
-    else:
+    if fmt == "html":
         path.write_text(to_html(report))
+        return files
+    # Markdown and JSON name their plots as PNG files beside them.
+    for stem, data in report.plots.items():
+        (out / f"{stem}.png").write_bytes(data)
+        files.append(out / f"{stem}.png")
+    path.write_text(to_markdown(report) if fmt == "md" else json.dumps(report.to_dict(), indent=2) + "\n")
     return files
 
 

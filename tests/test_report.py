@@ -161,7 +161,11 @@ def test_markdown_report_references_the_pngs_beside_it(report_study: ReportStudy
 
 def test_json_report_holds_every_number(report_study: ReportStudy, tmp_path: Path) -> None:
     rep = report_study.report
-    data = json.loads(write_report(rep, tmp_path, "json")[0].read_text())
+    files = write_report(rep, tmp_path, "json")
+    data = json.loads(files[0].read_text())
+    # The plots it names are written beside it, as PNG.
+    assert data["plots"] and sorted(data["plots"]) == sorted(f.name for f in files[1:])
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in data["plots"])
     assert data["analysis"] == json.loads(json.dumps(report_study.analysis.to_dict()))
     assert [r["batch_size"] for r in data["recommendations"]] == [r.batch_size for r in rep.rows]
     for got, row in zip(data["recommendations"], rep.rows, strict=True):
