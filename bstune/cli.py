@@ -78,14 +78,36 @@ _target_opt = click.option("--target", type=float, help="Objective value for ste
 @main.command()
 @click.argument("spec_file", metavar="SPEC")
 def validate(spec_file: str) -> None:
-    """Check a study spec without running anything."""
+    """Check a study spec without running anything: its fields, its data (loaded, not trained on) and its
+    Optuna storage (reached, nothing created in it)."""
+    from bstune.data import CIFAR10_TRAIN, needs_download
+    from bstune.storage import check_storage
+    from bstune.study import check_batch_sizes, check_input
+
     spec = load_spec(spec_file)
     s, w, b = spec.search, spec.workload, spec.budget
+    if needs_download(w):
+        n_train = min(CIFAR10_TRAIN, w.n_train or CIFAR10_TRAIN)
+        check_batch_sizes(spec, n_train)
+        data_line = f"{w.dataset}/{w.model} ({n_train} training examples, downloaded into {w.data_dir}/ first)"
+    else:
+        n_train = check_input(spec).n_train
+        data_line = f"{w.dataset}/{w.model} ({n_train} training examples)"
+    check_storage(spec.storage)
+    limits = [f"{k} {v:g}" for k, v in (("trials", b.trials), ("examples", b.examples), ("seconds", b.seconds))
+              if v is not None]
     click.echo(f"{spec_file}: ok")
-    click.echo(f"  study {spec.name}: {w.dataset}/{w.model}, {w.optimizer}, {w.epochs} epochs, objective {s.objective}")
+    click.echo(f"  study {spec.name}: {data_line}, {w.optimizer}, {w.epochs} epochs, objective {s.objective}")
     click.echo(f"  batch sizes {list(s.batch_sizes)}, lr {s.lr[0]:g}..{s.lr[1]:g}, "
-               f"momentum {s.momentum[0]:g}..{s.momentum[1]:g}, sampler {s.sampler.name}, pruner {s.pruner.name}")
-    click.echo(f"  budget: trials {b.trials}, examples {b.examples}, seconds {b.seconds}")
+               f"momentum {_range(s.momentum)}, sampler {s.sampler.name}, pruner {s.pruner.name}")
+    click.echo(f"  budget: {', '.join(limits) or 'none'}")
+    if len(s.batch_sizes) < 2:
+        click.echo("  note: one batch size tunes lr and momentum there; `bstune analyze` needs 2 or more batch "
+                   "sizes to fit how lr* moves with B (5 or more to tell its forms apart)")
+
+
+def _range(r: tuple[float, float]) -> str:
+    return f"{r[0]:g} (held)" if r[0] == r[1] else f"{r[0]:g}..{r[1]:g}"
 
 
 @main.command()

@@ -106,14 +106,23 @@ def synthetic_classification(
                    torch.from_numpy(yv), num_classes=n_classes)
 
 
+CIFAR10_DIR = "cifar-10-batches-py"  # torchvision's folder under data_dir
+CIFAR10_TRAIN = 50_000  # training examples
+
+
+def needs_download(workload: Workload) -> bool:
+    """Whether loading the workload's data would download it first (CIFAR-10 with download: true, not there)."""
+    return workload.dataset == "cifar10" and workload.download and not (Path(workload.data_dir) / CIFAR10_DIR).is_dir()
+
+
 def load_cifar10(data_dir: str | Path, download: bool = False) -> Dataset:
     """CIFAR-10 through torchvision (its own on-disk format under data_dir/cifar-10-batches-py)."""
     from torchvision.datasets import CIFAR10
 
     root = Path(data_dir)
-    if not download and not (root / "cifar-10-batches-py").is_dir():
+    if not download and not (root / CIFAR10_DIR).is_dir():
         raise BstuneError(
-            f"workload.data_dir: no CIFAR-10 data under {root}/cifar-10-batches-py; "
+            f"workload.data_dir: no CIFAR-10 data under {root}/{CIFAR10_DIR}; "
             f"set workload.download: true or point data_dir at the folder holding it"
         )
     class _CIFAR10(CIFAR10):

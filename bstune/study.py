@@ -119,6 +119,36 @@ def _get(d: dict, path: str) -> Any:
 # The study
 
 
+def check_input(spec: StudySpec, data: Dataset | None = None) -> Dataset:
+    """Fail with one line if the spec's data or batch sizes cannot be trained on; returns the data (loaded
+    unless given). Creates nothing."""
+    if data is None:
+        check_batch_sizes(spec, None)  # before a long load
+        try:
+            data = load_dataset(spec.workload)
+        except BstuneError as e:
+            raise BstuneError(f"{_where(spec)}{e}") from None
+    check_batch_sizes(spec, data.n_train)
+    return data
+
+
+def check_batch_sizes(spec: StudySpec, n_train: int | None) -> None:
+    """Fail with one line if a batch size cannot be trained on: not divisible by the accumulation steps, or
+    (``n_train`` given) larger than the training set."""
+    sizes, accumulation = spec.search.batch_sizes, spec.workload.accumulation_steps
+    if accumulation > 1 and (bad := [b for b in sizes if b % accumulation]):
+        raise BstuneError(f"{_where(spec)}search.batch_sizes: {bad} not divisible by "
+                          f"workload.accumulation_steps ({accumulation})")
+    if n_train is not None and (bad := [b for b in sizes if b > n_train]):
+        # Such a batch is the whole training set: each of them would run the same full-batch training.
+        raise BstuneError(f"{_where(spec)}search.batch_sizes: {bad} larger than the training set ({n_train} "
+                          f"examples of {spec.workload.dataset}); drop them, or use at most {n_train}")
+
+
+def _where(spec: StudySpec) -> str:
+    return f"{spec.source}: " if spec.source else ""
+
+
 @dataclass
 class OpenStudy:
     """A study ready for trials: the Optuna study, its MLflow side and the data its trials train on."""
@@ -146,13 +176,7 @@ def open_study(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     # 1. Everything that can be wrong with the input, before anything is created.
-    if spec.workload.accumulation_steps > 1:
-        bad = [b for b in spec.search.batch_sizes if b % spec.workload.accumulation_steps]
-        if bad:
-            raise BstuneError(f"{spec.source}: search.batch_sizes: {bad} not divisible by "
-                              f"workload.accumulation_steps ({spec.workload.accumulation_steps})")
-    if data is None:
-        data = load_dataset(spec.workload)
+    data = check_input(spec, data)
     check_storage(spec.storage)
     # a worker joins: the study must be there, and nothing is created
     existing = load_study(spec.storage, spec.name, source=spec.source or "SPEC") if join else None

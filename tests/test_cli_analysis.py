@@ -97,7 +97,7 @@ def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     ("batch_size,lr,momentum,value,state\n32,-0.1,0.9,0.5,COMPLETE\n", ["line 2", "lr must be > 0"]),
     ("batch_size,lr,momentum,value,state\n0,0.1,0.9,0.5,COMPLETE\n", ["line 2", "batch_size"]),
     ("batch_size,lr,momentum,value,state\n" + "".join(f"32,{0.01 * (i + 1)},0.9,{i},COMPLETE\n" for i in range(8)),
-     ["at least 2 batch sizes"]),
+     ["one batch size (B=32)", "measure more batch sizes"]),
 ])
 def test_bad_tables_are_one_line(tmp_path: Path, content: str, words: list[str]) -> None:
     path = tmp_path / "t.csv"

@@ -32,6 +32,11 @@ BAD_SPECS = [
     ({"budget": {"trails": 3}}, ["budget.trails", "did you mean 'trials'"]),
     ({"budget": {}}, ["budget", "no limit"]),
     ({"workload.optimizer": "sgdd"}, ["workload.optimizer", "did you mean 'sgd'"]),
+    # checked against the data: synthetic n_train 600, a fifth held out for validation
+    ({"search.batch_sizes": [16, 1024]}, ["bad.yaml: search.batch_sizes", "[1024]", "training set (480"]),
+    ({"workload.accumulation_steps": 3}, ["bad.yaml: search.batch_sizes", "[16, 64] not divisible"]),
+    ({"workload.dataset": "cifar10", "workload.model": "cnn", "workload.data_dir": "/nonexistent/bstune"},
+     ["bad.yaml: workload.data_dir", "no CIFAR-10 data", "download"]),
 ]
 
 
@@ -95,21 +100,24 @@ def test_missing_storage_folder(tmp_path: Path) -> None:
     _no_state(tmp_path)
 
 
-def test_missing_cifar_data(tmp_path: Path) -> None:
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"workload.dataset": "cifar10", "workload.model": "cnn",
-                                                             "workload.data_dir": str(tmp_path / "data")})))
-    code, out = _run(["study", str(path)])
-    assert code == 2 and "workload.data_dir" in out and "download" in out, out
-    _no_state(tmp_path)
-
-
 def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"search.lr": {"low": 2, "high": 1}})))
     proc = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    _no_state(tmp_path)
+
+
+def test_validate_names_what_it_checked(tmp_path: Path) -> None:
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"search.batch_sizes": [32],
+                                                             "search.momentum": {"low": 0.9, "high": 0.9}})))
+    code, out = _run(["validate", str(path)])
+    assert code == 0, out
+    assert "synthetic/mlp (480 training examples)" in out and "momentum 0.9 (held)" in out, out
+    assert "budget: trials 6\n" in out and "None" not in out, out
+    assert "analyze` needs 2 or more batch sizes" in out, out
     _no_state(tmp_path)
 
 
