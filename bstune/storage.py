@@ -50,6 +50,11 @@ def check_database(url: str, field: str) -> None:
     import sqlalchemy
 
     try:
+        sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise BstuneError(f"{field}: {redact(url)!r} is not a database URL; use e.g. sqlite:///mlruns/optuna.db "
+                          "or postgresql://user:password@host/db") from None
+    try:
         kwargs: dict[str, Any] = {}
         if url.startswith("postgresql"):
             kwargs["connect_args"] = {"connect_timeout": 5}

@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from bstune.cli import main
+from bstune.errors import first_line
 from bstune.spec import load_spec
 from tests.conftest import small_spec
 
@@ -32,6 +33,7 @@ BAD_SPECS = [
     ({"budget": {"trails": 3}}, ["budget.trails", "did you mean 'trials'"]),
     ({"budget": {}}, ["budget", "no limit"]),
     ({"workload.optimizer": "sgdd"}, ["workload.optimizer", "did you mean 'sgd'"]),
+    ({"storage": "notaurl"}, ["storage: 'notaurl' is not a database URL", "sqlite:///"]),
     # checked against the data: synthetic n_train 600, a fifth held out for validation
     ({"search.batch_sizes": [16, 1024]}, ["bad.yaml: search.batch_sizes", "[1024]", "training set (480"]),
     ({"workload.accumulation_steps": 3}, ["bad.yaml: search.batch_sizes", "[16, 64] not divisible"]),
@@ -79,7 +81,8 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("field", "url", "start"), [
     ("storage", "postgresql://bstune:s3cret@127.0.0.1:1/bstune", "error: storage: cannot connect"),
     ("tracking_uri", "postgresql://bstune:s3cret@127.0.0.1:1/x", "error: tracking_uri: cannot connect"),
-    ("tracking_uri", "http://127.0.0.1:1", "error: tracking_uri: cannot reach"),
+    ("tracking_uri", "http://127.0.0.1:1",
+     "error: tracking_uri: cannot reach the MLflow store at http://127.0.0.1:1 (Connection refused);"),
 ], ids=["storage-database", "tracking-database", "tracking-server"])
 def test_unreachable_store_is_one_line(tmp_path: Path, field: str, url: str, start: str) -> None:
     path = tmp_path / "spec.yaml"
@@ -135,3 +138,12 @@ def test_powers_of_two_range_and_numbers_as_strings(tmp_path: Path) -> None:
     assert spec.search.batch_sizes == (16, 32, 64)
     assert spec.search.lr == (1e-4, 1e-1)
     assert spec.search.direction == "minimize"
+
+
+def test_first_line_quotes_whole_words_and_buried_os_errors() -> None:
+    cut = first_line(ValueError("postgresql://u:pw@h/db " + "abcdefg " * 40), limit=60)
+    assert cut.endswith("abcdefg ...") and len(cut) <= 64 and "pw" not in cut, cut
+    buried = ValueError("HTTPConnectionPool(host='h', port=1): Max retries exceeded with url: /api/x (Caused by "
+                        "NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f>: Failed to establish "
+                        "a new connection: [Errno 111] Connection refused'))")
+    assert first_line(buried, limit=100) == "Connection refused"
