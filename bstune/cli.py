@@ -209,7 +209,8 @@ def _study_spec(spec_file: str | None, storage: str | None, study_name: str | No
     """The spec naming an existing study: read from SPEC, or made from --storage URL --study NAME."""
     if spec_file:
         spec = _spec(spec_file, storage, tracking_uri)
-        return spec.with_overrides(name=study_name) if study_name else spec
+        # Another study than the spec's: "run `bstune study SPEC` first" would not create it.
+        return spec.with_overrides(name=study_name, source="") if study_name and study_name != spec.name else spec
     if not (storage and study_name):
         raise BstuneError("no study given: pass the study's SPEC file, or --storage URL and --study NAME")
     return StudySpec(name=study_name, storage=storage)
@@ -372,10 +373,15 @@ def recommend(batch_size: int, spec_file: str | None, storage: str | None, study
 
 
 @main.command()
-@click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
-@click.option("--port", default=5000, show_default=True)
+@click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
+              help="The tracking store to show: a study's tracking_uri (SQLite file or database URL).")
+@click.option("--port", default=5000, show_default=True, help="Port of the UI on 127.0.0.1.")
 def ui(tracking_uri: str, port: int) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the local tracking store."""
+    """Start the MLflow UI on 127.0.0.1 for the local tracking store.
+
+    Each study is a parent run in its experiment (default: bstune) with one nested run per trial; select
+    runs and press Compare to plot them against each other. For a remote MLflow server, open its own UI.
+    """
     import subprocess
 
     from bstune.storage import check_sqlite_url

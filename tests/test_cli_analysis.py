@@ -111,9 +111,13 @@ def test_bad_tables_are_one_line(tmp_path: Path, content: str, words: list[str])
 
 
 def test_unknown_study_is_one_line(tmp_path: Path) -> None:
-    run_study(load_spec(write_spec(tmp_path, **{"budget.trials": 1})))
+    spec_file = write_spec(tmp_path, **{"budget.trials": 1})
+    run_study(load_spec(spec_file))
     code, out = _invoke("analyze", "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study", "nope")
     assert code == 2 and "no study named 'nope'" in out and "small" in out, out
+    # The spec's own study is there: running the spec would not make 'nope'.
+    code, out = _invoke("analyze", str(spec_file), "--study", "nope")
+    assert code == 2 and out.endswith("studies there: small; check the study name\n"), out
     code, out = _invoke("analyze")
     assert code == 2 and "--storage URL and --study NAME" in out, out
     typo = tmp_path / "optuan.db"
