@@ -27,6 +27,8 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    # MLflow sets its loggers' level from this when it is imported (after this runs); a user's choice stands.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", module="optuna")
     warnings.filterwarnings("ignore", message=".*experimental.*")
     for name in ("mlflow", "alembic", "optuna"):
