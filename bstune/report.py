@@ -360,7 +360,9 @@ def _sections(report: Report) -> list[tuple[str, str, tuple[list[str], list[list
         target = "" if a.steps is None else (f"; steps, examples and wall time are to reach {a.metric} "
                                              f"{'<=' if a.direction == 'minimize' else '>='} {a.steps.target:.4g}")
         what = "effective lr lr/(1 - m)" if a.basis == "effective" else "lr"
-        head = (f"From the {report.rows[0].form} fit of the {what}; expected {a.metric} at the end of the study's "
+        head = (f"From the {report.rows[0].form} fit of the {what}, at the measured batch sizes too (it pools "
+                "every batch size's trials; each one's own fitted optimum is under Optimum per batch size); "
+                f"expected {a.metric} at the end of the study's "
                 f"training budget (the fitted optimum, interpolated between measured batch sizes){target}. "
                 "Wall time uses the examples per second the trials reached at each batch size.")
         rows = [[str(r.batch_size), r.source + (", extrapolated" if r.extrapolated else ""), _g(r.lr),
