@@ -17,15 +17,18 @@ def redact(text: str) -> str:
     return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
 
 
-_OS_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+_OS_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+(?:'[^']*')?)")
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
     """What to quote of an exception in a one-line error: its (driver's) message's first line, without
-    passwords, cut at a word within ``limit`` characters; its type's name when it has no message. Where the
-    message buries an OS error under retries and pool objects (HTTP clients do), the OS error's reason."""
+    passwords, cut at a word within ``limit`` characters; its type's name when it has no message. Where that
+    line is too long because it buries an OS error under retries and pool objects (HTTP clients do), the OS
+    error's reason."""
     text = str(getattr(e, "orig", None) or e).strip()
-    if len(text) > limit and (m := _OS_REASON.search(text)):
-        return m[1].strip()
     line = redact(text.splitlines()[0] if text else type(e).__name__)
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+    if len(line) <= limit:
+        return line
+    if m := _OS_REASON.search(line):
+        return m[1].strip()
+    return line[: limit + 1].rsplit(" ", 1)[0] + " ..."

@@ -49,11 +49,17 @@ def check_database(url: str, field: str) -> None:
     MLflow would retry for minutes); creates nothing."""
     import sqlalchemy
 
+    example = "use e.g. sqlite:///mlruns/optuna.db or postgresql://user:password@host/db"
     try:
-        sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise BstuneError(f"{field}: {redact(url)!r} is not a database URL; use e.g. sqlite:///mlruns/optuna.db "
-                          "or postgresql://user:password@host/db") from None
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
+        reason = "" if isinstance(e, sqlalchemy.exc.ArgumentError) else f" ({first_line(e)})"
+        raise BstuneError(f"{field}: {redact(url)!r} is not a database URL{reason}; {example}") from None
+    try:
+        parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise BstuneError(f"{field}: {redact(url)!r} is not a database URL (no database is called "
+                          f"{parsed.drivername!r}); {example}") from None
     try:
         kwargs: dict[str, Any] = {}
         if url.startswith("postgresql"):
@@ -103,5 +109,6 @@ def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        hint = f"; studies there: {', '.join(names)}" if names else ""
-        raise BstuneError(f"no study named {name!r} in {redact(url)}{hint}; {how}") from None
+        if names:  # the name may be mistyped, or SPEC names another study than the one asked for
+            how = f"studies there: {', '.join(names)}; check the study name" + (f", or {how}" if source else "")
+        raise BstuneError(f"no study named {name!r} in {redact(url)}; {how}") from None

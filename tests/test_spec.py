@@ -34,6 +34,8 @@ BAD_SPECS = [
     ({"budget": {}}, ["budget", "no limit"]),
     ({"workload.optimizer": "sgdd"}, ["workload.optimizer", "did you mean 'sgd'"]),
     ({"storage": "notaurl"}, ["storage: 'notaurl' is not a database URL", "sqlite:///"]),
+    ({"storage": "postgresql://u:pw@127.0.0.1:port/db"}, ["storage: 'postgresql://u:***@", "not a database URL"]),
+    ({"storage": "http://127.0.0.1:5000"}, ["storage: 'http://127.0.0.1:5000' is not a database URL", "'http'"]),
     # checked against the data: synthetic n_train 600, a fifth held out for validation
     ({"search.batch_sizes": [16, 1024]}, ["bad.yaml: search.batch_sizes", "[1024]", "training set (480"]),
     ({"workload.accumulation_steps": 3}, ["bad.yaml: search.batch_sizes", "[16, 64] not divisible"]),
@@ -114,12 +116,12 @@ def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
 
 def test_validate_names_what_it_checked(tmp_path: Path) -> None:
     path = tmp_path / "one.yaml"
-    path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"search.batch_sizes": [32],
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"search.batch_sizes": [32], "budget.examples": 1234567,
                                                              "search.momentum": {"low": 0.9, "high": 0.9}})))
     code, out = _run(["validate", str(path)])
     assert code == 0, out
     assert "synthetic/mlp (480 training examples)" in out and "momentum 0.9 (held)" in out, out
-    assert "budget: trials 6\n" in out and "None" not in out, out
+    assert "budget: trials 6, examples 1,234,567\n" in out and "None" not in out, out
     assert "analyze` needs 2 or more batch sizes" in out, out
     _no_state(tmp_path)
 
@@ -147,3 +149,6 @@ def test_first_line_quotes_whole_words_and_buried_os_errors() -> None:
                         "NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f>: Failed to establish "
                         "a new connection: [Errno 111] Connection refused'))")
     assert first_line(buried, limit=100) == "Connection refused"
+    assert first_line(ValueError("abc def"), limit=3) == "abc ..."  # a word ending at the limit is kept
+    missing = OSError("x" * 300 + " [Errno 2] No such file or directory: '/data/x.db'")
+    assert first_line(missing) == "No such file or directory: '/data/x.db'"
