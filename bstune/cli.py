@@ -96,8 +96,8 @@ def validate(spec_file: str) -> None:
         n_train = check_input(spec).n_train
         data_line = f"{w.dataset}/{w.model} ({n_train} training examples)"
     check_storage(spec.storage)
-    limits = [f"{k} {v:g}" for k, v in (("trials", b.trials), ("examples", b.examples), ("seconds", b.seconds))
-              if v is not None]
+    limits = [f"{k} {v:,.0f}" if k != "seconds" else f"{k} {v:g}"
+              for k, v in (("trials", b.trials), ("examples", b.examples), ("seconds", b.seconds)) if v is not None]
     click.echo(f"{spec_file}: ok")
     click.echo(f"  study {spec.name}: {data_line}, {w.optimizer}, {w.epochs} epochs, objective {s.objective}")
     click.echo(f"  batch sizes {list(s.batch_sizes)}, lr {s.lr[0]:g}..{s.lr[1]:g}, "
@@ -211,8 +211,7 @@ def _study_spec(spec_file: str | None, storage: str | None, study_name: str | No
     """The spec naming an existing study: read from SPEC, or made from --storage URL --study NAME."""
     if spec_file:
         spec = _spec(spec_file, storage, tracking_uri)
-        # Another study than the spec's: "run `bstune study SPEC` first" would not create it.
-        return spec.with_overrides(name=study_name, source="") if study_name and study_name != spec.name else spec
+        return spec.with_overrides(name=study_name) if study_name else spec
     if not (storage and study_name):
         raise BstuneError("no study given: pass the study's SPEC file, or --storage URL and --study NAME")
     return StudySpec(name=study_name, storage=storage)

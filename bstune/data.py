@@ -110,9 +110,15 @@ CIFAR10_DIR = "cifar-10-batches-py"  # torchvision's folder under data_dir
 CIFAR10_TRAIN = 50_000  # training examples
 
 
+CIFAR10_FILES = ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
+
+
 def needs_download(workload: Workload) -> bool:
-    """Whether loading the workload's data would download it first (CIFAR-10 with download: true, not there)."""
-    return workload.dataset == "cifar10" and workload.download and not (Path(workload.data_dir) / CIFAR10_DIR).is_dir()
+    """Whether loading the workload's data would download it first (CIFAR-10 with download: true, and a file of
+    it missing)."""
+    folder = Path(workload.data_dir) / CIFAR10_DIR
+    return (workload.dataset == "cifar10" and workload.download
+            and not all((folder / name).is_file() for name in CIFAR10_FILES))
 
 
 def load_cifar10(data_dir: str | Path, download: bool = False) -> Dataset:

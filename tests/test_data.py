@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bstune.data import load_cifar10, load_dataset
+from bstune.data import CIFAR10_DIR, load_cifar10, load_dataset, needs_download
 from bstune.errors import BstuneError
 from bstune.spec import Workload
 from bstune.train import TrainConfig, augment_images, train
@@ -42,6 +42,17 @@ def test_cifar10_missing_or_broken(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(BstuneError, match="cannot read CIFAR-10"):
         load_cifar10(tmp_path)
+
+
+def test_needs_download_only_where_a_file_is_missing(tmp_path: Path) -> None:
+    w = Workload(dataset="cifar10", model="cnn", data_dir=str(tmp_path), download=True)
+    assert needs_download(w)
+    write_cifar10(tmp_path)
+    assert not needs_download(w)
+    (tmp_path / CIFAR10_DIR / "data_batch_3").unlink()  # an interrupted download
+    assert needs_download(w)
+    assert not needs_download(Workload(dataset="cifar10", model="cnn", data_dir=str(tmp_path), download=False))
+    assert not needs_download(Workload(dataset="digits"))
 
 
 def test_digits_split_is_fixed() -> None:
