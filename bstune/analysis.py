@@ -420,9 +420,9 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     warnings: list[str] = []
     groups = table.by_batch_size()
     if len(groups) < 2:
-        raise BstuneError(f"the trials measured one batch size (B={next(iter(groups))}); how lr* moves with B "
-                          "needs 2 or more (5 or more to tell the forms apart): measure more batch sizes "
-                          "(search.batch_sizes in a study spec)")
+        raise BstuneError(f"the trials cover one batch size (B={next(iter(groups))}); how lr* moves with B "
+                          "needs 2 or more (5 or more to tell the forms apart): run more trials, or list more "
+                          "batch sizes in the spec's search.batch_sizes")
 
     done = {b: [r for r in rs if _is_complete(r)] for b, rs in groups.items()}
     nan_done = sum(1 for rs in groups.values() for r in rs if r.state == "COMPLETE" and not _is_complete(r))

@@ -387,8 +387,8 @@ def _records(sizes: dict[int, int]) -> list[TrialRecord]:
      "need at least 2 batch sizes that can be fitted (>= 4 completed trials each, or >= 2 where the other batch "
      "sizes show the valley's shape); found B=32: 6, B=64: 1; run more trials"),
     (TrialTable(_records({32: 12})), {},
-     "the trials measured one batch size (B=32); how lr* moves with B needs 2 or more (5 or more to tell the "
-     "forms apart): measure more batch sizes (search.batch_sizes in a study spec)"),
+     "the trials cover one batch size (B=32); how lr* moves with B needs 2 or more (5 or more to tell the "
+     "forms apart): run more trials, or list more batch sizes in the spec's search.batch_sizes"),
     (TrialTable(_records({32: 3, 64: 3})), {"min_trials": 3}, None),
     (TrialTable(_records({32: 5, 64: 5})), {"n_boot": 5}, "n_boot must be an integer >= 20"),
     (TrialTable(_records({32: 5, 64: 5})), {"min_trials": 2}, "min_trials must be an integer >= 3"),

@@ -223,7 +223,8 @@ def _slow_spec(tmp_path: Path, trials: int = 4) -> Path:
 
 
 def _start(path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Without the MLflow log level an earlier in-process CLI call may have set: the CLI must quiet MLflow itself.
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "bstune.cli", "study", str(path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
