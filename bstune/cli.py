@@ -81,10 +81,11 @@ _target_opt = click.option("--target", type=float, help="Objective value for ste
 @click.argument("spec_file", metavar="SPEC")
 def validate(spec_file: str) -> None:
     """Check a study spec without running anything: its fields, its data (loaded, not trained on) and its
-    Optuna storage (reached, nothing created in it)."""
+    stores (SQLite folders there, databases answering; nothing created in them)."""
     from bstune.data import CIFAR10_TRAIN, needs_download
     from bstune.storage import check_storage
     from bstune.study import check_batch_sizes, check_input
+    from bstune.tracking import check_tracking_uri
 
     spec = load_spec(spec_file)
     s, w, b = spec.search, spec.workload, spec.budget
@@ -96,6 +97,7 @@ def validate(spec_file: str) -> None:
         n_train = check_input(spec).n_train
         data_line = f"{w.dataset}/{w.model} ({n_train} training examples)"
     check_storage(spec.storage)
+    check_tracking_uri(spec.tracking_uri)
     limits = [f"{k} {v:,.0f}" if k != "seconds" else f"{k} {v:g}"
               for k, v in (("trials", b.trials), ("examples", b.examples), ("seconds", b.seconds)) if v is not None]
     click.echo(f"{spec_file}: ok")

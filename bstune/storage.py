@@ -22,7 +22,12 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def check_sqlite_url(url: str, field: str) -> None:
+    """Fail with one line if a sqlite: URL names no file, or a file in a folder that is not there."""
     path = sqlite_path(url)
+    if url.startswith("sqlite:") and (path is None or str(path) in ("", ":memory:")):
+        # sqlite:// is an in-memory database (gone with the process); sqlite://x.db is not a file URL at all
+        raise BstuneError(f"{field}: {url!r} names no file; a SQLite store is a file: sqlite:///relative/path.db "
+                          "or sqlite:////absolute/path.db")
     if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
         raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
                           f"create it or point {field} elsewhere")

@@ -40,6 +40,14 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (db.parent.resolve() / "artifacts").as_uri() if db is not None else None
 
 
+def check_tracking_uri(uri: str) -> None:
+    """Fail with one line if the tracking URI names no usable SQLite file or its database does not answer;
+    asks nothing of MLflow, creates nothing."""
+    check_sqlite_url(uri, "tracking_uri")
+    if is_database_url(uri):  # MLflow would retry a silent database for two minutes
+        check_database(uri, "tracking_uri")
+
+
 class Tracker:
     """The study's MLflow side. `check()` first: it fails with one line if the store does not answer."""
 
@@ -62,9 +70,7 @@ class Tracker:
 
     def check(self) -> None:
         """Make sure the tracking store answers, without creating anything in it."""
-        check_sqlite_url(self.uri, "tracking_uri")
-        if is_database_url(self.uri):  # MLflow would retry a silent database for two minutes
-            check_database(self.uri, "tracking_uri")
+        check_tracking_uri(self.uri)
         try:
             self.client.search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - any failure here means "unusable store"

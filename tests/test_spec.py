@@ -35,6 +35,8 @@ BAD_SPECS = [
     ({"workload.optimizer": "sgdd"}, ["workload.optimizer", "did you mean 'sgd'"]),
     ({"storage": "notaurl"}, ["storage: 'notaurl' is not a database URL", "sqlite:///"]),
     ({"storage": "postgresql://u:pw@127.0.0.1:port/db"}, ["storage: 'postgresql://u:***@", "not a database URL"]),
+    ({"storage": "sqlite://optuna.db"}, ["storage: 'sqlite://optuna.db' names no file", "sqlite:///"]),
+    ({"tracking_uri": "sqlite://"}, ["tracking_uri: 'sqlite://' names no file", "sqlite:///"]),
     ({"storage": "http://127.0.0.1:5000"}, ["storage: 'http://127.0.0.1:5000' is not a database URL", "'http'"]),
     # checked against the data: synthetic n_train 600, a fifth held out for validation
     ({"search.batch_sizes": [16, 1024]}, ["bad.yaml: search.batch_sizes", "[1024]", "training set (480"]),
