@@ -108,8 +108,6 @@ def synthetic_classification(
 
 CIFAR10_DIR = "cifar-10-batches-py"  # torchvision's folder under data_dir
 CIFAR10_TRAIN = 50_000  # training examples
-
-
 CIFAR10_FILES = ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
 
 

@@ -28,7 +28,7 @@ def check_sqlite_url(url: str, field: str) -> None:
         # sqlite:// is an in-memory database (gone with the process); sqlite://x.db is not a file URL at all
         raise BstuneError(f"{field}: {url!r} names no file; a SQLite store is a file: sqlite:///relative/path.db "
                           "or sqlite:////absolute/path.db")
-    if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
+    if path is not None and not path.parent.is_dir():
         raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
                           f"create it or point {field} elsewhere")
 
