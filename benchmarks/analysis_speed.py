@@ -15,7 +15,7 @@ import platform
 import time
 
 from bstune.analysis import analyze
-from bstune.simulate import simulate_trials
+from tests.simulate import simulate_trials
 
 CASES = [  # (trials, batch sizes)
     (1_000, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),

@@ -46,10 +46,10 @@ import torch
 from bstune.analysis import analyze
 from bstune.data import Dataset, load_dataset
 from bstune.errors import BstuneError
-from bstune.results import EpochPoint, TrialRecord, TrialTable
 from bstune.spec import Budget, StudySpec, load_spec
 from bstune.study import train_config
 from bstune.train import Diverged, train
+from bstune.trials import EpochPoint, TrialRecord, TrialTable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
 from bstune.errors import BstuneError
-from bstune.results import FAILED_STATES, TrialRecord, TrialTable
+from bstune.trials import FAILED_STATES, TrialRecord, TrialTable
 
 FORMS = ("power", "linear", "sqrt", "saturating")
 _FIXED_ALPHA = {"linear": 1.0, "sqrt": 0.5}

@@ -24,7 +24,7 @@ import sqlalchemy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from bstune.storage import sqlite_path
+from bstune.stores import sqlite_path
 
 _POLL_SECONDS = 0.05  # polling, not blocking, so Ctrl-C and a parent's death always get through
 

@@ -19,7 +19,7 @@ from bstune.spec import DEFAULT_TRACKING_URI, StudySpec, load_spec
 
 if TYPE_CHECKING:
     from bstune.analysis import Analysis
-    from bstune.results import TrialTable
+    from bstune.trials import TrialTable
 
 
 def _quiet_libraries() -> None:
@@ -83,7 +83,7 @@ def validate(spec_file: str) -> None:
     """Check a study spec without running anything: its fields, its data (loaded, not trained on) and its
     stores (SQLite folders there, databases answering; nothing created in them)."""
     from bstune.data import CIFAR10_TRAIN, needs_download
-    from bstune.storage import check_storage
+    from bstune.stores import check_storage
     from bstune.study import check_batch_sizes, check_input
     from bstune.tracking import check_tracking_uri
 
@@ -201,7 +201,7 @@ def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device
 def status(spec_file: str, storage: str | None) -> None:
     """Show a study while it runs: trials by state, budget spent and left, workers alive. Changes nothing."""
     from bstune.status import format_status, read_status
-    from bstune.storage import load_study
+    from bstune.stores import load_study
 
     spec = _spec(spec_file, storage, None)
     study = load_study(spec.storage, spec.name, source=spec.source or "SPEC")
@@ -257,7 +257,8 @@ def report(spec_file: str | None, fmt: str, out_dir: str | None, batch_sizes: tu
 
 
 def _table(spec: StudySpec | None, csv: str | None = None, direction: str = "minimize") -> TrialTable:
-    from bstune.results import from_csv, load_table
+    from bstune.stores import load_table
+    from bstune.trials import from_csv
 
     if csv:
         return from_csv(csv, direction=direction)
@@ -387,7 +388,7 @@ def ui(tracking_uri: str, port: int) -> None:
     """
     import subprocess
 
-    from bstune.storage import check_sqlite_url
+    from bstune.stores import check_sqlite_url
     from bstune.tracking import artifact_root
 
     check_sqlite_url(tracking_uri, "--tracking-uri")

@@ -19,8 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from bstune.analysis import Analysis
-from bstune.budget import short_count
-from bstune.results import FAILED_STATES, TrialRecord, TrialTable
+from bstune.trials import FAILED_STATES, TrialRecord, TrialTable, short_count
 
 DPI = 100
 _FORM_STYLE = {"power": "-.", "linear": "--", "sqrt": ":", "saturating": (0, (5, 1, 1, 1, 1, 1))}

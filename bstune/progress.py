@@ -6,10 +6,9 @@ import sys
 import time
 from typing import TextIO
 
-from bstune.budget import Spent, describe
-from bstune.results import FAILED_STATES, TrialTable
 from bstune.space import Config
 from bstune.spec import Budget
+from bstune.trials import FAILED_STATES, Spent, TrialTable, describe
 
 
 def _cfg(c: Config) -> str:

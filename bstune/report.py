@@ -29,7 +29,7 @@ import yaml
 from bstune import plots
 from bstune.analysis import LEVEL, Analysis, LawFit, analyze, jsonable
 from bstune.errors import BstuneError
-from bstune.results import RETRIED_STATES, TrialTable
+from bstune.trials import RETRIED_STATES, TrialTable
 
 FORMATS = ("html", "md", "json")
 _UNCOUNTED = (*RETRIED_STATES, "RUNNING", "WAITING")  # re-run or unfinished: not a spent trial

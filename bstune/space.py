@@ -25,9 +25,9 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune.budget import counts_as_trial
 from bstune.lawsampler import BATCH_SIZE, LR, ONE_MINUS_M, LawSampler
 from bstune.spec import Search
+from bstune.trials import counts_as_trial
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bstune import budget as budget_mod
-from bstune.budget import trial_state
 from bstune.errors import redact
-from bstune.results import STATES
 from bstune.spec import Budget, StudySpec
-from bstune.storage import grace_seconds
+from bstune.stores import grace_seconds
+from bstune.trials import Spent, StateCounts, describe, exhausted, tally, trial_state
 
 WORKER_KEY = "bstune.worker:"
 
@@ -84,8 +82,8 @@ class Worker:
 class StudyStatus:
     name: str
     storage: str  # redacted
-    states: dict[str, int]
-    spent: budget_mod.Spent
+    states: StateCounts
+    spent: Spent
     budget: Budget
     stop_reason: str
     workers: list[Worker] = field(default_factory=list)
@@ -96,11 +94,8 @@ def read_status(study: optuna.Study, spec: StudySpec, now: float | None = None) 
     """The study's state now. Reads only: no stale-trial check, nothing written."""
     now = time.time() if now is None else now
     trials = study.get_trials(deepcopy=False)
-    states: dict[str, int] = {}
-    for t in trials:
-        s = trial_state(t)
-        states[s] = states.get(s, 0) + 1
-    spent = budget_mod.spent(trials)
+    states = StateCounts.of(trial_state(t) for t in trials)
+    spent = tally(trials)
     running = {t.user_attrs.get("bstune.worker"): t.number for t in trials if t.state == TrialState.RUNNING}
     workers = []
     for key, rec in study._storage.get_study_system_attrs(study._study_id).items():
@@ -115,16 +110,15 @@ def read_status(study: optuna.Study, spec: StudySpec, now: float | None = None) 
     alive = {w.id for w in workers}
     orphaned = sorted(n for wid, n in running.items() if wid not in alive)
     return StudyStatus(study.study_name, redact(spec.storage), states, spent, spec.budget,
-                       budget_mod.exhausted(spec.budget, spent) or "", workers, orphaned)
+                       exhausted(spec.budget, spent) or "", workers, orphaned)
 
 
 def format_status(st: StudyStatus, heartbeat_seconds: int, now: float | None = None) -> str:
     """The status as a few lines of text."""
     now = time.time() if now is None else now
-    order = [*STATES, "WAITING"]
-    counts = ", ".join(f"{st.states[s]} {s}" for s in sorted(st.states, key=lambda s: (order + [s]).index(s)))
+    counts = ", ".join(f"{n} {s}" for s, n in st.states.ordered())
     lines = [f"study {st.name} in {st.storage}", f"trials: {counts or 'none yet'}"]
-    spent = f"budget spent: {budget_mod.describe(st.budget, st.spent)}"
+    spent = f"budget spent: {describe(st.budget, st.spent)}"
     lines.append(f"{spent}; {st.stop_reason}" if st.stop_reason else f"{spent}; left: {_left(st.budget, st.spent)}")
     lines.append(f"workers alive: {len(st.workers)}")
     for w in st.workers:
@@ -136,7 +130,7 @@ def format_status(st: StudyStatus, heartbeat_seconds: int, now: float | None = N
     return "\n".join(lines)
 
 
-def _left(b: Budget, s: budget_mod.Spent) -> str:
+def _left(b: Budget, s: Spent) -> str:
     parts = []
     if b.trials is not None:
         parts.append(f"{max(0, b.trials - s.trials)} trials" + (f" ({s.running} running)" if s.running else ""))

@@ -24,18 +24,17 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from bstune import budget as budget_mod
 from bstune.claim import ClaimLock
 from bstune.data import Dataset, load_dataset
 from bstune.diagnostics import HISTOGRAM_ARTIFACT_DIR
 from bstune.errors import BstuneError, redact
-from bstune.results import FAILED_STATES, EpochPoint, TrialRecord, TrialTable, curve_to_json, from_study
 from bstune.space import BATCH_SIZE, Config, SearchSpace, make_pruner, make_sampler
 from bstune.spec import StudySpec, Workload
 from bstune.status import WorkerBeat, worker_id
-from bstune.storage import check_storage, grace_seconds, load_study, open_storage
+from bstune.stores import check_storage, grace_seconds, load_study, open_storage
 from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import Diverged, EpochStats, OutOfMemory, TrainConfig, pick_device, plan, train
+from bstune.trials import EpochPoint, Spent, TrialTable, curve_to_json, exhausted, from_study, summarize, tally
 
 log = logging.getLogger("bstune")
 
@@ -73,7 +72,7 @@ class SilentProgress:
 class StudyResult:
     study_name: str
     table: TrialTable
-    spent: budget_mod.Spent
+    spent: Spent
     stop_reason: str
     parent_run_id: str
     interrupted: bool = False
@@ -258,11 +257,11 @@ def run_study(
                 claim.acquire()
                 try:
                     optuna.storages.fail_stale_trials(study)
-                    spent = budget_mod.spent(study.get_trials(deepcopy=False))
-                    stop_reason = budget_mod.exhausted(spec.budget, spent) or ""
+                    spent = tally(study.get_trials(deepcopy=False))
+                    stop_reason = exhausted(spec.budget, spent) or ""
                     if stop_reason and not spent.running:
                         break
-                    if stop_reason or budget_mod.exhausted(spec.budget, spent, in_flight=spent.running):
+                    if stop_reason or exhausted(spec.budget, spent, in_flight=spent.running):
                         # Trials are running elsewhere (or their worker died): wait until they finish, or the
                         # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
                         claim.release()
@@ -289,7 +288,7 @@ def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = Fal
     """The study's result now. With `close`, its summary goes to the MLflow parent run, which is closed with
     `status` (default: KILLED if interrupted, else FINISHED)."""
     table = from_study(opened.study, n_train=opened.data.n_train)
-    spent = budget_mod.spent(opened.study.get_trials(deepcopy=False))
+    spent = tally(opened.study.get_trials(deepcopy=False))
     summary = summarize(table, spent, stop_reason)
     if close:
         opened.tracker.close_study_run(opened.parent_run_id, summary,
@@ -304,25 +303,6 @@ def _public_spec(spec: StudySpec) -> dict[str, Any]:
     for key in ("storage", "tracking_uri"):
         d[key] = redact(d[key])
     return d
-
-
-def summarize(table: TrialTable, spent: budget_mod.Spent, stop_reason: str) -> dict[str, Any]:
-    states = [r.state for r in table.records]
-    best = table.best()
-    return {
-        "spent": spent.as_dict(), "stop_reason": stop_reason,
-        "n_complete": states.count("COMPLETE"), "n_pruned": states.count("PRUNED"),
-        "n_diverged": states.count("DIVERGED"),
-        "n_failed": sum(s in FAILED_STATES for s in states),
-        "best_trial": best.number if best else None, "best_value": best.value if best else None,
-        "best_per_batch_size": {
-            str(b): _best_dict(table.best(rs)) for b, rs in table.by_batch_size().items()
-        },
-    }
-
-
-def _best_dict(r: TrialRecord | None) -> dict[str, Any] | None:
-    return None if r is None else {"trial": r.number, "lr": r.lr, "momentum": r.momentum, "value": r.value}
 
 
 def _study_params(spec: StudySpec, data: Dataset) -> dict[str, Any]:

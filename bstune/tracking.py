@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bstune.errors import BstuneError, first_line, redact
-from bstune.storage import check_database, check_sqlite_url, is_database_url, sqlite_path
+from bstune.stores import check_database, check_sqlite_url, is_database_url, sqlite_path
 
 # Fail fast instead of retrying for minutes when a tracking server does not answer.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

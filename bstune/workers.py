@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from bstune import budget as budget_mod
 from bstune.errors import BstuneError
 from bstune.spec import StudySpec
 from bstune.status import worker_id
-from bstune.storage import grace_seconds
+from bstune.stores import grace_seconds
 from bstune.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
+from bstune.trials import exhausted, tally
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
     ran = sum(t.state.is_finished() and t.user_attrs.get("bstune.worker") in ids for t in trials)
     if interrupted:
         return Launched(finish_study(opened, INTERRUPTED, interrupted=True, trials_run=ran), exit_code=130)
-    spent_reason = budget_mod.exhausted(spec.budget, budget_mod.spent(trials))
+    spent_reason = exhausted(spec.budget, tally(trials))
     if spent_reason:
         return Launched(finish_study(opened, spent_reason, trials_run=ran))
     codes = [proc.returncode for proc in procs]

@@ -12,8 +12,8 @@ import pytest
 
 from bstune.analysis import FORMS, Analysis, analyze
 from bstune.errors import BstuneError
-from bstune.results import TrialRecord, TrialTable
-from bstune.simulate import simulate_trials, valley_profile
+from bstune.trials import TrialRecord, TrialTable
+from tests.simulate import simulate_trials, valley_profile
 
 B_NOISE = 256.0
 

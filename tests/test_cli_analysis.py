@@ -12,11 +12,11 @@ from mlflow import MlflowClient
 
 from bstune.analysis import analyze
 from bstune.cli import main
-from bstune.results import from_csv
-from bstune.simulate import simulate_trials
 from bstune.spec import load_spec
 from bstune.study import run_study
+from bstune.trials import from_csv
 from tests.conftest import write_spec
+from tests.simulate import simulate_trials, write_csv
 
 
 def _invoke(*args: str) -> tuple[int, str]:
@@ -29,7 +29,7 @@ def csv_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = simulate_trials("saturating", batch_sizes=(32, 64, 128, 256, 512, 1024, 2048), trials_per_batch=30,
                             b_noise=256.0, seed=3, curves=True, epochs=64)
     path = tmp_path_factory.mktemp("csv") / "trials.csv"
-    table.to_csv(path)
+    write_csv(table, path)
     return path
 
 

@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from bstune.budget import trial_state
 from bstune.cli import main
 from bstune.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
 from bstune.spec import Search, load_spec
 from bstune.study import run_study
+from bstune.trials import trial_state
 from tests.conftest import write_spec
 
 PARAMS = {"batch_size", "lr", "momentum", "optimizer", "epochs", "accumulation_steps", "dataset", "model", "seed",

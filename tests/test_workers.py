@@ -20,13 +20,12 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune import budget as budget_mod
-from bstune.budget import counts_as_trial, trial_state
 from bstune.claim import ClaimLock
 from bstune.cli import main
 from bstune.errors import BstuneError
 from bstune.spec import StudySpec, load_spec
 from bstune.study import SilentProgress, run_study
+from bstune.trials import counts_as_trial, tally, trial_state
 from bstune.workers import plan_workers
 from tests.conftest import write_spec
 from tests.test_study import _runs, _study
@@ -174,7 +173,7 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
     trials = _study(spec).trials
     assert all(t.state.is_finished() for t in trials)
     assert {t.user_attrs["examples_seen"] for t in trials} == {per_trial}
-    spent = budget_mod.spent(trials)
+    spent = tally(trials)
     # A worker takes a trial only while the recorded spend is under the budget; the 2 workers' trials in
     # flight at that moment may each add a whole trial.
     assert budget <= spent.examples < budget + 2 * per_trial

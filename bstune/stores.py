@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from bstune.errors import BstuneError, first_line, redact
+from bstune.trials import TrialTable, from_study
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -117,3 +118,8 @@ def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source
         if names:  # the name may be mistyped, or SPEC names another study than the one asked for
             how = f"studies there: {', '.join(names)}; check the study name" + (f", or {how}" if source else "")
         raise BstuneError(f"no study named {name!r} in {redact(url)}; {how}") from None
+
+
+def load_table(url: str, name: str, source: str = "") -> TrialTable:
+    """The trial table of a study in an Optuna storage (BstuneError naming the studies there if absent)."""
+    return from_study(load_study(url, name, source=source))

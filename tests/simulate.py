@@ -27,14 +27,16 @@ follow S(B) = S_min (1 + b_crit / B) exactly (before the per-epoch noise and the
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bstune.errors import BstuneError
-from bstune.results import EpochPoint, TrialRecord, TrialTable
+from bstune.trials import CSV_COLUMNS, EpochPoint, TrialRecord, TrialTable
 
 LAWS = ("power", "saturating")
 DEFAULT_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -188,3 +190,20 @@ def simulate_trials(
     metric = "val_loss" if direction == "minimize" else "val_accuracy"
     return TrialTable(records, direction=direction, metric=metric, n_train=n_train,
                       study_name=f"simulated-{law}", meta={"truth": truth})
+
+
+def write_csv(table: TrialTable, path: str | Path) -> None:
+    """One row per trial epoch (or one per trial without a curve), in the columns `bstune.trials.from_csv` reads."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in table.records:
+            base = [r.number, r.batch_size, r.lr, r.momentum, "" if r.value is None else r.value, r.state]
+            if not r.curve:
+                w.writerow(base + ["", "", "", r.examples_seen or ""])
+            for p in r.curve:
+                w.writerow(base + [p.epoch, p.value, _blank(p.optimizer_steps), _blank(p.examples_seen)])
+
+
+def _blank(v: Any) -> Any:
+    return "" if v is None else v
