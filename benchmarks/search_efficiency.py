@@ -47,8 +47,7 @@ from bstune.analysis import analyze
 from bstune.data import Dataset, load_dataset
 from bstune.errors import BstuneError
 from bstune.spec import Budget, StudySpec, load_spec
-from bstune.study import train_config
-from bstune.train import Diverged, train
+from bstune.train import Diverged, train, train_config
 from bstune.trials import EpochPoint, TrialRecord, TrialTable
 
 HERE = Path(__file__).resolve().parent
@@ -294,7 +293,7 @@ def _run_search(args: tuple[str, StudySpec, int, float, str, dict[str, Any], flo
 
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from bstune.study import run_study
+    from bstune.search import run_study
 
     w = dataclasses.replace(spec.workload, seed=seed)
     sampler = dataclasses.replace(spec.search.sampler, seed=seed)

@@ -111,8 +111,8 @@ def fixed_costs(ds: Dataset, device: torch.device, width: int, compile: str) -> 
 
 def study_overhead(trials: int) -> tuple[float, float]:
     """Wall time of a small digits study and the part of it spent training."""
+    from bstune.search import run_study
     from bstune.spec import load_spec
-    from bstune.study import run_study
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "studies", "digits.yaml"))

@@ -82,36 +82,11 @@ _target_opt = click.option("--target", type=float, help="Objective value for ste
 def validate(spec_file: str) -> None:
     """Check a study spec without running anything: its fields, its data (loaded, not trained on) and its
     stores (SQLite folders there, databases answering; nothing created in them)."""
-    from bstune.data import CIFAR10_TRAIN, needs_download
-    from bstune.stores import check_storage
-    from bstune.study import check_batch_sizes, check_input
-    from bstune.tracking import check_tracking_uri
+    from bstune.search import validate as check
 
-    spec = load_spec(spec_file)
-    s, w, b = spec.search, spec.workload, spec.budget
-    if needs_download(w):
-        n_train = min(CIFAR10_TRAIN, w.n_train or CIFAR10_TRAIN)
-        check_batch_sizes(spec, n_train)
-        data_line = f"{w.dataset}/{w.model} ({n_train} training examples, downloaded into {w.data_dir}/ first)"
-    else:
-        n_train = check_input(spec).n_train
-        data_line = f"{w.dataset}/{w.model} ({n_train} training examples)"
-    check_storage(spec.storage)
-    check_tracking_uri(spec.tracking_uri)
-    limits = [f"{k} {v:,.0f}" if k != "seconds" else f"{k} {v:g}"
-              for k, v in (("trials", b.trials), ("examples", b.examples), ("seconds", b.seconds)) if v is not None]
+    lines = check(load_spec(spec_file))
     click.echo(f"{spec_file}: ok")
-    click.echo(f"  study {spec.name}: {data_line}, {w.optimizer}, {w.epochs} epochs, objective {s.objective}")
-    click.echo(f"  batch sizes {list(s.batch_sizes)}, lr {s.lr[0]:g}..{s.lr[1]:g}, "
-               f"momentum {_range(s.momentum)}, sampler {s.sampler.name}, pruner {s.pruner.name}")
-    click.echo(f"  budget: {', '.join(limits) or 'none'}")
-    if len(s.batch_sizes) < 2:
-        click.echo("  note: one batch size tunes lr and momentum there; `bstune analyze` needs 2 or more batch "
-                   "sizes to fit how lr* moves with B (5 or more to tell its forms apart)")
-
-
-def _range(r: tuple[float, float]) -> str:
-    return f"{r[0]:g} (held)" if r[0] == r[1] else f"{r[0]:g}..{r[1]:g}"
+    click.echo("\n".join(f"  {line}" for line in lines))
 
 
 @main.command()
@@ -129,9 +104,7 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
     and a trial that was interrupted is run again. With --workers N, N processes run trials at once,
     all claiming them through the study's storage; `bstune worker` adds more from other machines.
     """
-    from bstune.progress import ConsoleProgress, format_summary
-    from bstune.study import run_study
-    from bstune.workers import launch, plan_workers
+    from bstune.search import ConsoleProgress, format_summary, launch, plan_workers, run_study
 
     spec = _spec(spec_file, storage, tracking_uri)
     plans = plan_workers(workers, trials_per_device, device)
@@ -182,7 +155,7 @@ def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device
     The study must exist: start it with `bstune study SPEC` (with --workers N for several local
     workers). Every worker claims trials through the storage, so no trial runs twice.
     """
-    from bstune.workers import check_device, run_worker
+    from bstune.search import check_device, run_worker
 
     spec = _spec(spec_file, storage, tracking_uri)
     check_device(device)
@@ -200,7 +173,7 @@ def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device
 @_storage_opt
 def status(spec_file: str, storage: str | None) -> None:
     """Show a study while it runs: trials by state, budget spent and left, workers alive. Changes nothing."""
-    from bstune.status import format_status, read_status
+    from bstune.search import format_status, read_status
     from bstune.stores import load_study
 
     spec = _spec(spec_file, storage, None)

@@ -16,18 +16,24 @@ from typing import Any
 
 from bstune.errors import BstuneError, first_line, redact
 from bstune.stores import check_database, check_sqlite_url, is_database_url, sqlite_path
+from bstune.trials import State
 
-# Fail fast instead of retrying for minutes when a tracking server does not answer.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-# No usage telemetry: it costs time on every call and has nowhere to go on an offline machine.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-# bstune state -> MLflow run status
-RUN_STATUS = {
-    "COMPLETE": "FINISHED", "PRUNED": "FINISHED", "DIVERGED": "FAILED", "OOM": "FAILED",
-    "FAILED": "FAILED", "INTERRUPTED": "KILLED", "LOST": "KILLED",
+RUN_STATUS = {  # a trial's state -> its MLflow run's status
+    State.COMPLETE: "FINISHED", State.PRUNED: "FINISHED", State.DIVERGED: "FAILED", State.OOM: "FAILED",
+    State.FAILED: "FAILED", State.INTERRUPTED: "KILLED", State.LOST: "KILLED",
 }
+
+
+def client(tracking_uri: str) -> Any:
+    """An MLflow client for the store, with bstune's settings for MLflow's HTTP calls (a user's own win)."""
+    # Fail fast instead of retrying for minutes when a tracking server does not answer.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # No usage telemetry: it costs time on every call and has nowhere to go on an offline machine.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "examples_seen", "optimizer_steps",
                  "examples_per_second", "weight_distance", "grad_noise_scale", "generalization_gap", "grad_norm")
@@ -63,9 +69,7 @@ class Tracker:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = client(self.uri)
         return self._client
 
     def check(self) -> None:
@@ -152,7 +156,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id, run_name=f"{study_name}-trial-{number:04d}",
             tags={"mlflow.parentRunId": parent_id, "bstune.study": study_name, "bstune.trial": str(number),
-                  "bstune.state": "RUNNING", "optuna.trial_id": str(trial_id), "bstune.kind": "trial"},
+                  "bstune.state": State.RUNNING, "optuna.trial_id": str(trial_id), "bstune.kind": "trial"},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -184,7 +188,7 @@ class Tracker:
         ts = _now_ms()
         metrics = [Metric(k, float(v), ts, 0) for k, v in (final or {}).items() if v is not None]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+        self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
     def close_if_running(self, run_id: str, state: str, reason: str) -> bool:
         """Close a run that a dead worker left RUNNING. Returns True if it had to."""

@@ -323,3 +323,19 @@ def evaluate(model: nn.Module, data: Dataset, inputs: _Inputs, batch_size: int,
         loss += F.cross_entropy(out, y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     return float(loss) / n, float(correct) / n
+
+
+# TEMP until train/ lands
+from bstune.spec import Workload  # noqa: E402
+
+
+def train_config(w: Workload, batch_size: int, lr: float, momentum: float, seed: int | None = None) -> TrainConfig:
+    """The training run of one trial: the workload's settings at (batch_size, lr, momentum); ``seed``
+    replaces the workload's."""
+    return TrainConfig(
+        batch_size=batch_size, lr=lr, momentum=momentum, optimizer=w.optimizer, epochs=w.epochs,
+        steps=w.steps if w.hold == "steps" else None, lr_schedule=w.lr_schedule, warmup_epochs=w.warmup_epochs,
+        weight_decay=w.weight_decay, accumulation_steps=w.accumulation_steps, seed=w.seed if seed is None else seed,
+        model=w.model, width=w.width, compile=w.compile, diagnostics_every=w.diagnostics_every,
+        grad_histogram_epochs=w.grad_histogram_epochs,
+    )

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 
 from bstune.analysis import analyze
 from bstune.cli import main
+from bstune.search import run_study
 from bstune.spec import load_spec
-from bstune.study import run_study
 from bstune.trials import from_csv
 from tests.conftest import write_spec
 from tests.simulate import simulate_trials, write_csv

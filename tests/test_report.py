@@ -23,8 +23,8 @@ from bstune.analysis import Analysis, analyze
 from bstune.cli import main
 from bstune.errors import BstuneError
 from bstune.report import Report, build_report, report_batch_sizes, write_report
+from bstune.search import run_study
 from bstune.spec import StudySpec, load_spec
-from bstune.study import run_study
 from bstune.trials import TrialTable, from_study
 from tests.conftest import write_spec
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bstune.search import run_study
 from bstune.spec import load_spec
-from bstune.study import run_study
 from tests.conftest import write_spec
 
 RECORDED = Path(__file__).parent / "data" / "study_before_layout.json"

@@ -11,9 +11,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from bstune.lawsampler import LawSampler, Observation, fit_law, observations
-from bstune.space import BATCH_SIZE, LR, ONE_MINUS_M, BatchSizeSampler, SearchSpace, make_sampler
+from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
+from bstune.search.space import BatchSizeSampler, SearchSpace, make_sampler
 from bstune.spec import Sampler, Search, load_spec
+from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M
 from tests.conftest import write_spec
 
 SIZES = (32, 128, 512)

@@ -17,9 +17,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from bstune.cli import main
-from bstune.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
+from bstune.search import run_study
+from bstune.search.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
 from bstune.spec import Search, load_spec
-from bstune.study import run_study
 from bstune.trials import trial_state
 from tests.conftest import write_spec
 
@@ -338,12 +338,12 @@ def test_ctrl_c_outside_training_loses_no_trial(tmp_path: Path, monkeypatch: pyt
 def test_ctrl_c_before_the_first_trial_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while a study opens (its stores, its data) exits as the shell would, with one line, not click's
     'Aborted!' and exit code 1."""
-    import bstune.study
+    import bstune.search.checks
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bstune.study, "load_dataset", ctrl_c)
+    monkeypatch.setattr(bstune.search.checks, "load_dataset", ctrl_c)
     out = CliRunner().invoke(main, ["study", str(write_spec(tmp_path))])
     assert out.exit_code == 130, out.output
     assert "interrupted (Ctrl-C)" in out.output and "Aborted" not in out.output

@@ -20,13 +20,11 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune.claim import ClaimLock
 from bstune.cli import main
 from bstune.errors import BstuneError
+from bstune.search import ClaimLock, SilentProgress, plan_workers, run_study
 from bstune.spec import StudySpec, load_spec
-from bstune.study import SilentProgress, run_study
 from bstune.trials import counts_as_trial, tally, trial_state
-from bstune.workers import plan_workers
 from tests.conftest import write_spec
 from tests.test_study import _runs, _study
 
@@ -256,7 +254,7 @@ def check_claim_lock(url: str) -> None:
     a.release()
     assert b.acquire(timeout=5)
     b.close()
-    code = "import os, time; from bstune.claim import ClaimLock; lock = ClaimLock(os.environ['URL'], 's'); " \
+    code = "import os, time; from bstune.search import ClaimLock; lock = ClaimLock(os.environ['URL'], 's'); " \
            "lock.acquire(); print('held', flush=True); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "URL": url}, stdout=subprocess.PIPE,
                               text=True)

@@ -19,9 +19,10 @@ import optuna
 from optuna.trial import TrialState
 
 from bstune.errors import redact
+from bstune.search._optuna import set_study_system_attr, study_system_attrs
 from bstune.spec import Budget, StudySpec
 from bstune.stores import grace_seconds
-from bstune.trials import Spent, StateCounts, describe, exhausted, tally, trial_state
+from bstune.trials import Attr, Spent, StateCounts, describe, exhausted, tally, trial_state
 
 WORKER_KEY = "bstune.worker:"
 
@@ -63,8 +64,7 @@ class WorkerBeat:
 
     def _write(self) -> None:
         try:
-            self._study._storage.set_study_system_attr(self._study._study_id, self._key,
-                                                       {**self._record, "seen": time.time()})
+            set_study_system_attr(self._study, self._key, {**self._record, "seen": time.time()})
         except Exception:  # noqa: BLE001 - a missed beat only makes `status` doubt; the next one may pass
             pass
 
@@ -96,9 +96,9 @@ def read_status(study: optuna.Study, spec: StudySpec, now: float | None = None) 
     trials = study.get_trials(deepcopy=False)
     states = StateCounts.of(trial_state(t) for t in trials)
     spent = tally(trials)
-    running = {t.user_attrs.get("bstune.worker"): t.number for t in trials if t.state == TrialState.RUNNING}
+    running = {t.user_attrs.get(Attr.WORKER): t.number for t in trials if t.state == TrialState.RUNNING}
     workers = []
-    for key, rec in study._storage.get_study_system_attrs(study._study_id).items():
+    for key, rec in study_system_attrs(study).items():
         if not key.startswith(WORKER_KEY) or rec.get("stopped"):
             continue
         if now - rec.get("seen", 0) > alive_seconds(spec.heartbeat_seconds):

@@ -4,14 +4,39 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
-from bstune.space import Config
+from bstune.search.space import Hyperparams
 from bstune.spec import Budget
-from bstune.trials import FAILED_STATES, Spent, TrialTable, describe
+from bstune.trials import Spent, State, StateCounts, TrialTable, describe
 
 
-def _cfg(c: Config) -> str:
+class Progress(Protocol):
+    """What a study tells whoever watches it."""
+
+    def trial_started(self, number: int, config: Hyperparams) -> None: ...
+    def epoch_done(self, number: int, config: Hyperparams, epoch: int, epochs: int, value: float) -> None: ...
+    def trial_finished(self, number: int, config: Hyperparams, state: str, value: float | None, seconds: float,
+                       reason: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class SilentProgress:
+    def trial_started(self, number: int, config: Hyperparams) -> None:
+        pass
+
+    def epoch_done(self, number: int, config: Hyperparams, epoch: int, epochs: int, value: float) -> None:
+        pass
+
+    def trial_finished(self, number: int, config: Hyperparams, state: str, value: float | None, seconds: float,
+                       reason: str) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def _point(c: Hyperparams) -> str:
     return f"B={c.batch_size:<5d} lr={c.lr:<9.3g} m={c.momentum:<6.3f}"
 
 
@@ -32,19 +57,19 @@ class ConsoleProgress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def trial_started(self, number: int, config: Config) -> None:
-        self._write(f"trial {number:4d}  {_cfg(config)}  starting", final=False)
+    def trial_started(self, number: int, config: Hyperparams) -> None:
+        self._write(f"trial {number:4d}  {_point(config)}  starting", final=False)
 
-    def epoch_done(self, number: int, config: Config, epoch: int, epochs: int, value: float) -> None:
-        self._write(f"trial {number:4d}  {_cfg(config)}  epoch {epoch}/{epochs}  {self.metric}={value:.4g}",
+    def epoch_done(self, number: int, config: Hyperparams, epoch: int, epochs: int, value: float) -> None:
+        self._write(f"trial {number:4d}  {_point(config)}  epoch {epoch}/{epochs}  {self.metric}={value:.4g}",
                     final=False)
 
-    def trial_finished(self, number: int, config: Config, state: str, value: float | None, seconds: float,
+    def trial_finished(self, number: int, config: Hyperparams, state: str, value: float | None, seconds: float,
                        reason: str) -> None:
         self.count += 1
         v = f"{self.metric}={value:.4g}" if value is not None else ""
-        why = f"  ({reason})" if reason and state not in ("COMPLETE", "PRUNED") else ""
-        self._write(f"trial {number:4d}  {_cfg(config)}  {state:<9s} {v:<18s} {seconds:5.1f}s{why}", final=True)
+        why = f"  ({reason})" if reason and state not in (State.COMPLETE, State.PRUNED) else ""
+        self._write(f"trial {number:4d}  {_point(config)}  {state:<9s} {v:<18s} {seconds:5.1f}s{why}", final=True)
 
     def note(self, text: str) -> None:
         self._write(text, final=True)
@@ -56,11 +81,10 @@ def format_summary(table: TrialTable, spent: Spent, budget: Budget, stop_reason:
              f"{'batch':>7} {'trials':>6} {'done':>5} {'pruned':>6} {'diverged':>8} {'failed':>6}   "
              f"{'best lr':>9} {'momentum':>8} {'eff. lr':>9} {'best ' + table.metric:>16}"]
     for b, rs in table.by_batch_size().items():
-        states = [r.state for r in rs]
+        n = StateCounts.of(r.state for r in rs)
         r = table.best(rs)
-        failed = sum(s in FAILED_STATES for s in states)
-        head = (f"{b:>7} {len(rs):>6} {states.count('COMPLETE'):>5} {states.count('PRUNED'):>6} "
-                f"{states.count('DIVERGED'):>8} {failed:>6}   ")
+        head = (f"{b:>7} {len(rs):>6} {n[State.COMPLETE]:>5} {n[State.PRUNED]:>6} "
+                f"{n[State.DIVERGED]:>8} {n.failed:>6}   ")
         if r is not None:
             lines.append(head + f"{r.lr:>9.4g} {r.momentum:>8.3f} {r.effective_lr:>9.4g} {r.value:>16.4g}")
         else:

@@ -12,7 +12,7 @@ where ``law`` is a straight line in log-log space through each batch size's best
 slope pulled towards 1/2, between the square-root and the linear rule, while few batch sizes say otherwise).
 
 What it proposes is shaped by what the analysis needs, not by where the single best trial is: the optimum of
-a flat valley is located by a smooth fit over the valley *and its walls* (``analysis.py``), so trials packed
+a flat valley is located by a smooth fit over the valley *and its walls* (``bstune/analysis``), so trials packed
 around the best one (what TPE does) leave the fit with nothing but noise. So the sampler spreads its trials
 evenly, quasi-randomly (a scrambled Sobol sequence per batch size, like the standard protocol), over a band
 of r: the range in which the trials of all batch sizes, pooled relative to the law, sit in the valley, widened
@@ -41,10 +41,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import qmc
 
-# The search space's parameter names, here because space.py imports this module (and re-exports them).
-BATCH_SIZE = "batch_size"
-LR = "lr"
-ONE_MINUS_M = "one_minus_momentum"  # momentum is searched on log(1 - m): 0.9 -> 0.99 is as far as 0 -> 0.9
+from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M, Attr, State
 
 PRIOR_SLOPE = 0.5  # d log2 lr* / d log2 B before the data say otherwise: between sqrt (0.5) and linear (1)
 SLOPE_RANGE = (-0.5, 1.5)  # a fitted slope outside this is noise, not a law
@@ -163,15 +160,15 @@ def observations(trials: Sequence[FrozenTrial], direction: StudyDirection,
     for t in trials:
         b = t.params.get(BATCH_SIZE)
         key = _rank_key(t, sign) if b is not None else None
-        lr = t.params.get(LR, t.user_attrs.get("lr"))
+        lr = t.params.get(LR, t.user_attrs.get(Attr.LR))
         if key is None or lr is None or not lr > 0:
             continue
         if ONE_MINUS_M in t.params:
             u = math.log2(t.params[ONE_MINUS_M])
         elif fixed_log2_one_minus_m is not None:
             u = fixed_log2_one_minus_m
-        elif "momentum" in t.user_attrs:
-            u = math.log2(1.0 - float(t.user_attrs["momentum"]))
+        elif Attr.MOMENTUM in t.user_attrs:
+            u = math.log2(1.0 - float(t.user_attrs[Attr.MOMENTUM]))
         else:
             continue
         rows.setdefault(int(b), []).append((key, math.log2(lr), u))
@@ -195,7 +192,7 @@ def _rank_key(t: FrozenTrial, sign: float) -> tuple[float, float, float] | None:
         return None
     if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
         return (0.0, 0.0, sign * t.value)
-    if t.state == TrialState.PRUNED and t.user_attrs.get("bstune.state") != "DIVERGED" and t.intermediate_values:
+    if t.state == TrialState.PRUNED and t.user_attrs.get(Attr.STATE) != State.DIVERGED and t.intermediate_values:
         step = max(t.intermediate_values)
         v = t.intermediate_values[step]
         return (1.0, -float(step), sign * v if math.isfinite(v) else math.inf)
@@ -234,8 +231,8 @@ def _sobol_point(seed: int, index: int) -> np.ndarray:
 
 def _fixed_log2_one_minus_m(trials: Sequence[FrozenTrial]) -> float | None:
     for t in trials:
-        if "momentum" in t.user_attrs:
-            return math.log2(1.0 - float(t.user_attrs["momentum"]))
+        if Attr.MOMENTUM in t.user_attrs:
+            return math.log2(1.0 - float(t.user_attrs[Attr.MOMENTUM]))
     return None
 
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from bstune.errors import BstuneError
+from bstune.search.status import worker_id
+from bstune.search.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
 from bstune.spec import StudySpec
-from bstune.status import worker_id
 from bstune.stores import grace_seconds
-from bstune.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
-from bstune.trials import exhausted, tally
+from bstune.trials import Attr, exhausted, tally
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
 
     ids = {worker_id(proc.pid) for proc in procs}
     trials = opened.study.get_trials(deepcopy=False)
-    ran = sum(t.state.is_finished() and t.user_attrs.get("bstune.worker") in ids for t in trials)
+    ran = sum(t.state.is_finished() and t.user_attrs.get(Attr.WORKER) in ids for t in trials)
     if interrupted:
         return Launched(finish_study(opened, INTERRUPTED, interrupted=True, trials_run=ran), exit_code=130)
     spent_reason = exhausted(spec.budget, tally(trials))
@@ -146,7 +146,7 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
 
 def run_worker(spec: StudySpec, device: str, index: int | None = None, parent_pid: int | None = None) -> int:
     """One worker of an existing study (`bstune worker`): trials until the budget is spent. Its exit code."""
-    from bstune.progress import ConsoleProgress
+    from bstune.search.progress import ConsoleProgress
 
     if parent_pid:
         _watch_parent(parent_pid)

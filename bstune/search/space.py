@@ -9,13 +9,13 @@ Two rules matter for the analysis downstream:
 
 Both are done the way Optuna's HyperbandPruner does brackets: the inner sampler or pruner gets a view of
 the study in which only the trials of one batch size exist. The exception is the `law` sampler
-(lawsampler.py): it takes the move with B out, relative to a fitted lr*(B), and so learns from every batch size.
+(law_sampler.py): it takes the move with B out, relative to a fitted lr*(B), and so learns from every batch size.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +25,14 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune.lawsampler import BATCH_SIZE, LR, ONE_MINUS_M, LawSampler
+from bstune.search._optuna import batch_size_view, fresh_trials
+from bstune.search.law_sampler import LawSampler
 from bstune.spec import Search
-from bstune.trials import counts_as_trial
+from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M, Attr, State, counts_as_trial
 
 
 @dataclass(frozen=True)
-class Config:
+class Hyperparams:
     """One point of the space: what a trial trains with."""
 
     batch_size: int
@@ -61,7 +62,7 @@ class SearchSpace:
             d[ONE_MINUS_M] = FloatDistribution(lo, hi, log=True)
         return d
 
-    def suggest(self, trial: optuna.Trial) -> Config:
+    def suggest(self, trial: optuna.Trial) -> Hyperparams:
         """Ask the trial for a point; the batch size first, so the rest can be conditioned on it."""
         b = int(trial.suggest_categorical(BATCH_SIZE, list(self.batch_sizes)))
         lr = trial.suggest_float(LR, *self.lr, log=True) if self.lr[0] < self.lr[1] else self.lr[0]
@@ -69,54 +70,7 @@ class SearchSpace:
         if self.momentum[0] < self.momentum[1]:
             one_minus_m = trial.suggest_float(ONE_MINUS_M, 1.0 - self.momentum[1], 1.0 - self.momentum[0], log=True)
             m = min(max(1.0 - one_minus_m, self.momentum[0]), self.momentum[1])
-        return Config(batch_size=b, lr=float(lr), momentum=float(m))
-
-
-# --------------------------------------------------------------------------------------------------
-# A view of a study holding only one batch size's trials.
-
-
-class _BatchSizeStorage:
-    """Delegates to a real storage but lists only the trials of one batch size (and the asking trial)."""
-
-    def __init__(self, base: Any, batch_size: int, keep_trial_id: int | None) -> None:
-        self._base = base
-        self._b = batch_size
-        self._keep = keep_trial_id
-
-    def get_all_trials(
-        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        trials = self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-        return [t for t in trials if t.params.get(BATCH_SIZE) == self._b or t._trial_id == self._keep]
-
-    # Study-level sampler state is kept per batch size too: QMC's position in its Sobol sequence lives here,
-    # and a shared one would deal each batch size every k-th point of one sequence, not a sequence of its own.
-    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        prefix = self._prefix()
-        attrs = self._base.get_study_system_attrs(study_id)
-        return {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix)}
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._base.set_study_system_attr(study_id, self._prefix() + key, value)
-
-    def _prefix(self) -> str:
-        return f"bstune.b{self._b}:"
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._base, name)
-
-
-def batch_size_view(
-    study: optuna.Study, batch_size: int, trial: FrozenTrial | None = None, pruner: BasePruner | None = None,
-    sampler: BaseSampler | None = None,
-) -> optuna.Study:
-    """A Study object over the same storage that sees only trials with this batch size."""
-    storage = _BatchSizeStorage(study._storage, batch_size, trial._trial_id if trial else None)
-    return optuna.Study(
-        study_name=study.study_name, storage=storage,  # type: ignore[arg-type]
-        sampler=sampler or optuna.samplers.RandomSampler(), pruner=pruner or optuna.pruners.NopPruner(),
-    )
+        return Hyperparams(batch_size=b, lr=float(lr), momentum=float(m))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,12 +122,12 @@ class BatchSizeSampler(BaseSampler):
     def _least_covered(self, study: optuna.Study, trial: FrozenTrial, choices: Sequence[Any]) -> Any:
         counts = {c: 0 for c in choices}
         oom = set()
-        for t in study._get_trials(deepcopy=False, use_cache=False):
+        for t in fresh_trials(study):
             b = t.params.get(BATCH_SIZE)
             # an interrupted or lost trial was queued again: its retry (waiting, running or done) counts
             if b not in counts or t.number == trial.number or (t.state.is_finished() and not counts_as_trial(t)):
                 continue
-            if t.state == TrialState.FAIL and t.user_attrs.get("bstune.state") == "OOM":
+            if t.state == TrialState.FAIL and t.user_attrs.get(Attr.STATE) == State.OOM:
                 oom.add(b)
             counts[b] += 1
         usable = [c for c in choices if c not in oom] or list(choices)

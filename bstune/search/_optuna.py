@@ -1,0 +1,111 @@
+"""Every use of Optuna's private API, in one place, and the per-batch-size view of a study built on it.
+
+Optuna gives no public way to read a study's trials past its cache, to write study-level system attributes,
+or to hand a sampler or pruner a study that holds only some trials (its HyperbandPruner does the last with a
+private `_BracketStudy`). bstune needs all three; if an Optuna release changes them, this module is where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Any
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from bstune.trials import BATCH_SIZE
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The trial's id in its storage (unique across studies, unlike its number)."""
+    return trial._trial_id
+
+
+def fresh_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Every trial as the storage has it now: other workers' new trials included (no cache)."""
+    return study._get_trials(deepcopy=False, use_cache=False)
+
+
+def frozen(trial: optuna.Trial) -> FrozenTrial:
+    """A running trial as stored (params, attributes and state)."""
+    return trial.study._storage.get_trial(trial._trial_id)
+
+
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+# --------------------------------------------------------------------------------------------------
+# A view of a study holding only one batch size's trials
+
+
+class _BatchSizeStorage:
+    """The storage as one batch size's samplers and pruners may see it: its trials (and the asking trial's),
+    study-level sampler state kept apart per batch size, and nothing else. Anything not listed raises, so a
+    sampler or pruner cannot read or write the whole study through the view without it showing."""
+
+    _ALLOWED = ("get_study_id_from_name", "get_study_directions", "get_all_trials", "get_study_system_attrs",
+                "set_study_system_attr", "set_trial_system_attr", "get_trial")
+
+    def __init__(self, base: Any, batch_size: int, keep_trial_id: int | None) -> None:
+        self._base = base
+        self._batch_size = batch_size
+        self._keep = keep_trial_id
+
+    def __getattr__(self, name: str) -> Any:  # called only for names not defined here
+        raise AttributeError(f"the per-batch-size view of the storage has no {name!r} "
+                             f"(it allows {', '.join(self._ALLOWED)})")
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._base.get_study_id_from_name(study_name)
+
+    def get_study_directions(self, study_id: int) -> list[Any]:
+        return self._base.get_study_directions(study_id)
+
+    def _mine(self, t: FrozenTrial) -> bool:
+        return t.params.get(BATCH_SIZE) == self._batch_size or t._trial_id == self._keep
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return [t for t in self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states) if self._mine(t)]
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        t = self._base.get_trial(trial_id)
+        if not self._mine(t):
+            raise KeyError(f"trial {trial_id} is not of batch size {self._batch_size}")
+        return t
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """Samplers note what they proposed on the asking trial; no other trial is written."""
+        if trial_id != self._keep:
+            raise KeyError(f"the per-batch-size view writes only the asking trial, not trial {trial_id}")
+        self._base.set_trial_system_attr(trial_id, key, value)
+
+    # Study-level sampler state is kept per batch size: QMC's position in its Sobol sequence lives here, and a
+    # shared one would deal each batch size every k-th point of one sequence, not a sequence of its own.
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        prefix = self._prefix()
+        attrs = self._base.get_study_system_attrs(study_id)
+        return {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix)}
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._base.set_study_system_attr(study_id, self._prefix() + key, value)
+
+    def _prefix(self) -> str:
+        return f"bstune.b{self._batch_size}:"
+
+
+def batch_size_view(study: optuna.Study, batch_size: int, trial: FrozenTrial | None = None,
+                    pruner: BasePruner | None = None, sampler: BaseSampler | None = None) -> optuna.Study:
+    """A Study over the same storage in which only the trials with this batch size (and ``trial``) exist."""
+    storage = _BatchSizeStorage(study._storage, batch_size, trial._trial_id if trial else None)
+    return optuna.Study(
+        study_name=study.study_name, storage=storage,  # type: ignore[arg-type]
+        sampler=sampler or optuna.samplers.RandomSampler(), pruner=pruner or optuna.pruners.NopPruner(),
+    )

@@ -1,0 +1,248 @@
+"""Running a study: the Optuna study, its trials as real training runs, and their MLflow runs.
+
+`run_study(spec)` checks everything that can be wrong before it creates anything (the data set loads, the
+storage and tracking store answer, a resumed study matches its spec), then asks Optuna for trials until the
+budget is spent. Each trial is one call of `objective.TrialObjective`, which records how it ended; a trial
+whose worker died is failed by Optuna's heartbeat check, marked LOST, its MLflow run closed, and re-queued.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial
+
+from bstune.data import Dataset  # TEMP
+from bstune.errors import BstuneError, redact
+from bstune.search.checks import check_input
+from bstune.search.claim import ClaimLock
+from bstune.search.objective import TrialFailed, TrialObjective, TrialTakenAway, requeue, workload_params
+from bstune.search.progress import Progress, SilentProgress
+from bstune.search.space import SearchSpace, make_pruner, make_sampler
+from bstune.search.status import WorkerBeat
+from bstune.spec import StudySpec
+from bstune.stores import check_storage, grace_seconds, load_study, open_storage
+from bstune.tracking import Tracker
+from bstune.train import pick_device, plan, train_config
+from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
+
+# Spec fields that define what a study measures: a resumed study must not change them.
+_FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
+INTERRUPTED = "interrupted (Ctrl-C); run the same command again to resume"
+# Workload fields that change only what is observed (the updates are the same either way): free on resume.
+_OBSERVING_FIELDS = ("diagnostics_every", "grad_histogram_epochs")
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    table: TrialTable
+    spent: Spent
+    stop_reason: str
+    parent_run_id: str
+    interrupted: bool = False
+    trials_run: int = 0  # by this call
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_same_spec(study: optuna.Study, spec: StudySpec) -> None:
+    stored = study.user_attrs.get(StudyAttr.SPEC)
+    if not stored:
+        return
+    current = spec.to_dict()
+    for path in _FIXED_FIELDS:
+        a, b = _get(stored, path), _get(current, path)
+        if path == "workload":
+            a, b = ({k: v for k, v in d.items() if k not in _OBSERVING_FIELDS} for d in (a, b))
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                path, a, b = f"{path}.{key}", a.get(key), b.get(key)
+            raise BstuneError(
+                f"{spec.source}: {path}: study {spec.name!r} already exists with {path} = {a!r}, the spec now "
+                f"says {b!r}; give the study a new name, or restore the old value to resume it")
+
+
+def _get(d: dict, path: str) -> Any:
+    for part in path.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+@dataclass
+class OpenStudy:
+    """A study ready for trials: the Optuna study, its MLflow side and the data its trials train on."""
+
+    spec: StudySpec
+    study: optuna.Study
+    tracker: Tracker
+    parent_run_id: str
+    data: Dataset
+    space: SearchSpace
+
+
+def open_study(
+    spec: StudySpec,
+    *,
+    progress: Progress | None = None,
+    data: Dataset | None = None,
+    worker: int = 0,
+    join: bool = False,
+) -> OpenStudy:
+    """Check everything that can be wrong, then create the study and its MLflow parent run (or find them
+    again, on resume). With `join` (a worker joining others) the study must exist and its parent run is left
+    as it is: the process that started the study created and closes it."""
+    progress = progress or SilentProgress()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    # 1. Everything that can be wrong with the input, before anything is created.
+    data = check_input(spec, data)
+    check_storage(spec.storage)
+    # a worker joins: the study must be there, and nothing is created
+    existing = load_study(spec.storage, spec.name, source=spec.source or "SPEC") if join else None
+    tracker = Tracker(spec.tracking_uri, spec.experiment)
+    tracker.check()
+
+    # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
+    space = SearchSpace(spec.search)
+
+    def on_lost(study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = "worker stopped sending heartbeats (killed or lost) during the trial; re-queued"
+        run_id = trial.user_attrs.get(Attr.RUN_ID)
+        if run_id:
+            tracker.close_if_running(run_id, State.LOST, reason)
+        requeue(study, trial)
+        progress.note(f"trial {trial.number} was lost with its worker; re-queued")
+
+    storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
+    if not join:
+        try:
+            existing = optuna.load_study(study_name=spec.name, storage=storage)
+        except KeyError:
+            existing = None
+    if existing is not None:
+        _check_same_spec(existing, spec)
+
+    def epochs_at(batch_size: int) -> int:  # with hold: steps, a run's epochs depend on its batch size
+        return plan(train_config(spec.workload, batch_size, 1.0, 0.0), data.n_train)[2]
+
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, direction=spec.search.direction, load_if_exists=True,
+        sampler=make_sampler(spec.search, space, seed_offset=worker * 1000 + len(existing.trials if existing else [])),
+        pruner=make_pruner(spec.search, epochs_at),
+    )
+    # Rewritten on resume too: the fixed fields are checked equal above, and the budget may have been raised.
+    study.set_user_attr(StudyAttr.SPEC, _public_spec(spec))
+    if existing is None:
+        study.set_user_attr(StudyAttr.N_TRAIN, data.n_train)
+    parent = study.user_attrs[StudyAttr.PARENT_RUN] if join else _open_parent_run(spec, study, tracker, data)
+    return OpenStudy(spec, study, tracker, parent, data, space)
+
+
+def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset) -> str:
+    """The study's MLflow parent run: created with the spec and its params, or reopened on resume."""
+    spec_yaml = yaml.safe_dump(_public_spec(spec), sort_keys=False)
+    parent = tracker.open_study_run(spec.name, study.user_attrs.get(StudyAttr.PARENT_RUN),
+                                    _study_params(spec, data), spec_yaml)
+    if study.user_attrs.get(StudyAttr.PARENT_RUN) != parent:
+        study.set_user_attr(StudyAttr.PARENT_RUN, parent)
+    return parent
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    device: str | None = None,
+    progress: Progress | None = None,
+    data: Dataset | None = None,
+    worker: int = 0,
+    join: bool = False,
+) -> StudyResult:
+    """Run (or resume) the study until its budget is spent. Ctrl-C returns with `interrupted=True`.
+
+    Several workers (processes, machines) may run one study: `worker` (distinct per worker) seeds the
+    samplers apart, and `join` makes this one a worker of a study another process started (`open_study`)."""
+    progress = progress or SilentProgress()
+    dev = pick_device(device)
+    opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
+    study = opened.study
+    claim = ClaimLock(spec.storage, spec.name)
+    # on the device once for the whole study, not once per trial
+    objective = TrialObjective(spec, opened.space, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id,
+                               progress, claimed=claim.release)
+    interrupted = False
+    stop_reason = ""
+    run = 0
+    try:
+        with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
+            while True:
+                # Held from the budget check until the new trial has its batch size (the objective releases
+                # it): so workers never claim the same free trial, re-queued trial or lost trial twice.
+                claim.acquire()
+                try:
+                    optuna.storages.fail_stale_trials(study)
+                    spent = tally(study.get_trials(deepcopy=False))
+                    stop_reason = exhausted(spec.budget, spent) or ""
+                    if stop_reason and not spent.running:
+                        break
+                    if stop_reason or exhausted(spec.budget, spent, in_flight=spent.running):
+                        # Trials are running elsewhere (or their worker died): wait until they finish, or the
+                        # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
+                        claim.release()
+                        time.sleep(min(spec.heartbeat_seconds, 5))
+                        continue
+                    try:
+                        study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+                        run += 1
+                    except TrialTakenAway as e:
+                        progress.note(f"trial {e} was declared lost while this worker ran it (no heartbeat for "
+                                      f"{grace_seconds(spec.heartbeat_seconds)}s); dropped here, it runs again")
+                finally:
+                    claim.release()
+    except KeyboardInterrupt:
+        interrupted = True
+        stop_reason = INTERRUPTED
+    finally:
+        claim.close()
+    return finish_study(opened, stop_reason, interrupted=interrupted, trials_run=run, close=not join)
+
+
+def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = False, trials_run: int = 0,
+                 close: bool = True, status: str | None = None) -> StudyResult:
+    """The study's result now. With `close`, its summary goes to the MLflow parent run, which is closed with
+    `status` (default: KILLED if interrupted, else FINISHED)."""
+    table = from_study(opened.study, n_train=opened.data.n_train)
+    spent = tally(opened.study.get_trials(deepcopy=False))
+    summary = summarize(table, spent, stop_reason)
+    if close:
+        opened.tracker.close_study_run(opened.parent_run_id, summary,
+                                       status=status or ("KILLED" if interrupted else "FINISHED"))
+    return StudyResult(opened.spec.name, table, spent, stop_reason, opened.parent_run_id, interrupted,
+                       trials_run, summary)
+
+
+def _public_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as stored in the study and logged to MLflow: URLs without their passwords."""
+    d = spec.to_dict()
+    for key in ("storage", "tracking_uri"):
+        d[key] = redact(d[key])
+    return d
+
+
+def _study_params(spec: StudySpec, data: Dataset) -> dict[str, Any]:
+    return workload_params(spec.workload) | {
+        "n_train": data.n_train, "batch_sizes": ",".join(map(str, spec.search.batch_sizes)),
+        "lr_range": f"{spec.search.lr[0]:g}..{spec.search.lr[1]:g}",
+        "momentum_range": f"{spec.search.momentum[0]:g}..{spec.search.momentum[1]:g}",
+        "sampler": spec.search.sampler.name, "pruner": spec.search.pruner.name,
+        "objective": spec.search.objective, "budget_trials": spec.budget.trials,
+        "budget_examples": spec.budget.examples, "budget_seconds": spec.budget.seconds,
+    }
