@@ -1,4 +1,4 @@
-"""The law sampler (bstune/lawsampler.py) and per-batch-size sampler state, on real Optuna studies."""
+"""The law sampler (bstune/search/law_sampler.py) and per-batch-size sampler state, on real Optuna studies."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
-from bstune.search.space import BatchSizeSampler, SearchSpace, make_sampler
-from bstune.spec import Sampler, Search, load_spec
+from bstune.search._optuna import batch_size_view
+from bstune.search.space import BatchSizeSampler, SearchSpace, make_pruner, make_sampler
+from bstune.spec import Pruner, Sampler, Search, load_spec
 from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M
 from tests.conftest import write_spec
 
@@ -216,3 +217,41 @@ def _sampler(search: Search, **changes: object) -> Search:
     import dataclasses
 
     return dataclasses.replace(search, sampler=dataclasses.replace(search.sampler, **changes))
+
+
+@pytest.mark.parametrize(("sampler", "pruner"), [("tpe", "median"), ("random", "percentile"), ("qmc", "hyperband"),
+                                                 ("gp", "median"), ("law", "hyperband")])
+def test_every_sampler_and_pruner_works_through_the_per_batch_size_view(tmp_path: Path, sampler: str,
+                                                                        pruner: str) -> None:
+    search = Search(batch_sizes=SIZES, lr=(1e-3, 8.0), momentum=(0.0, 0.98),
+                    sampler=Sampler(name=sampler, seed=1, n_startup_trials=2),
+                    pruner=Pruner(name=pruner, n_startup_trials=1, n_warmup_epochs=1))
+    space = SearchSpace(search)
+    study = optuna.create_study(study_name="toy", storage=f"sqlite:///{tmp_path}/optuna.db",
+                                sampler=make_sampler(search, space), pruner=make_pruner(search, lambda b: 4))
+
+    def objective(trial: optuna.Trial) -> float:
+        c = space.suggest(trial)
+        trial.set_user_attr("lr", c.lr)
+        trial.set_user_attr("momentum", c.momentum)
+        for epoch in range(1, 5):  # a curve that falls towards the valley's value
+            trial.report(_loss(c.batch_size, c.lr, c.momentum) + 1.0 / epoch, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return _loss(c.batch_size, c.lr, c.momentum)
+
+    study.optimize(objective, n_trials=12)
+    states = [t.state for t in study.trials]
+    assert TrialState.FAIL not in states, "the view lacks something the sampler or pruner asks for"
+    assert sorted(t.params[BATCH_SIZE] for t in study.trials) == sorted(SIZES * 4)
+
+
+def test_the_per_batch_size_view_shows_one_batch_size_and_allows_only_what_it_lists() -> None:
+    study = _study(9)
+    asking = study.trials[0]
+    view = batch_size_view(study, 128, asking)
+    assert {t.params[BATCH_SIZE] for t in view.get_trials() if t.number != asking.number} == {128}
+    with pytest.raises(AttributeError, match="allows"):
+        view._storage.delete_study(study._study_id)
+    with pytest.raises(KeyError, match="writes only the asking trial"):
+        view._storage.set_trial_system_attr(study.trials[1]._trial_id, "x", 1)
