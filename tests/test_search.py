@@ -11,8 +11,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
 from bstune.search._optuna import batch_size_view
+from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
 from bstune.search.space import BatchSizeSampler, SearchSpace, make_pruner, make_sampler
 from bstune.spec import Pruner, Sampler, Search, load_spec
 from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M
