@@ -14,10 +14,11 @@ from mlflow import MlflowClient
 from torch import nn
 
 from bstune.data import load_dataset
-from bstune.diagnostics import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names, load_grad_histograms
+from bstune.diagnostics import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names
 from bstune.models import build_model
 from bstune.spec import SpecError, Workload, load_spec, parse_spec
 from bstune.study import run_study
+from bstune.tracking import load_grad_histograms
 from bstune.train import TrainConfig, train
 from tests.conftest import small_spec, write_spec
 
