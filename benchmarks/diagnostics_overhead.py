@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from bstune.data import Dataset, load_dataset, random_images
 from bstune.spec import Workload
-from bstune.train import TrainConfig, pick_device, plan, train
+from bstune.train import Dataset, TrainConfig, load_dataset, pick_device, plan, train
+from bstune.train.data import random_images
 
 MODES = {  # label -> overrides of TrainConfig
     "off": {"diagnostics_every": 0},

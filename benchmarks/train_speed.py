@@ -21,9 +21,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from bstune.data import Dataset, random_images
-from bstune.models import build_model
-from bstune.train import TrainConfig, pick_device, train
+from bstune.train import Dataset, TrainConfig, build_model, pick_device, train
+from bstune.train.data import random_images
 
 
 def bstune_speed(ds: Dataset, b: int, device: torch.device, width: int, epochs: int, compile: str) -> float:

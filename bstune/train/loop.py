@@ -19,35 +19,14 @@ import torch._dynamo  # noqa: F401 - see below
 import torch.nn.functional as F
 from torch import nn
 
-from bstune.data import Dataset
-from bstune.diagnostics import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
-from bstune.models import build_model
+from bstune.train.config import TrainConfig, plan
+from bstune.train.data import Dataset
+from bstune.train.models import build_model
+from bstune.train.probes import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
 
 # torch.optim imports torch._dynamo (a second or two) when the first optimizer is built; importing it above
 # keeps that out of the first trial. A Ctrl-C landing in it, inside a namedtuple's eval(), made a
 # `python -m bstune.cli` process exit by SIGINT after handling it, not with code 130 (a CPython quirk).
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int  # the batch the optimizer sees (split into accumulation_steps micro-batches)
-    lr: float
-    momentum: float
-    optimizer: str = "sgd"
-    epochs: int = 10
-    steps: int | None = None  # if set, train exactly this many optimizer steps (equal-steps control)
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0
-    accumulation_steps: int = 1
-    seed: int = 0
-    model: str = "mlp"
-    width: int = 128
-    compile: str = "off"  # torch.compile mode: off | default | reduce-overhead (CUDA graphs) | max-autotune
-    diagnostics_every: int = 16  # noise scale every this-many-th step, gradient statistics too (0: all off)
-    grad_histogram_epochs: tuple[int | str, ...] = (1, "last")  # epochs with gradient histograms ("last": the last)
-    check_every: int = 16  # steps between divergence checks (each is one host sync)
-    eval_batch_size: int = 4096
 
 
 @dataclass
@@ -63,10 +42,10 @@ class EpochStats:
     examples_per_second: float  # this epoch
     weight_distance: float  # L2 distance of the weights from their initial values
     grad_noise_scale: float | None = None  # B_simple = tr(Sigma) / |G|^2, averaged over about the last epoch
-    layer_distance: dict[str, float] = field(default_factory=dict)  # per layer (module), see diagnostics.Layers
+    layer_distance: dict[str, float] = field(default_factory=dict)  # per layer (module), see probes.Layers
     grad_norm: float | None = None  # whole-model gradient norm, mean over this epoch's measured steps
     layer_grad_norm: dict[str, float] = field(default_factory=dict)  # the same per layer
-    grad_histogram: dict | None = None  # raw gradient values on diagnostics.HISTOGRAM_EDGES (histogram epochs)
+    grad_histogram: dict | None = None  # raw gradient values on probes.HISTOGRAM_EDGES (histogram epochs)
 
     @property
     def generalization_gap(self) -> float:
@@ -97,19 +76,6 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested and requested != "auto":
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    return math.ceil(n_train / batch_size)
-
-
-def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
-    """(optimizer steps per epoch, steps in all, epochs) of a run. Compiled runs drop the last, smaller
-    batch (see _train); with ``steps`` set the run lasts that many steps, however many epochs they take."""
-    per_epoch = n_train // cfg.batch_size if cfg.compile != "off" and n_train >= cfg.batch_size \
-        else steps_per_epoch(n_train, cfg.batch_size)
-    total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
-    return per_epoch, total, math.ceil(total / per_epoch)
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float,
