@@ -34,7 +34,8 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
     """(optimizer steps per epoch, steps in all, epochs) of a run. Compiled runs drop the last, smaller
-    batch (see _train); with ``steps`` set the run lasts that many steps, however many epochs they take."""
+    batch (it would record a second CUDA graph); with ``steps`` set the run lasts that many steps, however
+    many epochs they take."""
     per_epoch = n_train // cfg.batch_size if cfg.compile != "off" and n_train >= cfg.batch_size \
         else steps_per_epoch(n_train, cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs

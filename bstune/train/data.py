@@ -65,7 +65,7 @@ def load_dataset(workload: Workload) -> Dataset:
     if workload.n_train is not None and workload.n_train < ds.n_train:
         ds = replace(ds, train_x=ds.train_x[: workload.n_train], train_y=ds.train_y[: workload.n_train])
     if workload.augment is not None:
-        ds = replace(ds, augment=workload.augment)  # applied to images only (train._Inputs)
+        ds = replace(ds, augment=workload.augment)  # applied to images only (loop.InputPipeline)
     return ds
 
 
