@@ -46,8 +46,7 @@ import torch
 from bstune.analysis import analyze
 from bstune.errors import BstuneError
 from bstune.spec import Budget, StudySpec, load_spec
-from bstune.study import train_config
-from bstune.train import Dataset, Diverged, load_dataset, train
+from bstune.train import Dataset, Diverged, load_dataset, train, train_config
 from bstune.trials import EpochPoint, TrialRecord, TrialTable
 
 HERE = Path(__file__).resolve().parent

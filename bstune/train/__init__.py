@@ -11,7 +11,7 @@ Import from here; the modules behind it are its parts, in data-flow order:
 Nothing here imports Optuna or MLflow: the study drives `train` and records what it returns.
 """
 
-from bstune.train.config import TrainConfig, plan, steps_per_epoch
+from bstune.train.config import TrainConfig, plan, steps_per_epoch, train_config
 from bstune.train.data import (
     CIFAR10_DIR,
     CIFAR10_TRAIN,
@@ -47,4 +47,5 @@ __all__ = [
     "steps_per_epoch",
     "synthetic_classification",
     "train",
+    "train_config",
 ]

@@ -1,13 +1,19 @@
-"""What one training run is: its settings (`TrainConfig`) and how many steps and epochs they come to (`plan`)."""
+"""What one training run is: its settings (`TrainConfig`, from a workload by `train_config`) and how many steps
+and epochs they come to (`plan`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from bstune.spec import Workload
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything one training run needs besides its data. Fields named as in `Workload` take its values (see
+    `train_config`)."""
+
     batch_size: int  # the batch the optimizer sees (split into accumulation_steps micro-batches)
     lr: float
     momentum: float
@@ -40,3 +46,13 @@ def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
         else steps_per_epoch(n_train, cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
     return per_epoch, total, math.ceil(total / per_epoch)
+
+
+def train_config(w: Workload, batch_size: int, lr: float, momentum: float, seed: int | None = None) -> TrainConfig:
+    """The training run of one trial: the workload's settings at (batch_size, lr, momentum). Every field of
+    TrainConfig that Workload also has is copied by name, except that ``steps`` counts only with
+    ``hold: steps``; ``seed`` replaces the workload's."""
+    workload_fields = {f.name for f in fields(Workload)}
+    shared = {f.name: getattr(w, f.name) for f in fields(TrainConfig) if f.name in workload_fields}
+    shared.update(steps=w.steps if w.hold == "steps" else None, seed=w.seed if seed is None else seed)
+    return TrainConfig(batch_size=batch_size, lr=lr, momentum=momentum, **shared)
