@@ -35,6 +35,7 @@ class TrainConfig:
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over `n_train` examples, the last batch possibly smaller."""
     return math.ceil(n_train / batch_size)
 
 
