@@ -22,10 +22,10 @@ import time
 from dataclasses import replace
 
 import torch
+from synthetic_images import random_images  # benchmarks/, on the path when run as a script
 
-from bstune.data import Dataset, load_dataset, random_images
 from bstune.spec import Workload
-from bstune.train import TrainConfig, pick_device, plan, train
+from bstune.train import Dataset, TrainConfig, load_dataset, pick_device, plan, train
 
 MODES = {  # label -> overrides of TrainConfig
     "off": {"diagnostics_every": 0},

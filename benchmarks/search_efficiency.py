@@ -44,10 +44,9 @@ import numpy as np
 import torch
 
 from bstune.analysis import analyze
-from bstune.data import Dataset, load_dataset
 from bstune.errors import BstuneError
 from bstune.spec import Budget, StudySpec, load_spec
-from bstune.train import Diverged, train, train_config
+from bstune.train import Dataset, Diverged, load_dataset, train, train_config
 from bstune.trials import EpochPoint, TrialRecord, TrialTable
 
 HERE = Path(__file__).resolve().parent

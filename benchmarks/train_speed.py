@@ -20,10 +20,9 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from synthetic_images import random_images  # benchmarks/, on the path when run as a script
 
-from bstune.data import Dataset, random_images
-from bstune.models import build_model
-from bstune.train import TrainConfig, pick_device, train
+from bstune.train import Dataset, TrainConfig, build_model, pick_device, train
 
 
 def bstune_speed(ds: Dataset, b: int, device: torch.device, width: int, epochs: int, compile: str) -> float:

@@ -23,8 +23,8 @@ import numpy as np
 from search_efficiency import _init_worker, _run_point, column_optimum, column_profile, trial_table  # noqa: I001
 
 import bstune.analysis as analysis
-from bstune.data import load_dataset
 from bstune.spec import load_spec
+from bstune.train import load_dataset
 
 
 def main() -> None:

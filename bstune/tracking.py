@@ -7,12 +7,17 @@ The client API is used (not the fluent one) so that no global "active run" state
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bstune.errors import BstuneError, first_line, redact
 from bstune.stores import check_database, check_sqlite_url, is_database_url, sqlite_path
@@ -24,7 +29,7 @@ RUN_STATUS = {  # a trial's state -> its MLflow run's status
 }
 
 
-def client(tracking_uri: str) -> Any:
+def mlflow_client(tracking_uri: str) -> Any:
     """An MLflow client for the store, with bstune's settings for MLflow's HTTP calls (a user's own win)."""
     # Fail fast instead of retrying for minutes when a tracking server does not answer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -69,7 +74,7 @@ class Tracker:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = client(self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     def check(self) -> None:
@@ -221,3 +226,72 @@ class Tracker:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient histograms, read back: the trainer's per-epoch histograms, logged by the study as JSON artifacts
+# under HISTOGRAM_ARTIFACT_DIR/epoch_NNNN.json of each trial's run.
+
+HISTOGRAM_ARTIFACT_DIR = "grad_histograms"
+
+
+@dataclass(frozen=True)
+class GradHistogram:
+    """One trial's gradient histogram at one epoch, as logged to MLflow."""
+
+    trial: int
+    run_id: str
+    state: str
+    batch_size: int
+    lr: float
+    momentum: float
+    epoch: int
+    measured_steps: int
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+    layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def density(self, layer: str | None = None) -> np.ndarray:
+        """Fraction of gradient values in each bin (whole model, or one layer)."""
+        c = np.asarray(self.layers[layer] if layer else self.counts, dtype=float)
+        return c / c.sum() if c.sum() > 0 else c
+
+
+def load_grad_histograms(tracking_uri: str, study_name: str, experiment: str = "bstune",
+                         epoch: int | str | None = None) -> dict[int, list[GradHistogram]]:
+    """A study's gradient histograms from MLflow, grouped by batch size (sorted), each group sorted by trial
+    and epoch. `epoch`: an epoch number, "last" (each trial's last histogram), or None (all)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
+    mlflow = mlflow_client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = mlflow.search_runs(
+        [exp.experiment_id], max_results=50_000,
+        filter_string=f"tags.`bstune.study` = '{study_name}' and tags.`bstune.kind` = 'trial'")
+    out: dict[int, list[GradHistogram]] = {}
+    for run in runs:
+        # only the files asked for are fetched: a long study keeps one per trial and epoch
+        files = sorted(f.path for f in mlflow.list_artifacts(run.info.run_id, HISTOGRAM_ARTIFACT_DIR)
+                       if Path(f.path).name.startswith("epoch_") and f.path.endswith(".json"))
+        if epoch == "last":
+            files = files[-1:]
+        elif epoch is not None:
+            files = [f for f in files if Path(f).name == f"epoch_{epoch:04d}.json"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in files:
+                path = Path(mlflow.download_artifacts(run.info.run_id, name, tmp))
+                h = _histogram(json.loads(path.read_text()), run)
+                out.setdefault(h.batch_size, []).append(h)
+    return {b: sorted(hs, key=lambda h: (h.trial, h.epoch)) for b, hs in sorted(out.items())}
+
+
+def _histogram(d: dict, run: object) -> GradHistogram:
+    p, tags = run.data.params, run.data.tags  # type: ignore[attr-defined]
+    return GradHistogram(
+        trial=int(tags.get("bstune.trial", -1)), run_id=run.info.run_id,  # type: ignore[attr-defined]
+        state=tags.get("bstune.state", ""), batch_size=int(d.get("batch_size", p.get("batch_size", 0))),
+        lr=float(p.get("lr", "nan")), momentum=float(p.get("momentum", "nan")), epoch=int(d["epoch"]),
+        measured_steps=int(d.get("measured_steps", 0)), edges=tuple(d["edges"]), counts=tuple(d["counts"]),
+        layers={k: tuple(v) for k, v in d.get("layers", {}).items()},
+    )

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from bstune.analysis import analyze  # noqa: E402
-from bstune.diagnostics import load_grad_histograms  # noqa: E402
 from bstune.stores import load_table  # noqa: E402
+from bstune.tracking import load_grad_histograms  # noqa: E402
 from bstune.trials import TrialTable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bstune.data import CIFAR10_DIR, load_cifar10, load_dataset, needs_download
 from bstune.errors import BstuneError
 from bstune.spec import Workload
-from bstune.train import TrainConfig, augment_images, train
+from bstune.train import CIFAR10_DIR, TrainConfig, augment_images, load_cifar10, load_dataset, needs_download, train
 from tests.cifar_archive import write_cifar10
 
 

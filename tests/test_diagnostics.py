@@ -13,12 +13,19 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from bstune.data import load_dataset
-from bstune.diagnostics import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names, load_grad_histograms
-from bstune.models import build_model
 from bstune.search import run_study
 from bstune.spec import SpecError, Workload, load_spec, parse_spec
-from bstune.train import TrainConfig, train
+from bstune.tracking import load_grad_histograms
+from bstune.train import (
+    HISTOGRAM_EDGES,
+    GradientProbe,
+    NoiseScale,
+    TrainConfig,
+    build_model,
+    layer_names,
+    load_dataset,
+    train,
+)
 from tests.conftest import small_spec, write_spec
 
 
@@ -248,8 +255,7 @@ def test_grad_histogram_epochs_are_validated(tmp_path: Path) -> None:
 def test_plan_is_what_training_does() -> None:
     from dataclasses import replace
 
-    from bstune.data import synthetic_classification
-    from bstune.train import TrainConfig, plan, train
+    from bstune.train import TrainConfig, plan, synthetic_classification, train
 
     data = synthetic_classification(n=300, val_fraction=0.2)
     n = data.n_train

@@ -6,11 +6,11 @@ and the stores' too, without training or creating anything, and the spec summari
 
 from __future__ import annotations
 
-from bstune.data import CIFAR10_TRAIN, Dataset, load_dataset, needs_download  # TEMP
 from bstune.errors import BstuneError
 from bstune.spec import StudySpec
 from bstune.stores import check_storage
 from bstune.tracking import check_tracking_uri
+from bstune.train import CIFAR10_TRAIN, Dataset, load_dataset, needs_download
 
 
 def validate(spec: StudySpec) -> list[str]:

@@ -19,16 +19,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from bstune.data import Dataset  # TEMP
-from bstune.diagnostics import HISTOGRAM_ARTIFACT_DIR  # TEMP until train/ lands
 from bstune.errors import redact
 from bstune.search._optuna import frozen, trial_id
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams, SearchSpace
 from bstune.search.status import worker_id
 from bstune.spec import StudySpec, Workload
-from bstune.tracking import EPOCH_METRICS, Tracker
-from bstune.train import Diverged, EpochStats, OutOfMemory, plan, train, train_config
+from bstune.tracking import EPOCH_METRICS, HISTOGRAM_ARTIFACT_DIR, Tracker
+from bstune.train import Dataset, Diverged, EpochStats, OutOfMemory, plan, train, train_config
 from bstune.trials import BATCH_SIZE, Attr, EpochPoint, State, curve_to_json
 
 

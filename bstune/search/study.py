@@ -16,7 +16,6 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from bstune.data import Dataset  # TEMP
 from bstune.errors import BstuneError, redact
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
@@ -27,7 +26,7 @@ from bstune.search.status import WorkerBeat
 from bstune.spec import StudySpec
 from bstune.stores import check_storage, grace_seconds, load_study, open_storage
 from bstune.tracking import Tracker
-from bstune.train import pick_device, plan, train_config
+from bstune.train import Dataset, pick_device, plan, train_config
 from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
 # Spec fields that define what a study measures: a resumed study must not change them.

@@ -11,17 +11,12 @@ trainer reads the results once per epoch.
 - `NoiseScale` turns those norms into McCandlish et al.'s B_simple = tr(Sigma) / |G|^2.
 - `GradientStats` keeps per-layer gradient norms and histograms of raw gradient values on fixed, shared bins
   (`HISTOGRAM_EDGES`), so histograms from any trial of any study can be overlaid.
-- `load_grad_histograms` reads a study's histograms back from MLflow, grouped by batch size.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +27,6 @@ from torch import nn
 # (dead units). Values beyond +-1e2 are counted in the outermost bins.
 _MAGNITUDES = np.logspace(-10, 2, 49)
 HISTOGRAM_EDGES: tuple[float, ...] = tuple(float(v) for v in np.concatenate([-_MAGNITUDES[::-1], _MAGNITUDES]))
-HISTOGRAM_ARTIFACT_DIR = "grad_histograms"
 
 
 def layer_names(param_names: list[str], max_layers: int = 32) -> list[str]:
@@ -214,70 +208,3 @@ class GradientStats:
         layer_means = dict(zip(self.layers.names, means[:-1], strict=True))
         return EpochGradients(means[-1], layer_means, hist)
 
-
-# --------------------------------------------------------------------------------------------------
-# Reading histograms back
-
-
-@dataclass(frozen=True)
-class GradHistogram:
-    """One trial's gradient histogram at one epoch, as logged to MLflow."""
-
-    trial: int
-    run_id: str
-    state: str
-    batch_size: int
-    lr: float
-    momentum: float
-    epoch: int
-    measured_steps: int
-    edges: tuple[float, ...]
-    counts: tuple[int, ...]
-    layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    def density(self, layer: str | None = None) -> np.ndarray:
-        """Fraction of gradient values in each bin (whole model, or one layer)."""
-        c = np.asarray(self.layers[layer] if layer else self.counts, dtype=float)
-        return c / c.sum() if c.sum() > 0 else c
-
-
-def load_grad_histograms(tracking_uri: str, study_name: str, experiment: str = "bstune",
-                         epoch: int | str | None = None) -> dict[int, list[GradHistogram]]:
-    """A study's gradient histograms from MLflow, grouped by batch size (sorted), each group sorted by trial
-    and epoch. `epoch`: an epoch number, "last" (each trial's last histogram), or None (all)."""
-    from mlflow import MlflowClient
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
-    runs = client.search_runs(
-        [exp.experiment_id], max_results=50_000,
-        filter_string=f"tags.`bstune.study` = '{study_name}' and tags.`bstune.kind` = 'trial'")
-    out: dict[int, list[GradHistogram]] = {}
-    for run in runs:
-        # only the files asked for are fetched: a long study keeps one per trial and epoch
-        files = sorted(f.path for f in client.list_artifacts(run.info.run_id, HISTOGRAM_ARTIFACT_DIR)
-                       if Path(f.path).name.startswith("epoch_") and f.path.endswith(".json"))
-        if epoch == "last":
-            files = files[-1:]
-        elif epoch is not None:
-            files = [f for f in files if Path(f).name == f"epoch_{epoch:04d}.json"]
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in files:
-                path = Path(client.download_artifacts(run.info.run_id, name, tmp))
-                h = _histogram(json.loads(path.read_text()), run)
-                out.setdefault(h.batch_size, []).append(h)
-    return {b: sorted(hs, key=lambda h: (h.trial, h.epoch)) for b, hs in sorted(out.items())}
-
-
-def _histogram(d: dict, run: object) -> GradHistogram:
-    p, tags = run.data.params, run.data.tags  # type: ignore[attr-defined]
-    return GradHistogram(
-        trial=int(tags.get("bstune.trial", -1)), run_id=run.info.run_id,  # type: ignore[attr-defined]
-        state=tags.get("bstune.state", ""), batch_size=int(d.get("batch_size", p.get("batch_size", 0))),
-        lr=float(p.get("lr", "nan")), momentum=float(p.get("momentum", "nan")), epoch=int(d["epoch"]),
-        measured_steps=int(d.get("measured_steps", 0)), edges=tuple(d["edges"]), counts=tuple(d["counts"]),
-        layers={k: tuple(v) for k, v in d.get("layers", {}).items()},
-    )

@@ -65,7 +65,7 @@ def load_dataset(workload: Workload) -> Dataset:
     if workload.n_train is not None and workload.n_train < ds.n_train:
         ds = replace(ds, train_x=ds.train_x[: workload.n_train], train_y=ds.train_y[: workload.n_train])
     if workload.augment is not None:
-        ds = replace(ds, augment=workload.augment)  # applied to images only (train._Inputs)
+        ds = replace(ds, augment=workload.augment)  # applied to images only (loop.InputPipeline)
     return ds
 
 
@@ -151,14 +151,3 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> Dataset:
     xt, yt = tensors(train)
     xv, yv = tensors(test)
     return Dataset("cifar10", xt, yt, xv, yv, num_classes=10, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-
-
-def random_images(n: int = 50_000, shape: tuple[int, int, int] = (3, 32, 32), n_val: int = 10_000,
-                  num_classes: int = 10, seed: int = 0) -> Dataset:
-    """Random uint8 images of CIFAR-10's shape: exercises the image path at full size (benchmarks)."""
-    g = torch.Generator().manual_seed(seed)
-    xt = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
-    xv = torch.randint(0, 256, (n_val, *shape), dtype=torch.uint8, generator=g)
-    yt = torch.randint(0, num_classes, (n,), generator=g)
-    yv = torch.randint(0, num_classes, (n_val,), generator=g)
-    return Dataset("random", xt, yt, xv, yv, num_classes, augment=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)

@@ -1,0 +1,385 @@
+"""One training run: a model, a batch size, a learning rate and a momentum, trained and scored every epoch.
+
+The loop follows the fast CIFAR trainers: the data set lives on the device, each epoch is a random
+permutation sliced into batches, augmentation happens on the device, and the step loop never waits for the
+host: losses are summed on the device and checked for divergence only every `check_every` steps.
+Nothing here knows about Optuna or MLflow; the caller gets each epoch's numbers through `on_epoch`.
+
+Sections, in the order the data flows: what a run returns; data on the device and augmentation; the model;
+the optimizer and its schedule; the step loop; evaluation; and `train`, which runs them epoch by epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch._dynamo  # noqa: F401 - see below
+import torch.nn.functional as F
+from torch import nn
+
+from bstune.train.config import TrainConfig, plan
+from bstune.train.data import Dataset
+from bstune.train.models import build_model
+from bstune.train.probes import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
+
+# torch.optim imports torch._dynamo (a second or two) when the first optimizer is built; importing it above
+# keeps that out of the first trial. A Ctrl-C landing in that import, inside a namedtuple's eval(), makes a
+# `python -m bstune.cli` process exit by SIGINT after handling it, not with code 130 (a CPython quirk).
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run returns, and how it can fail
+
+
+@dataclass
+class EpochStats:
+    """One epoch's numbers, as `train` hands them to `on_epoch` and returns them."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    examples_seen: int
+    optimizer_steps: int
+    train_seconds: float  # cumulative training time (no evaluation)
+    examples_per_second: float  # this epoch
+    weight_distance: float  # L2 distance of the weights from their initial values
+    grad_noise_scale: float | None = None  # B_simple = tr(Sigma) / |G|^2, averaged over about the last epoch
+    layer_distance: dict[str, float] = field(default_factory=dict)  # per layer (module), see probes.Layers
+    grad_norm: float | None = None  # whole-model gradient norm, mean over this epoch's measured steps
+    layer_grad_norm: dict[str, float] = field(default_factory=dict)  # the same per layer
+    grad_histogram: dict | None = None  # raw gradient values on probes.HISTOGRAM_EDGES (histogram epochs)
+
+    @property
+    def generalization_gap(self) -> float:
+        """Train accuracy (running, over the epoch's steps) minus validation accuracy."""
+        return self.train_accuracy - self.val_accuracy
+
+    def layer_metrics(self) -> dict[str, float]:
+        """Per-layer numbers as flat metric names: weight_distance.<layer>, grad_norm.<layer>."""
+        out = {f"weight_distance.{k}": v for k, v in self.layer_distance.items()}
+        out.update({f"grad_norm.{k}": v for k, v in self.layer_grad_norm.items()})
+        return out
+
+
+class Diverged(Exception):
+    """The loss became NaN/inf or exploded. Carries where it happened."""
+
+    def __init__(self, epoch: int, step: int, detail: str) -> None:
+        super().__init__(f"loss {detail} at epoch {epoch}, optimizer step {step}")
+        self.epoch = epoch
+        self.step = step
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory for this batch size."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Data on the device, and augmentation
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The device asked for; None or "auto": CUDA if there is one, else the CPU."""
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def augment_images(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with reflect padding and random horizontal flip, per example, all on x's device."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (n, 1, 1, w)
+    out = xp.gather(2, rows.expand(n, xp.shape[1], h, xp.shape[3]))
+    out = out.gather(3, cols.expand(n, xp.shape[1], h, w))
+    flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+class InputPipeline:
+    """Turns stored examples into model inputs on the device: uint8 -> normalised float, augmentation."""
+
+    def __init__(self, data: Dataset, device: torch.device, channels_last: bool) -> None:
+        self.device = device
+        self.channels_last = channels_last
+        self.augment = data.augment and data.train_x.dim() == 4
+        self.pad = max(1, data.train_x.shape[-1] // 8) if self.augment else 0
+        if data.mean is not None:
+            c = len(data.mean)
+            self.mean = torch.tensor(data.mean, device=device).view(1, c, 1, 1) * 255
+            self.std = torch.tensor(data.std, device=device).view(1, c, 1, 1) * 255
+        else:
+            self.mean = self.std = None
+
+    def __call__(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Model inputs from stored examples `x`; `train` augments them, drawing from `generator`."""
+        if self.mean is not None:
+            x = (x.float() - self.mean) / self.std
+        if train and self.augment:
+            x = augment_images(x, self.pad, generator)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+def _model(cfg: TrainConfig, data: Dataset, device: torch.device) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
+    """The model, and the callable that runs it forward (the model itself, or it compiled)."""
+    torch.manual_seed(cfg.seed)  # same initial weights for every trial of a study: fairer comparisons
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # reduce-overhead records CUDA graphs: at B = 32 a step is launch-bound, and replaying a graph removes
+    # the per-kernel launch cost. A last, smaller batch would record a second graph, so compiled runs drop it.
+    forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
+    return model, forward
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimizer and its schedule
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """SGD / Nesterov / Adam / AdamW. For the Adam family, momentum is beta1."""
+    if name in ("sgd", "nesterov"):
+        nesterov = name == "nesterov" and momentum > 0
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier on the base lr at optimizer step `step` (0-based) of `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    if schedule == "linear":
+        return max(0.0, 1.0 - t)
+    return 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The step loop
+
+
+@dataclass
+class _Run:
+    """What one run's steps share, and how far it has got."""
+
+    cfg: TrainConfig
+    device: torch.device
+    data: Dataset  # on the device
+    inputs: InputPipeline
+    model: nn.Module
+    forward: Callable[..., torch.Tensor]
+    params: list[nn.Parameter]
+    initial: list[torch.Tensor]  # the weights at the start, for the distance travelled
+    opt: torch.optim.Optimizer
+    autocast: AbstractContextManager
+    gen: torch.Generator  # after initialisation, the run's only randomness: batch order and augmentation
+    per_epoch: int  # optimizer steps
+    total_steps: int
+    epochs: int
+    warmup: int  # optimizer steps
+    layers: Layers
+    grad_stats: GradientStats
+    noise: NoiseScale
+    step: int = 0  # optimizer steps taken
+    examples: int = 0  # examples trained on
+    train_seconds: float = 0.0  # without evaluation
+
+
+def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
+    """Move the data to the device, build the model and optimizer, and set up the probes."""
+    cuda = device.type == "cuda"
+    data = data.to(device)
+    inputs = InputPipeline(data, device, channels_last=cuda)
+    model, forward = _model(cfg, data, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    per_epoch, total_steps, epochs = plan(cfg, data.n_train)
+    every = cfg.diagnostics_every
+    layers = Layers(names, device)
+    return _Run(
+        cfg=cfg, device=device, data=data, inputs=inputs, model=model, forward=forward, params=params,
+        initial=[p.detach().clone() for p in params],
+        opt=make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext(),
+        gen=torch.Generator(device=device).manual_seed(cfg.seed),
+        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs,
+        warmup=int(round(cfg.warmup_epochs * per_epoch)),
+        layers=layers, grad_stats=GradientStats(params, layers),
+        # Noise scale averaged over about an epoch's measured steps, and at least 20 of them.
+        noise=NoiseScale(window=max(20, math.ceil(per_epoch / max(every, 1))),
+                         population=None if inputs.augment else data.n_train),
+    )
+
+
+def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over a fresh permutation of the training set, stopping early at the run's last step: the
+    summed loss and the number of correct predictions (both still on the device), and the examples seen."""
+    cfg, b, every = run.cfg, run.cfg.batch_size, run.cfg.diagnostics_every
+    run.model.train()
+    perm = torch.randperm(run.data.n_train, device=run.device, generator=run.gen)
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    seen = 0
+    run.grad_stats.start_epoch(histogram=histogram)
+    for i in range(run.per_epoch):
+        if run.step >= run.total_steps:
+            break
+        idx = perm[i * b:(i + 1) * b]
+        for group in run.opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, run.step, run.total_steps, run.warmup)
+        # The noise scale costs a second backward pass, so it is measured on every `every`-th step only;
+        # the cheap gradient statistics also on each epoch's first step, so that every epoch has them.
+        probe = GradientProbe(run.params, len(idx)) if every > 0 and run.step % every == 0 else None
+        _backward(run, idx, probe, loss_sum, correct)
+        if every > 0 and (probe is not None or i == 0):
+            run.grad_stats.add(probe.finish(run.noise) if probe is not None else param_norms(run.params))
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        seen += len(idx)
+        run.step += 1
+        if run.step % cfg.check_every == 0 and not torch.isfinite(loss_sum):  # the step loop's only sync
+            raise Diverged(epoch, run.step, "became non-finite")
+    return loss_sum, correct, seen
+
+
+def _backward(run: _Run, idx: torch.Tensor, probe: GradientProbe | None, loss_sum: torch.Tensor,
+              correct: torch.Tensor) -> None:
+    """Forward and backward of one optimizer step's examples `idx`, in accumulation_steps micro-batches;
+    adds their losses and correct predictions to `loss_sum` and `correct` in place."""
+    k = run.cfg.accumulation_steps
+    for part in idx.chunk(k):
+        x = run.inputs(run.data.train_x[part], train=True, generator=run.gen)
+        y = run.data.train_y[part]
+        with run.autocast:
+            out = run.forward(x)
+            losses = F.cross_entropy(out.float(), y, reduction="none")
+        if probe is None:
+            (losses.sum() / len(idx)).backward()
+        else:  # without micro-batches, the noise scale needs the gradients of two halves
+            probe.backward(losses, parts=2 if k == 1 else 1)
+        loss_sum += losses.detach().sum()
+        correct += (out.detach().argmax(1) == y).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
+             autocast: object = nullcontext()) -> tuple[float, float]:
+    """Validation loss and accuracy, in large batches, with one host sync at the end."""
+    model.eval()
+    loss = torch.zeros((), device=inputs.device)
+    correct = torch.zeros((), device=inputs.device, dtype=torch.long)
+    n = data.val_x.shape[0]
+    for i in range(0, n, batch_size):
+        x = inputs(data.val_x[i:i + batch_size], train=False)
+        y = data.val_y[i:i + batch_size]
+        with autocast:
+            out = model(x).float()
+        loss += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    return float(loss) / n, float(correct) / n
+
+
+def _epoch_stats(run: _Run, epoch: int, train_loss: float, correct: torch.Tensor, seen: int,
+                 seconds: float) -> EpochStats:
+    """The epoch's numbers: validation, the weights' distance from their start, the gradient statistics."""
+    val_loss, val_acc = evaluate(run.model, run.data, run.inputs, run.cfg.eval_batch_size, run.autocast)
+    with torch.no_grad():
+        moved = run.layers.norms(torch._foreach_sub(run.params, run.initial)).tolist()
+    layer = dict(zip(run.layers.names, moved, strict=True))
+    grads = run.grad_stats.end_epoch()  # nothing measured (diagnostics_every = 0): no gradient statistics
+    if grads.histogram is not None:
+        grads.histogram.update(epoch=epoch, batch_size=run.cfg.batch_size)
+    return EpochStats(
+        epoch=epoch, train_loss=train_loss, train_accuracy=float(correct) / max(seen, 1),
+        val_loss=val_loss, val_accuracy=val_acc, examples_seen=run.examples, optimizer_steps=run.step,
+        train_seconds=run.train_seconds, examples_per_second=seen / seconds if seconds > 0 else 0.0,
+        weight_distance=math.sqrt(sum(v * v for v in layer.values())), grad_noise_scale=run.noise.value(),
+        layer_distance=layer, grad_norm=grads.grad_norm, layer_grad_norm=grads.layer_norms,
+        grad_histogram=grads.histogram,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One run: the above, epoch by epoch
+
+
+def train(
+    cfg: TrainConfig,
+    data: Dataset,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> list[EpochStats]:
+    """Train and evaluate every epoch. Raises Diverged or OutOfMemory; whatever `on_epoch` raises (a
+    pruning signal, say) propagates and ends the run."""
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.model in ("linear", "mlp"):
+        # A small dense model's ops are too small to split: extra threads only spin, and on a busy machine
+        # (parallel workers, a test suite) they made epochs 30x slower than one thread.
+        torch.set_num_threads(1)
+    try:
+        return _train(cfg, data, device, on_epoch)
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(str(e).splitlines()[0]) from None
+    except RuntimeError as e:
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise OutOfMemory(str(e).splitlines()[0]) from None
+        raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
+           on_epoch: Callable[[EpochStats], None] | None) -> list[EpochStats]:
+    if cfg.batch_size % cfg.accumulation_steps:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accumulation_steps "
+                         f"{cfg.accumulation_steps}")
+    run = _start(cfg, data, device)
+    blowup = 10.0 * math.log(data.num_classes) + 10.0  # a loss this far above chance level has diverged
+    histogram_epochs = {run.epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+    history: list[EpochStats] = []
+    for epoch in range(1, run.epochs + 1):
+        t0 = time.perf_counter()
+        histogram = cfg.diagnostics_every > 0 and epoch in histogram_epochs
+        loss_sum, correct, seen = _train_epoch(run, epoch, histogram)
+        epoch_loss = float(loss_sum) / max(seen, 1)  # the epoch's one host sync outside the divergence checks
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        run.train_seconds += seconds
+        run.examples += seen
+        if not math.isfinite(epoch_loss):
+            raise Diverged(epoch, run.step, "became non-finite")
+        if epoch_loss > blowup:
+            raise Diverged(epoch, run.step, f"exploded to {epoch_loss:.3g}")
+        stats = _epoch_stats(run, epoch, epoch_loss, correct, seen, seconds)
+        if not math.isfinite(stats.val_loss):
+            raise Diverged(epoch, run.step, "is non-finite on the validation set")
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
