@@ -2,7 +2,7 @@
 
     python benchmarks/analysis_speed.py [--repeats 3] [--n-boot 200]
 
-Tables come from ``bstune.simulate`` (saturating law, B_noise 256, batch sizes 16..4096 or 8..8192 for the
+Tables come from ``tests/simulate.py`` (saturating law, B_noise 256, batch sizes 16..4096 or 8..8192 for the
 big one, 20-epoch learning curves on), so every part of the analysis runs, the steps-to-target fit included.
 The time reported is the best of ``--repeats`` calls; generating the table is not counted.
 """
@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
-from bstune.analysis import analyze
-from tests.simulate import simulate_trials
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.simulate
+
+from bstune.analysis import analyze  # noqa: E402
+from tests.simulate import simulate_trials  # noqa: E402
 
 CASES = [  # (trials, batch sizes)
     (1_000, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)),

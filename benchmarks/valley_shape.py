@@ -22,7 +22,8 @@ import numpy as np
 # the sibling benchmark's grid runner and readers (the script runs from benchmarks/, which is on the path)
 from search_efficiency import _init_worker, _run_point, column_optimum, column_profile, trial_table  # noqa: I001
 
-import bstune.analysis as analysis
+import bstune.analysis.pooled as pooled  # the valley profile's power, swapped below
+from bstune.analysis import analyze
 from bstune.spec import load_spec
 from bstune.train import load_dataset
 
@@ -55,17 +56,17 @@ def main() -> None:
     print("grid's best lr (log2), seed-averaged: "
           + ", ".join(f"B={b}: {'-' if x is None else f'{x:.2f}'}" for b, x in reference.items()))
     print("\n| valley profile | seed | mean error (octaves) | alpha |\n|---|---:|---:|---:|")
-    for name, power in (("parabola in (lr/lr*)^(1/2)", analysis._WALL_POWER), ("parabola in log lr", 1e-6)):
-        saved, analysis._WALL_POWER = analysis._WALL_POWER, power
+    for name, power in (("parabola in (lr/lr*)^(1/2)", pooled._WALL_POWER), ("parabola in log lr", 1e-6)):
+        saved, pooled._WALL_POWER = pooled._WALL_POWER, power
         try:
             for seed in seeds:
-                a = analysis.analyze(trial_table([r for r in rows if r["seed"] == seed], spec, n_train))
+                a = analyze(trial_table([r for r in rows if r["seed"] == seed], spec, n_train))
                 errors = [abs(math.log2(o.lr) - reference[o.batch_size]) for o in a.per_batch
                           if o.lr is not None and reference[o.batch_size] is not None]
                 alpha = a.fits["power"].alpha if "power" in a.fits else None
                 print(f"| {name} | {seed} | {np.mean(errors):.2f} | {'-' if alpha is None else f'{alpha:.2f}'} |")
         finally:
-            analysis._WALL_POWER = saved
+            pooled._WALL_POWER = saved
 
 
 if __name__ == "__main__":

@@ -284,10 +284,12 @@ def analyze(spec_file: str | None, storage: str | None, study_name: str | None, 
     """
     import json
 
+    from bstune.report import format_analysis
+
     spec, table, result = _analysis(spec_file, storage, study_name, csv, direction, target)
     run_id = table.meta.get("mlflow_parent_run_id")
     log_to = (tracking_uri or _stored_tracking_uri(spec, table)) if log_mlflow and spec is not None and run_id else ""
-    click.echo(result.format_table())
+    click.echo(format_analysis(result))
     payload = result.to_dict()
     if json_path != "-":
         name = table.study_name or Path(csv or "trials").stem
@@ -344,9 +346,11 @@ def recommend(batch_size: int, spec_file: str | None, storage: str | None, study
     """
     import json
 
+    from bstune.report import format_recommendation
+
     _, _, result = _analysis(spec_file, storage, study_name, csv, direction, target)
     rec = result.recommend(batch_size)
-    click.echo(json.dumps(rec.to_dict(), indent=2) if as_json else str(rec))
+    click.echo(json.dumps(rec.to_dict(), indent=2) if as_json else format_recommendation(rec))
 
 
 @main.command()

@@ -23,9 +23,11 @@ from bstune.errors import BstuneError, first_line, redact
 from bstune.stores import check_database, check_sqlite_url, is_database_url, sqlite_path
 from bstune.trials import State
 
+# MLflow's run statuses (its own vocabulary, which shares a word with bstune's states)
+RUN_RUNNING, RUN_FINISHED, RUN_FAILED, RUN_KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 RUN_STATUS = {  # a trial's state -> its MLflow run's status
-    State.COMPLETE: "FINISHED", State.PRUNED: "FINISHED", State.DIVERGED: "FAILED", State.OOM: "FAILED",
-    State.FAILED: "FAILED", State.INTERRUPTED: "KILLED", State.LOST: "KILLED",
+    State.COMPLETE: RUN_FINISHED, State.PRUNED: RUN_FINISHED, State.DIVERGED: RUN_FAILED, State.OOM: RUN_FAILED,
+    State.FAILED: RUN_FAILED, State.INTERRUPTED: RUN_KILLED, State.LOST: RUN_KILLED,
 }
 
 
@@ -107,7 +109,7 @@ class Tracker:
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
+                self.client.update_run(run_id, status=RUN_RUNNING)
                 return run_id
             except Exception:  # noqa: BLE001 - deleted run: make a new one
                 pass
@@ -120,7 +122,7 @@ class Tracker:
         self.client.log_text(run_id, spec_yaml, "spec.yaml")
         return run_id
 
-    def close_study_run(self, run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
+    def close_study_run(self, run_id: str, summary: dict[str, Any], status: str = RUN_FINISHED) -> None:
         from mlflow.entities import Metric, RunTag
 
         ts = _now_ms()
@@ -201,7 +203,7 @@ class Tracker:
             run = self.client.get_run(run_id)
         except Exception:  # noqa: BLE001 - the run is gone: nothing to close
             return False
-        if run.info.status != "RUNNING":
+        if run.info.status != RUN_RUNNING:
             return False
         self.end_trial(run_id, state, reason)
         return True

@@ -12,6 +12,7 @@ import pytest
 
 from bstune.analysis import FORMS, Analysis, analyze
 from bstune.errors import BstuneError
+from bstune.report import format_analysis, format_recommendation
 from bstune.trials import TrialRecord, TrialTable
 from tests.simulate import simulate_trials, valley_profile
 
@@ -328,7 +329,7 @@ def test_recommend_flags_extrapolation_and_batches_above_the_critical_size():
     assert big.extrapolated and big.above_critical
     assert any("outside the measured range 16..4096" in n for n in big.notes)
     assert any("above the critical batch size" in n for n in big.notes)
-    assert "extrapolated" in str(big) and "above critical" in str(big)
+    assert "extrapolated" in format_recommendation(big) and "above critical" in format_recommendation(big)
     assert a.recommend(512).above_critical and not a.recommend(512).extrapolated
     small = a.recommend(8)
     assert small.extrapolated and not small.above_critical
@@ -363,7 +364,7 @@ def test_to_dict_is_json_and_format_table_reads_well():
         assert d["effective_preferred"] == a.effective_preferred
         first = d["per_batch"][0]
         assert first["lr_interval"][0] <= first["lr"] <= first["lr_interval"][1]
-        text = a.format_table()
+        text = format_analysis(a)
         for b in (16, 256, 4096):
             assert f"\n{b:>6} " in text
         assert "<- preferred" in text and "alpha=" in text and "B_noise" in text

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from bstune.analysis import Analysis, analyze
 from bstune.cli import main
 from bstune.errors import BstuneError
-from bstune.report import Report, build_report, report_batch_sizes, write_report
+from bstune.report import Report, build_report, format_analysis, report_batch_sizes, write_report
 from bstune.search import run_study
 from bstune.spec import StudySpec, load_spec
 from bstune.trials import TrialTable, from_study
@@ -98,7 +98,7 @@ def assert_real_plot(png: bytes, what: str) -> None:
 def test_study_gives_the_analysis_what_it_needs(report_study: ReportStudy) -> None:
     table, a = report_study.table, report_study.analysis
     assert table.batch_sizes() == [16, 32, 64]
-    assert sum(o.fitted and o.bracketed for o in a.per_batch) >= 2, a.format_table()
+    assert sum(o.fitted and o.bracketed for o in a.per_batch) >= 2, format_analysis(a)
     assert report_study.report.rows, report_study.report.rows_error
 
 

@@ -25,7 +25,7 @@ from bstune.search.space import SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
 from bstune.spec import StudySpec
 from bstune.stores import check_storage, grace_seconds, load_study, open_storage
-from bstune.tracking import Tracker
+from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker
 from bstune.train import Dataset, pick_device, plan, train_config
 from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
@@ -223,7 +223,7 @@ def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = Fal
     summary = summarize(table, spent, stop_reason)
     if close:
         opened.tracker.close_study_run(opened.parent_run_id, summary,
-                                       status=status or ("KILLED" if interrupted else "FINISHED"))
+                                       status=status or (RUN_KILLED if interrupted else RUN_FINISHED))
     return StudyResult(opened.spec.name, table, spent, stop_reason, opened.parent_run_id, interrupted,
                        trials_run, summary)
 

@@ -32,6 +32,7 @@ from bstune.search.status import worker_id
 from bstune.search.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
 from bstune.spec import StudySpec
 from bstune.stores import grace_seconds
+from bstune.tracking import RUN_FAILED
 from bstune.trials import Attr, exhausted, tally
 
 
@@ -140,7 +141,7 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
     codes = [proc.returncode for proc in procs]
     error = (f"the workers stopped before the budget was spent (exit codes {codes}); see their output above, "
              f"then run the same command to resume")
-    result = finish_study(opened, "workers stopped early", trials_run=ran, status="FAILED")
+    result = finish_study(opened, "workers stopped early", trials_run=ran, status=RUN_FAILED)
     return Launched(result, error, exit_code=2 if 2 in codes else 1)
 
 

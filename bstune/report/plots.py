@@ -19,11 +19,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from bstune.analysis import Analysis
-from bstune.trials import FAILED_STATES, TrialRecord, TrialTable, short_count
+from bstune.trials import FAILED_STATES, State, TrialRecord, TrialTable, short_count
 
 DPI = 100
 _FORM_STYLE = {"power": "-.", "linear": "--", "sqrt": ":", "saturating": (0, (5, 1, 1, 1, 1, 1))}
-_STATE_COLOURS = {"COMPLETE": "#4c72b0", "PRUNED": "#b0b0b0", "DIVERGED": "#c44e52", "failed": "#333333"}
+_FAILED = "failed"  # every state of FAILED_STATES, drawn alike
+_STATE_COLOURS = {State.COMPLETE: "#4c72b0", State.PRUNED: "#b0b0b0", State.DIVERGED: "#c44e52",
+                  _FAILED: "#333333"}
 
 
 def png(fig: Figure) -> bytes:
@@ -54,7 +56,7 @@ def lr_vs_batch(analysis: Analysis, table: TrialTable, extra: Sequence[tuple[int
     sizes = table.batch_sizes()
     grid = np.geomspace(min(sizes) / 1.5, max(sizes) * 1.5, 200)
     done = table.completed()
-    diverged = [r for r in table.records if r.state == "DIVERGED"]
+    diverged = [r for r in table.records if r.state == State.DIVERGED]
     for ax, effective in zip(axes, (False, True), strict=True):
         what = "effective lr = lr / (1 - m)" if effective else "learning rate lr"
         get = (lambda r: r.effective_lr) if effective else (lambda r: r.lr)
@@ -62,12 +64,12 @@ def lr_vs_batch(analysis: Analysis, table: TrialTable, extra: Sequence[tuple[int
                    label="completed trials", zorder=2)
         if diverged:
             ax.scatter([r.batch_size for r in diverged], [get(r) for r in diverged], s=30, marker="x",
-                       color=_STATE_COLOURS["DIVERGED"], label="diverged trials", zorder=2)
+                       color=_STATE_COLOURS[State.DIVERGED], label="diverged trials", zorder=2)
         edges = [(o.batch_size, o.max_stable_effective_lr if effective else o.max_stable_lr)
                  for o in analysis.per_batch]
         edges = [(b, v) for b, v in edges if v is not None]
         if edges:
-            ax.plot(*zip(*edges, strict=True), marker="v", ls=":", color=_STATE_COLOURS["DIVERGED"], ms=8,
+            ax.plot(*zip(*edges, strict=True), marker="v", ls=":", color=_STATE_COLOURS[State.DIVERGED], ms=8,
                     label="max stable lr (edge)", zorder=3)
         fitted = [o for o in analysis.per_batch if o.fitted]
         for bracketed in (True, False):
@@ -130,15 +132,15 @@ def objective_map(analysis: Analysis, table: TrialTable) -> Figure:
     sizes = table.batch_sizes()
     colours = batch_colours(sizes)
     metric = table.metric
-    done = [r for r in table.records if r.state == "COMPLETE" and _finite(r.value)]
+    done = [r for r in table.records if r.state == State.COMPLETE and _finite(r.value)]
     values = np.array([r.value for r in done], dtype=float)
     minimize = table.direction == "minimize"
     lo_v, hi_v = _colour_range(values, minimize)
     norm = Normalize(lo_v, hi_v)
     cmap = "viridis_r" if minimize else "viridis"  # better trials are the brighter ones
-    groups: dict[str, list[TrialRecord]] = {"PRUNED": [], "DIVERGED": [], "failed": []}
+    groups: dict[str, list[TrialRecord]] = {State.PRUNED: [], State.DIVERGED: [], _FAILED: []}
     for r in table.records:
-        key = "failed" if r.state in FAILED_STATES else r.state
+        key = _FAILED if r.state in FAILED_STATES else r.state
         if key in groups:
             groups[key].append(r)
 
@@ -148,12 +150,12 @@ def objective_map(analysis: Analysis, table: TrialTable) -> Figure:
     sc = ax.scatter([x(r) for r in done], [r.lr for r in done], c=values, cmap=cmap, norm=norm, s=46,
                     edgecolor="black", lw=0.4, label="completed (colour: final value)", zorder=3)
     fig.colorbar(sc, ax=ax, label=f"final {metric} (clipped at the {'90th' if minimize else '10th'} percentile)")
-    ax.scatter([x(r) for r in groups["PRUNED"]], [r.lr for r in groups["PRUNED"]], marker="^", s=36,
+    ax.scatter([x(r) for r in groups[State.PRUNED]], [r.lr for r in groups[State.PRUNED]], marker="^", s=36,
                facecolor="white", edgecolor="#707070", label="pruned", zorder=3)
-    ax.scatter([x(r) for r in groups["DIVERGED"]], [r.lr for r in groups["DIVERGED"]], marker="X", s=60,
-               color=_STATE_COLOURS["DIVERGED"], label="diverged", zorder=3)
-    if groups["failed"]:
-        ax.scatter([x(r) for r in groups["failed"]], [r.lr for r in groups["failed"]], marker="+", s=60,
+    ax.scatter([x(r) for r in groups[State.DIVERGED]], [r.lr for r in groups[State.DIVERGED]], marker="X", s=60,
+               color=_STATE_COLOURS[State.DIVERGED], label="diverged", zorder=3)
+    if groups[_FAILED]:
+        ax.scatter([x(r) for r in groups[_FAILED]], [r.lr for r in groups[_FAILED]], marker="+", s=60,
                    color="black", label="failed / OOM", zorder=3)
     fitted = [o for o in analysis.per_batch if o.fitted]
     if fitted:
@@ -169,18 +171,18 @@ def objective_map(analysis: Analysis, table: TrialTable) -> Figure:
     ax.grid(True, alpha=0.3)
 
     # the valleys; pruned trials at their last value, diverged ones along the worst edge
-    shown = [r.value for r in table.records if r.state in ("COMPLETE", "PRUNED") and _finite(r.value)]
+    shown = [r.value for r in table.records if r.state in (State.COMPLETE, State.PRUNED) and _finite(r.value)]
     worst = _valley_worst(np.array(shown, dtype=float), minimize)
     for b, group in table.by_batch_size().items():
-        rs = sorted((r for r in group if r.state == "COMPLETE" and _finite(r.value)), key=lambda r: r.effective_lr)
+        rs = sorted((r for r in group if r.state == State.COMPLETE and _finite(r.value)), key=lambda r: r.effective_lr)
         ax2.plot([r.effective_lr for r in rs], [r.value for r in rs], marker="o", ms=5, lw=1, color=colours[b],
                  label=f"B={b}")
-        pr = [r for r in group if r.state == "PRUNED" and _finite(r.value)]
+        pr = [r for r in group if r.state == State.PRUNED and _finite(r.value)]
         ax2.scatter([r.effective_lr for r in pr], [min(r.value, worst) if minimize else r.value for r in pr],
                     marker="^", s=30, facecolor="white", edgecolor=colours[b], zorder=3)
-        dv = [r for r in group if r.state == "DIVERGED"]
+        dv = [r for r in group if r.state == State.DIVERGED]
         ax2.scatter([r.effective_lr for r in dv], [worst] * len(dv), marker="X", s=50, color=colours[b],
-                    edgecolor=_STATE_COLOURS["DIVERGED"], zorder=3)
+                    edgecolor=_STATE_COLOURS[State.DIVERGED], zorder=3)
     ax2.set_xscale("log")
     _plain_numbers(ax2.xaxis)
     if minimize and len(shown) and min(shown) > 0:
@@ -192,7 +194,7 @@ def objective_map(analysis: Analysis, table: TrialTable) -> Figure:
     ax2.set_title(f"Final {metric} vs effective lr, per batch size")
     handles, labels = ax2.get_legend_handles_labels()
     handles += [Line2D([], [], marker="^", ls="", mfc="white", mec="#707070", label="pruned (last value)"),
-                Line2D([], [], marker="X", ls="", color="#9a9a9a", mec=_STATE_COLOURS["DIVERGED"],
+                Line2D([], [], marker="X", ls="", color="#9a9a9a", mec=_STATE_COLOURS[State.DIVERGED],
                        label=f"diverged (drawn at the {'top' if minimize else 'bottom'})")]
     _legend_below(ax2, handles=handles, ncol=4)
     ax2.grid(True, which="major", alpha=0.3)
@@ -288,7 +290,7 @@ def budget_and_curves(analysis: Analysis, table: TrialTable) -> Figure:
         amount, unit = (lambda r: 1), "trials"
     bottom = np.zeros(len(sizes))
     for state, colour in _STATE_COLOURS.items():
-        spent = np.array([sum(amount(r) for r in rs if (r.state in FAILED_STATES if state == "failed"
+        spent = np.array([sum(amount(r) for r in rs if (r.state in FAILED_STATES if state == _FAILED
                                                         else r.state == state)) for rs in groups.values()],
                          dtype=float)
         if spent.any():

@@ -1,0 +1,264 @@
+"""``analyze``: from a TrialTable to an Analysis, one batch size at a time and then across them.
+
+Per batch size: counts, the best trial and the divergence edge (``_batch_optimum``); its valley fitted alone
+(``valley.fit_valley``) and with the other batch sizes (``pooled.pooled_valleys``); the optimum filled in from
+the fit that places it best (``fill_optimum``). Across batch sizes: the forms of lr*(B) and B_noise
+(``laws``), and the steps to a target (``steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from bstune.analysis.laws import estimate_b_noise, fit_forms
+from bstune.analysis.pooled import pooled_valleys
+from bstune.analysis.results import (
+    Analysis,
+    BatchOptimum,
+    Interval,
+    LawFit,
+    format_number,
+    is_int,
+    quantile_interval,
+)
+from bstune.analysis.steps import steps_fit
+from bstune.analysis.valley import Valley, fit_valley, valley_points
+from bstune.errors import BstuneError
+from bstune.trials import FAILED_STATES, State, TrialRecord, TrialTable
+
+
+def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200, seed: int = 0,
+            min_trials: int = 4) -> Analysis:
+    """Fit the optimum per batch size, how it moves with B, and the steps to ``target`` (see the package doc).
+
+    ``target``: the objective value for the steps fit. Default: start from the fitted optimum value (the
+    smooth fit's, not a noisy best epoch) that 3/4 of the batch sizes reach, and give back 10% of the way
+    to the median first-epoch value; e.g. loss 0.30 at the optimum and 2.0 after one epoch give 0.47.
+    ``n_boot``: bootstrap resamples for every interval. ``min_trials``: completed trials a batch size needs
+    to be fitted on its own; fitted with the others (the usual case), 2 suffice and fewer than
+    ``min_trials`` are said in its status.
+    """
+    _check_arguments(table, target, n_boot, min_trials)
+    sign = 1.0 if table.direction == "minimize" else -1.0
+    rng = np.random.default_rng(seed)
+    warnings: list[str] = []
+    groups = table.by_batch_size()
+    if len(groups) < 2:
+        raise BstuneError(f"the trials cover one batch size (B={next(iter(groups))}); how lr* moves with B "
+                          "needs 2 or more (5 or more to tell the forms apart): run more trials, or list more "
+                          "batch sizes in the spec's search.batch_sizes")
+
+    done = {b: [r for r in rs if _is_complete(r)] for b, rs in groups.items()}
+    nan_done = sum(1 for rs in groups.values() for r in rs if r.state == State.COMPLETE and not _is_complete(r))
+    if nan_done:
+        warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
+    said: dict[int, list[str]] = {b: [] for b in groups}
+    per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, said[b])
+                 for b, rs in groups.items()]
+    _prefer_pooled(per_batch, groups, done, said, sign, n_boot, rng, min_trials)
+    warnings += [w for b in groups for w in said[b]]
+    if sum(o.fitted for o in per_batch) < 2:
+        found = ", ".join(f"B={b}: {len(done[b])}" for b in groups)
+        raise BstuneError(f"need at least 2 batch sizes that can be fitted (>= {min_trials} completed trials "
+                          "each, or >= 2 where the other batch sizes show the valley's shape); found "
+                          f"{found}; run more trials")
+    grad_noise = {b: _median_gns(rs) for b, rs in groups.items()}
+    laws = _LawFits.of(per_batch, warnings)
+    steps = steps_fit(table, groups, per_batch, sign, target, n_boot, rng, warnings)
+    return Analysis(per_batch=per_batch, fits=laws.fits, effective_fits=laws.effective_fits,
+                    preferred=laws.preferred, effective_preferred=laws.effective_preferred,
+                    criterion=laws.criterion, basis=laws.basis, b_noise=laws.b_noise,
+                    b_noise_interval=laws.b_noise_interval, steps=steps, grad_noise_scale=grad_noise,
+                    warnings=warnings, direction=table.direction, metric=table.metric,
+                    n_trials=len(table.records), n_boot=int(n_boot), min_trials=int(min_trials))
+
+
+def _check_arguments(table: TrialTable, target: float | None, n_boot: int, min_trials: int) -> None:
+    if not isinstance(table, TrialTable):
+        raise BstuneError(f"analyze() needs a TrialTable, got {type(table).__name__}")
+    if not table.records:
+        raise BstuneError("the trial table is empty: run a study first, or give a CSV with one row per trial")
+    if not is_int(n_boot) or n_boot < 20:
+        raise BstuneError(f"n_boot must be an integer >= 20 (bootstrap resamples for the intervals), "
+                          f"got {n_boot!r}")
+    if not is_int(min_trials) or min_trials < 3:
+        raise BstuneError(f"min_trials must be an integer >= 3 (a quadratic needs 3 points), "
+                          f"got {min_trials!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not math.isfinite(target)):
+        raise BstuneError(f"target must be a finite number (the objective value to reach), got {target!r}")
+    _check_records(table.records)
+
+
+def _check_records(records: Sequence[TrialRecord]) -> None:
+    for r in records:
+        if not is_int(r.batch_size) or r.batch_size < 1:
+            raise BstuneError(f"trial {r.number}: batch_size must be a positive integer, "
+                              f"got {r.batch_size!r} (fix or drop that trial)")
+        if not (isinstance(r.lr, (int, float)) and math.isfinite(r.lr) and r.lr > 0):
+            raise BstuneError(f"trial {r.number}: lr must be > 0, got {r.lr!r} (fix or drop that trial)")
+        if not (isinstance(r.momentum, (int, float)) and 0 <= r.momentum < 1):
+            raise BstuneError(f"trial {r.number}: momentum must lie in [0, 1), got {r.momentum!r} "
+                              "(fix or drop that trial)")
+
+
+def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+                   done: dict[int, list[TrialRecord]], said: dict[int, list[str]], sign: float, n_boot: int,
+                   rng: np.random.Generator, min_trials: int) -> None:
+    """Replace each batch size's own fit (in place, with what it says) by the joint one where there is one.
+
+    The joint fit places batch sizes with only 2-3 completed trials, and the separate 2-D fits wobble with
+    the momenta drawn unless each valley holds many trials (benchmarks/SEARCH.md). Not where the joint fit's
+    optimum is only a bound and the batch size's own fit is bracketed."""
+    pooled = pooled_valleys(done, sign, n_boot, rng)
+    for i, o in enumerate(per_batch):
+        if o.batch_size not in pooled:
+            continue
+        joint, notes = dataclasses.replace(o), []
+        fill_optimum(joint, pooled[o.batch_size], groups[o.batch_size], sign, notes)
+        if o.bracketed and not joint.bracketed:
+            continue
+        if joint.n_complete < min_trials:
+            joint.status = joint.status.replace("fitted", f"fitted from {o.n_complete} completed trials and the "
+                                                "valley shape of the other batch sizes", 1)
+        per_batch[i], said[o.batch_size] = joint, notes
+
+
+@dataclasses.dataclass
+class _LawFits:
+    """The forms of lr*(B) and of the effective lr*(B) over the bracketed optima, and B_noise."""
+
+    criterion: str
+    fits: dict[str, LawFit] = dataclasses.field(default_factory=dict)
+    effective_fits: dict[str, LawFit] = dataclasses.field(default_factory=dict)
+    preferred: str | None = None
+    effective_preferred: str | None = None
+    basis: str = "effective"
+    b_noise: float | None = None
+    b_noise_interval: Interval | None = None
+
+    @classmethod
+    def of(cls, per_batch: list[BatchOptimum], warnings: list[str]) -> _LawFits:
+        used = [o for o in per_batch if o.fitted and o.bracketed]
+        out = cls(criterion="AICc" if len(used) >= 5 else "AIC")
+        if len(used) < 2:
+            warnings.append("fewer than 2 batch sizes have a bracketed optimum: no lr*(B) fits (see the "
+                            "warnings above)")
+            return out
+        if len(used) < 5:
+            warnings.append(f"only {len(used)} batch sizes have a bracketed optimum: the forms are compared "
+                            "by AIC and hardly told apart; measure 5 or more batch sizes")
+        sizes = np.array([o.batch_size for o in used], dtype=float)
+        out.fits, out.preferred = fit_forms(sizes, np.stack([o._log2_lr for o in used], axis=1), out.criterion)
+        out.effective_fits, out.effective_preferred = fit_forms(
+            sizes, np.stack([o._log2_eff for o in used], axis=1), out.criterion)
+        # SGD's valley follows the effective lr, Adam's the plain one: use whichever the forms describe better
+        if out.fits[out.preferred].rms_log2 < out.effective_fits[out.effective_preferred].rms_log2 - 1e-9:
+            out.basis = "lr"
+        if out.basis == "effective":
+            chosen, chosen_form = out.effective_fits, out.effective_preferred
+        else:
+            chosen, chosen_form = out.fits, out.preferred
+        out.b_noise, out.b_noise_interval = estimate_b_noise(chosen, chosen_form, out.basis, sizes, warnings)
+        return out
+
+
+def _is_complete(r: TrialRecord) -> bool:
+    return r.state == State.COMPLETE and r.value is not None and math.isfinite(r.value)
+
+
+def _median_gns(records: Sequence[TrialRecord]) -> float | None:
+    vals = [g for g in (r.grad_noise_scale for r in records) if g is not None and math.isfinite(g)]
+    return float(np.median(vals)) if vals else None
+
+
+# ------------------------------------------------------------------------------------ per-batch optimum
+
+
+def _batch_optimum(b: int, records: list[TrialRecord], done: list[TrialRecord], sign: float, n_boot: int,
+                   rng: np.random.Generator, min_trials: int, warnings: list[str]) -> BatchOptimum:
+    # a COMPLETE trial without a finite value blew up: it counts as diverged
+    diverged = [r for r in records
+                if r.state == State.DIVERGED or (r.state == State.COMPLETE and not _is_complete(r))]
+    stable = [r for r in records if r.state == State.PRUNED or _is_complete(r)]
+    best = min(done, key=lambda r: sign * float(r.value or 0.0)) if done else None
+    out = BatchOptimum(
+        batch_size=b, n_complete=len(done), n_pruned=sum(r.state == State.PRUNED for r in records),
+        n_diverged=len(diverged), n_failed=sum(r.state in FAILED_STATES for r in records),
+        best_lr=best.lr if best else None, best_momentum=best.momentum if best else None,
+        best_value=best.value if best else None, status=f"too few trials ({len(done)} < {min_trials})",
+        max_stable_lr=_max_stable([r.lr for r in stable], [r.lr for r in diverged]),
+        max_stable_effective_lr=_max_stable([r.effective_lr for r in stable],
+                                            [r.effective_lr for r in diverged]),
+    )
+    if len(done) < min_trials:
+        return out
+    fill_optimum(out, fit_valley(*valley_points(done, sign, n_boot, rng)), records, sign, warnings)
+    return out
+
+
+def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign: float,
+                 warnings: list[str]) -> None:
+    """Fill in ``out`` from the valley fit ``v`` of its batch size: the optimum, its intervals, the bracket."""
+    b = out.batch_size
+    lx, lu = v.log2_lr, v.log2_one_minus_m
+    leff = lx - lu
+    out.lr, out.lr_interval = float(2.0 ** lx[0]), quantile_interval(2.0 ** lx[1:])
+    out.momentum, out.momentum_interval = float(1.0 - 2.0 ** lu[0]), quantile_interval(1.0 - 2.0 ** lu[1:])
+    out.effective_lr, out.effective_lr_interval = float(2.0 ** leff[0]), quantile_interval(2.0 ** leff[1:])
+    # a sparsely sampled valley's fitted bottom can overshoot what any trial reached (even to a negative
+    # loss): the value reported is never better than the best trial's (the steps target keeps the fit's)
+    out._fit_value = sign * v.value
+    out.value = sign * max(v.value, sign * float(out.best_value)) if out.best_value is not None else out._fit_value
+    out.fit, out.n_window = v.kind, v.n_window
+    out._log2_lr, out._log2_eff = lx, leff
+    below, above = _bracket(records, sign, v, lx[0], leff[0])
+    out.bracketed = below and above
+    out.status = "fitted"
+    if not out.bracketed:
+        side = "either side" if not (below or above) else "lower lr" if not below else "higher lr"
+        out.status = f"fitted, not bracketed (no worse trials at {side})"
+        warnings.append(f"B={b}: the optimum is not bracketed: no trial more than half an octave away at "
+                        f"{side} is clearly worse, so lr* is only a bound; B={b} is left out of the lr*(B) "
+                        f"fits (extend the lr range to {side})")
+    if out.max_stable_effective_lr is not None and leff[0] > math.log2(out.max_stable_effective_lr) - 0.5:
+        warnings.append(f"B={b}: the fitted effective lr* is within half an octave of the divergence edge "
+                        f"({format_number(out.max_stable_effective_lr)}); the valley's right wall is cut off by "
+                        "divergence")
+    near = [r for r in records
+            if r.state in (State.PRUNED, State.COMPLETE) and abs(math.log2(r.effective_lr) - leff[0]) <= 0.5]
+    if len(near) >= 4 and sum(r.state == State.PRUNED for r in near) > len(near) / 2:
+        warnings.append(f"B={b}: most trials within half an octave of the fitted effective lr* were pruned; "
+                        "the pruner may be cutting into the valley (give it more warm-up epochs)")
+
+
+def _bracket(records: list[TrialRecord], sign: float, v: Valley, log2_lr: float,
+             log2_eff: float) -> tuple[bool, bool]:
+    """Whether some trial more than half an octave below, and some above, the optimum is clearly worse:
+    pruned, diverged, or completed more than twice the fit's residual RMS above the fitted optimum value.
+    Checked in the coordinate the fit used (either one for the 2-D fit; across the floor, at the trial's own
+    momentum, for the pooled fit)."""
+    worse = [r for r in records if r.state in (State.PRUNED, State.DIVERGED)
+             or (r.state == State.COMPLETE and (not _is_complete(r) or sign * r.value > v.value + 2.0 * v.noise))]
+    offsets = []
+    if v.tilt is not None:  # distance from the floor at the trial's own momentum
+        offsets.append(np.log2([r.lr for r in worse]) - log2_lr
+                       - v.tilt * (np.log2([1.0 - r.momentum for r in worse]) - float(v.log2_one_minus_m[0])))
+    elif v.kind in ("1d-lr", "2d"):
+        offsets.append(np.log2([r.lr for r in worse]) - log2_lr)
+    if v.tilt is None and v.kind in ("1d-effective", "2d"):
+        offsets.append(np.log2([r.effective_lr for r in worse]) - log2_eff)
+    return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
+
+
+def _max_stable(stable: list[float], diverged: list[float]) -> float | None:
+    """The largest lr that did not diverge, below the smallest that did (None without a divergence)."""
+    if not diverged:
+        return None
+    edge = min(diverged)
+    below = [lr for lr in stable if lr < edge]
+    return max(below) if below else None

@@ -1,0 +1,135 @@
+"""How lr* moves with B: the four forms fitted in log2 space, compared by AICc, and B_noise.
+
+"power" a B^alpha, "linear" (alpha = 1), "sqrt" (alpha = 1/2) and "saturating" lr_max / (1 + B_noise / B),
+each fitted to every bootstrap replicate of the per-batch optima at once (the rows), weighted by the
+optima's interval widths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bstune.analysis.results import FORMS, SIGMA_FLOOR, Interval, LawFit, law_log2, quantile_interval
+
+_FIXED_ALPHA = {"linear": 1.0, "sqrt": 0.5}
+_GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
+_GRID_STEP = 0.02
+SUPPORT_MARGIN = 1.0  # octaves beyond the measured batch sizes where B_noise or B_crit is still reported
+_REJECT_DELTA = 10.0  # AICc difference at which the saturating form is rejected and no B_noise is given
+
+
+def fit_forms(sizes: np.ndarray, rows: np.ndarray, criterion: str) -> tuple[dict[str, LawFit], str]:
+    """Fit every form to log2 lr*; ``rows``: the point estimates, then the bootstrap replicates (one
+    column per batch size). Returns the fits and the preferred form."""
+    logb = np.log2(sizes)
+    spread = (np.quantile(rows[1:], 0.84, axis=0) - np.quantile(rows[1:], 0.16, axis=0)) / 2.0
+    sigma = np.maximum(spread, max(SIGMA_FLOOR, 0.25 * float(np.median(spread))))
+    w = 1.0 / sigma**2
+    w = w / w.mean()
+    fits = {form: _fit_form(form, logb, rows, w, criterion) for form in FORMS}
+    best = min(f.aicc for f in fits.values())
+    total = sum(math.exp(-(f.aicc - best) / 2.0) for f in fits.values())
+    for f in fits.values():
+        f.delta = f.aicc - best
+        f.weight = math.exp(-f.delta / 2.0) / total
+    preferred = min(fits.values(), key=lambda f: f.aicc).form
+    return fits, preferred
+
+
+def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, criterion: str) -> LawFit:
+    """One form fitted to every row (weights ``w`` per batch size, mean 1), scored on row 0."""
+    n = len(logb)
+    wsum = w.sum()
+    note = ""
+    if form == "power":
+        xm = (w * logb).sum() / wsum
+        ym = (rows * w).sum(axis=1) / wsum
+        alpha = ((rows - ym[:, None]) * w * (logb - xm)).sum(axis=1) / (w * (logb - xm) ** 2).sum()
+        params = np.stack([ym - alpha * xm, alpha], axis=1)
+    elif form in _FIXED_ALPHA:
+        a = _FIXED_ALPHA[form]
+        params = np.stack([((rows - a * logb) * w).sum(axis=1) / wsum, np.full(len(rows), a)], axis=1)
+    else:
+        c, t, edge = profile_saturating(logb, rows, w)
+        params = np.stack([c, t], axis=1)
+        if edge[0] > 0:
+            note = "B_noise at the top of the search range: lr* shows no saturation"
+        elif edge[0] < 0:
+            note = "B_noise at the bottom of the search range: lr* is flat"
+    resid = rows[0] - law_log2(form, params[:1], logb)[0]
+    k = (1 if form in _FIXED_ALPHA else 2) + 1  # + the residual variance
+    var = max(float((w * resid**2).sum()) / n, 1e-4)  # no fit is better than 0.01 octave
+    score = n * math.log(var) + 2 * k
+    if criterion == "AICc":
+        score += 2 * k * (k + 1) / (n - k - 1)
+    fit = LawFit(form=form, params={}, intervals={}, rms_log2=float(np.sqrt(np.mean(resid**2))),
+                 aicc=score, n_points=n, n_params=k - 1, note=note, _rows=params)
+    boot = params[1:]
+    if form == "saturating":
+        c_boot = np.where(edge[1:] > 0, np.inf, boot[:, 0])  # no saturation: lr_max unbounded too
+        fit.params = {"lr_max": float(2.0 ** params[0, 0]), "b_noise": float(2.0 ** params[0, 1])}
+        fit.intervals = {"lr_max": quantile_interval(2.0**c_boot),
+                         "b_noise": quantile_interval(2.0 ** infinite_at_edges(t[1:], edge[1:]))}
+    else:
+        fit.params = {"a": float(2.0 ** params[0, 0]), "alpha": float(params[0, 1])}
+        fit.intervals = {"a": quantile_interval(2.0 ** boot[:, 0])}
+        if form == "power":
+            lo, hi = quantile_interval(boot[:, 1])
+            fit.intervals["alpha"] = (lo, hi)
+            fit.contains_linear, fit.contains_sqrt = bool(lo <= 1.0 <= hi), bool(lo <= 0.5 <= hi)
+    return fit
+
+
+def profile_saturating(logb: np.ndarray, rows: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Fit rows ~ c - log2(1 + 2^t / B) for every row: t on a grid (c profiled out in closed form), refined
+    by a parabola through the three best grid points. Returns c, t and edge (-1/+1: t at the grid's end)."""
+    grid = np.arange(logb.min() - _GRID_MARGIN, logb.max() + _GRID_MARGIN + _GRID_STEP / 2, _GRID_STEP)
+    g = -np.logaddexp2(0.0, grid[:, None] - logb[None, :])  # (T, n)
+    wsum = w.sum()
+    swy = rows @ w
+    swg = g @ w
+    sse = ((rows**2) @ w)[:, None] - 2.0 * (rows * w) @ g.T + ((g**2) @ w)[None, :] \
+        - (swy[:, None] - swg[None, :]) ** 2 / wsum
+    k = sse.argmin(axis=1)
+    last = len(grid) - 1
+    kk = np.clip(k, 1, last - 1)
+    r = np.arange(len(k))
+    s0, s1, s2 = sse[r, kk - 1], sse[r, kk], sse[r, kk + 1]
+    denom = s0 - 2.0 * s1 + s2
+    inner = (k > 0) & (k < last) & (denom > 0)
+    shift = np.where(inner, np.clip(0.5 * (s0 - s2) / np.where(denom > 0, denom, 1.0), -1.0, 1.0), 0.0)
+    t = grid[k] + shift * _GRID_STEP
+    c = ((rows + np.logaddexp2(0.0, t[:, None] - logb[None, :])) * w).sum(axis=1) / wsum
+    edge = np.where(k == 0, -1, np.where(k == last, 1, 0))
+    return c, t, edge
+
+
+def infinite_at_edges(t: np.ndarray, edge: np.ndarray) -> np.ndarray:
+    """log2 B_noise (or B_crit) replicates, with those stuck at the grid's ends sent to -inf / +inf."""
+    return np.where(edge > 0, np.inf, np.where(edge < 0, -np.inf, t))
+
+
+def estimate_b_noise(fits: dict[str, LawFit], preferred: str, basis: str, sizes: np.ndarray,
+                     warnings: list[str]) -> tuple[float | None, Interval | None]:
+    """B_noise and its interval from the saturating fit, unless that form is rejected or puts B_noise
+    beyond the measured batch sizes (said in ``warnings``)."""
+    what = "the effective lr*" if basis == "effective" else "lr*"
+    sat = fits["saturating"]
+    t0 = math.log2(sat.params["b_noise"])
+    lo_b, hi_b = math.log2(sizes.min()), math.log2(sizes.max())
+    if sat.delta > _REJECT_DELTA:
+        warnings.append(f"the saturating form fits {what} much worse than the {preferred} form "
+                        f"(difference {sat.delta:.1f}): no B_noise estimate")
+        return None, None
+    if t0 > hi_b + SUPPORT_MARGIN:
+        warnings.append(f"{what} still grows at the largest batch size ({int(sizes.max())}): "
+                        f"no saturation seen, so B_noise is above ~{sat.intervals['b_noise'][0]:.0f}; "
+                        "measure larger batch sizes to locate it")
+        return None, None
+    if t0 < lo_b - SUPPORT_MARGIN:
+        warnings.append(f"{what} is flat across the measured batch sizes: B_noise is below the "
+                        f"smallest one ({int(sizes.min())}); measure smaller batch sizes to locate it")
+        return None, None
+    return sat.params["b_noise"], sat.intervals["b_noise"]

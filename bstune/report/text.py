@@ -1,0 +1,235 @@
+"""The analysis as text: the terminal table (``bstune analyze``), a recommendation (``bstune recommend``), and
+the report's sections about the analysis (Markdown and HTML tables).
+
+Two number styles: the terminal's (``format_number``, the one the analysis's own warnings and notes use;
+intervals as ``[lo, hi]``) and the report's table cells (``cell``; intervals as ``lo to hi``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from bstune.analysis import LEVEL, Analysis, Interval, LawFit, Recommendation, format_number
+
+# (title, a sentence, (column heads, rows) or None): one section of the report
+Table = tuple[list[str], list[list[str]]]
+Section = tuple[str, str, Table | None]
+
+
+# ------------------------------------------------------------------------------------------- terminal
+
+
+def format_recommendation(rec: Recommendation) -> str:
+    """A recommendation in a line, with its notes below."""
+    lo, hi = rec.lr_interval
+    what = "effective lr" if rec.basis == "effective" else "lr"
+    head = (f"B={rec.batch_size}: lr={format_number(rec.lr)} ({LEVEL:.0%} interval {format_number(lo)}-"
+            f"{format_number(hi)}), momentum={rec.momentum:.3g}, effective lr={format_number(rec.effective_lr)}  "
+            f"[{rec.form} fit of the {what}")
+    flags = [name for name, on in (("extrapolated", rec.extrapolated),
+                                   ("above critical", rec.above_critical)) if on]
+    head += (", " + ", ".join(flags) if flags else "") + "]"
+    return "\n".join([head] + [f"  - {n}" for n in rec.notes])
+
+
+def format_analysis(a: Analysis) -> str:
+    """A terminal table: per-batch optima, the fits, B_noise, steps to target, warnings."""
+    lines = _optimum_lines(a)
+    for title, fits, preferred in (("lr*(B)", a.fits, a.preferred),
+                                   ("effective lr*(B) = lr/(1-m)", a.effective_fits, a.effective_preferred)):
+        lines.append("")
+        lines += _fit_lines(a, title, fits, preferred)
+    lines.append("")
+    if a.b_noise is not None:
+        what = "effective lr" if a.basis == "effective" else "lr"
+        lines.append(f"Critical batch size B_noise ~ {a.b_noise:.0f} "
+                     f"{bracketed_interval(a.b_noise_interval, '.0f')} (saturating fit of the {what})")
+    else:
+        lines.append("Critical batch size B_noise: not supported by the data (see the warnings)")
+    lines += _steps_lines(a)
+    if a.warnings:
+        lines.append("")
+        lines.append("Warnings:")
+        lines.extend(f"  - {w}" for w in a.warnings)
+    return "\n".join(lines)
+
+
+def _optimum_lines(a: Analysis) -> list[str]:
+    lines = [f"Optimum per batch size ({a.direction} {a.metric}; {LEVEL:.0%} intervals from "
+             f"{a.n_boot} bootstrap resamples of the trials)"]
+    head = (f"{'B':>6} {'done':>5} {'prun':>5} {'div':>4} {'best lr':>9} {'lr*':>9} {'lr* interval':>21} "
+            f"{'m*':>6} {'eff lr*':>9} {'eff lr* interval':>21} {'value*':>9} {'max stable':>10} "
+            f"{'B_simple':>8}  status")
+    lines.append(head)
+    n = format_number
+    for o in a.per_batch:
+        lines.append(
+            f"{o.batch_size:>6} {o.n_complete:>5} {o.n_pruned:>5} {o.n_diverged:>4} {n(o.best_lr):>9} "
+            f"{n(o.lr):>9} {bracketed_interval(o.lr_interval):>21} {n(o.momentum):>6} {n(o.effective_lr):>9} "
+            f"{bracketed_interval(o.effective_lr_interval):>21} {n(o.value):>9} {n(o.max_stable_lr):>10} "
+            f"{n(a.grad_noise_scale.get(o.batch_size)):>8}  {o.status}"
+        )
+    return lines
+
+
+def _fit_lines(a: Analysis, title: str, fits: dict[str, LawFit], preferred: str | None) -> list[str]:
+    if not fits:
+        return [f"Fits of {title}: none (fewer than 2 batch sizes with an optimum)"]
+    lines = [f"Fits of {title} (log2 space, weighted by the interval widths; {a.criterion}, lower is better)",
+             f"  {'form':<11} {'parameters':<62} {'rms(oct)':>8} {a.criterion:>8} {'d' + a.criterion:>8} "
+             f"{'weight':>6}"]
+    for f in fits.values():
+        mark = "  <- preferred" if f.form == preferred else ""
+        if f.form == preferred and (fits is a.effective_fits) == (a.basis == "effective"):
+            mark += ", used by recommend()"
+        lines.append(f"  {f.form:<11} {_law_params(f):<62} {f.rms_log2:>8.3f} {format_number(f.aicc):>8} "
+                     f"{f.delta:>8.1f} {f.weight:>6.2f}{mark}")
+    return lines
+
+
+def _steps_lines(a: Analysis) -> list[str]:
+    s = a.steps
+    if s is None:
+        return []
+    n = format_number
+    lines = ["", f"Steps to target ({a.metric} {'<=' if a.direction == 'minimize' else '>='} "
+             f"{s.target:.4g}, {s.target_rule}): S(B) = S_min (1 + B_crit/B)",
+             f"  {'B':>6} {'steps':>10} {'examples':>12} {'fit':>10} {'reached':>8}"]
+    for p in s.points:
+        pred = s.predict(p.batch_size)
+        bound = "<=" if p.upper_bound else ""  # reached by the first point: not fitted
+        lines.append(f"  {p.batch_size:>6} {bound + n(p.steps):>10} {bound + n(p.examples):>12} "
+                     f"{n(pred):>10} {p.n_reached:>4}/{p.n_curves:<3}")
+    if s.b_crit is not None:
+        lines.append(f"  S_min = {n(s.s_min)}  E_min = {n(s.e_min)}  B_crit = E_min/S_min = "
+                     f"{s.b_crit:.0f} {bracketed_interval(s.b_crit_interval, '.0f')}  rms {s.rms_log2:.3f} octaves")
+    else:
+        lines.append("  no B_crit: the fit puts it outside the measured batch sizes (see warnings)")
+    return lines
+
+
+def bracketed_interval(iv: Interval | None, fmt: str = ".3g") -> str:
+    """'[lo, hi]' ('-' for none)."""
+    if iv is None:
+        return "-"
+    return "[" + ", ".join(format(v, fmt) if math.isfinite(v) else "inf" for v in iv) + "]"
+
+
+def _law_params(f: LawFit) -> str:
+    p, iv = f.params, f.intervals
+    if f.form == "saturating":
+        text = (f"lr_max={format_number(p['lr_max'])} {bracketed_interval(iv['lr_max'])}  "
+                f"B_noise={p['b_noise']:.0f} {bracketed_interval(iv['b_noise'], '.0f')}")
+        return text + ("  (edge)" if f.note else "")
+    text = f"a={format_number(p['a'])} {bracketed_interval(iv['a'])}"
+    if f.form == "power":
+        yes = {True: "yes", False: "no"}
+        text += (f"  alpha={p['alpha']:.3f} {bracketed_interval(iv['alpha'], '.3f')}  "
+                 f"1 in: {yes[bool(f.contains_linear)]}, 0.5 in: {yes[bool(f.contains_sqrt)]}")
+    return text
+
+
+# --------------------------------------------------------------------------------------- report cells
+
+
+def cell(v: Any, fmt: str = ".3g") -> str:
+    """A number in a report table ('-' for none or non-finite)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, fmt)
+
+
+def interval_words(iv: Sequence[float] | None, fmt: str = ".3g") -> str:
+    """'lo to hi' ('-' for none)."""
+    if iv is None:
+        return "-"
+    return " to ".join(format(v, fmt) if math.isfinite(v) else "inf" for v in iv)
+
+
+def octaves(rule: float | None, lr: float) -> str:
+    """How many octaves a rule's lr lies from the preferred one."""
+    return "-" if rule is None else f"{math.log2(rule / lr):+.2f}"
+
+
+def duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.2f} s" if s < 60 else f"{s / 60:.1f} min" if s < 3600 else f"{s / 3600:.1f} h"
+
+
+def law_verdict(fits: dict[str, LawFit], preferred: str | None, criterion: str) -> str:
+    """The preferred form, and whether the linear and square-root rules are consistent with the power law."""
+    if not fits or preferred is None:
+        return "no fit: fewer than 2 batch sizes have a bracketed optimum"
+    power = fits["power"]
+    lo, hi = power.intervals["alpha"]
+    parts = [f"The {preferred} form fits best. The power law's exponent is alpha = {power.alpha:.2f} "
+             f"({LEVEL:.0%} interval {lo:.2f} to {hi:.2f})."]
+    for name, form, alpha, inside in (("Linear", "linear", 1.0, power.contains_linear),
+                                      ("Square-root", "sqrt", 0.5, power.contains_sqrt)):
+        verdict = "inside the interval (consistent)" if inside else "outside the interval (ruled out)"
+        parts.append(f"{name} rule (alpha = {alpha:g}): {verdict}, d{criterion} {fits[form].delta:.1f}.")
+    return " ".join(parts)
+
+
+def _law_params_cell(f: LawFit) -> str:
+    p, iv = f.params, f.intervals
+    if f.form == "saturating":
+        return (f"lr_max = {cell(p['lr_max'])} ({interval_words(iv['lr_max'])}), "
+                f"B_noise = {p['b_noise']:.0f} ({interval_words(iv['b_noise'], '.0f')})")
+    text = f"a = {cell(p['a'])} ({interval_words(iv['a'])})"
+    if f.form == "power":
+        text += f", alpha = {p['alpha']:.3f} ({interval_words(iv['alpha'], '.3f')})"
+    return text
+
+
+# ----------------------------------------------------------------------------------- report sections
+
+
+def law_sections(a: Analysis, law: dict[str, Any]) -> list[Section]:
+    """The fitted forms of lr*(B) and of the effective lr*(B), each with its verdict."""
+    out: list[Section] = []
+    for key, fits, title in (("lr", a.fits, "lr*(B)"), ("effective_lr", a.effective_fits,
+                                                         "effective lr*(B) = lr/(1 - m)")):
+        used = (key == "effective_lr") == (a.basis == "effective")
+        head = law[key]["verdict"] + (" These fits give the recommendations." if used and fits else "")
+        body = None
+        if fits:
+            body = (["form", "parameters", "rms (octaves)", a.criterion, f"d{a.criterion}", "weight"],
+                    [[f.form + (" (preferred)" if f.form == law[key]["preferred"] else ""), _law_params_cell(f),
+                      f"{f.rms_log2:.3f}", cell(f.aicc), f"{f.delta:.1f}", f"{f.weight:.2f}"] for f in fits.values()])
+        out.append((f"Fitted law: {title}", head, body))
+    return out
+
+
+def critical_section(a: Analysis) -> list[Section]:
+    if a.b_noise is None:
+        return []
+    return [("Critical batch size", f"B_noise ~ {a.b_noise:.0f} ({interval_words(a.b_noise_interval, '.0f')}), "
+             "from the saturating fit; above it, larger batches buy few fewer steps.", None)]
+
+
+def optimum_section(a: Analysis) -> Section:
+    opt = [[str(o.batch_size), str(o.n_complete), str(o.n_pruned), str(o.n_diverged), cell(o.lr),
+            interval_words(o.lr_interval), cell(o.momentum), cell(o.effective_lr), cell(o.value),
+            cell(o.max_stable_lr), o.status]
+           for o in a.per_batch]
+    return ("Optimum per batch size", "The fitted optimum of each batch size's valley (not the best trial).",
+            (["B", "completed", "pruned", "diverged", "lr*", "lr* interval", "m*", "effective lr*",
+              f"fitted {a.metric} at optimum", "max stable lr", "status"], opt))
+
+
+def steps_section(a: Analysis) -> list[Section]:
+    s = a.steps
+    if s is None:
+        return []
+    body = (["B", "steps", "examples", "fit", "trials reaching it"],
+            [[str(p.batch_size), cell(p.steps, ".0f") + (" (upper bound)" if p.upper_bound else ""),
+              cell(p.examples, ",.0f"), cell(s.predict(p.batch_size), ".0f"), f"{p.n_reached}/{p.n_curves}"]
+             for p in s.points])
+    crit = (f"S_min = {s.s_min:.0f}, E_min = {s.e_min:,.0f}, B_crit = {s.b_crit:.0f} "
+            f"({interval_words(s.b_crit_interval, '.0f')})" if s.b_crit is not None and s.s_min is not None and s.e_min
+            else "no B_crit (outside the measured batch sizes)")
+    return [("Steps to target", f"Target {a.metric} {s.target:.4g} ({s.target_rule}); {crit}.", body)]
