@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from bstune.errors import BstuneError
-from bstune.spec import DEFAULT_TRACKING_URI, StudySpec, load_spec
+from bstune.spec import DEFAULT_TRACKING_URI, Execution, StudySpec, load_spec
 
 if TYPE_CHECKING:
     from bstune.analysis import Analysis
@@ -64,9 +64,11 @@ def main() -> None:
     """
 
 
-def _spec(path: str, storage: str | None, tracking_uri: str | None) -> StudySpec:
+def _spec(path: str, storage: str | None, tracking_uri: str | None, fuse: int | None = None) -> StudySpec:
     spec = load_spec(path)
-    changes = {k: v for k, v in (("storage", storage), ("tracking_uri", tracking_uri)) if v}
+    changes: dict[str, object] = {k: v for k, v in (("storage", storage), ("tracking_uri", tracking_uri)) if v}
+    if fuse is not None:
+        changes["execution"] = Execution(fuse=fuse)
     return spec.with_overrides(**changes) if changes else spec
 
 
@@ -74,6 +76,10 @@ _storage_opt = click.option("--storage", metavar="URL", help="Optuna storage URL
 _tracking_opt = click.option("--tracking-uri", metavar="URI", help="MLflow tracking URI (overrides the spec's).")
 _study_opt = click.option("--study", "study_name", metavar="NAME",
                           help="The study's name in --storage (instead of SPEC).")
+_fuse_opt = click.option(
+    "--fuse", type=click.IntRange(min=1), metavar="K",
+    help="Train K trials of one batch size together as one stacked model (1: one at a time; default: the spec's "
+         "execution.fuse, else 8 for small dense models on a CPU, 16 on a GPU: see the README).")
 _target_opt = click.option("--target", type=float, help="Objective value for steps to target (default: from the data).")
 
 
@@ -94,10 +100,11 @@ def validate(spec_file: str) -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: CUDA if present).")
 @click.option("--workers", type=int, metavar="N", help="Run N worker processes at once (GPUs shared round-robin).")
 @click.option("--trials-per-device", type=int, metavar="K", help="Run K worker processes per GPU (CPU: K in all).")
+@_fuse_opt
 @_storage_opt
 @_tracking_opt
-def study(spec_file: str, device: str, workers: int | None, trials_per_device: int | None, storage: str | None,
-          tracking_uri: str | None) -> None:
+def study(spec_file: str, device: str, workers: int | None, trials_per_device: int | None, fuse: int | None,
+          storage: str | None, tracking_uri: str | None) -> None:
     """Run the study in SPEC (a YAML file) until its budget is spent.
 
     Running the same command again resumes the study: trials already run count against the budget,
@@ -106,7 +113,7 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
     """
     from bstune.search import ConsoleProgress, format_summary, launch, plan_workers, run_study
 
-    spec = _spec(spec_file, storage, tracking_uri)
+    spec = _spec(spec_file, storage, tracking_uri, fuse)
     plans = plan_workers(workers, trials_per_device, device)
     t0 = time.perf_counter()
     launched = launch(spec, spec_file, plans, click.echo) if len(plans) > 1 else None
@@ -116,7 +123,7 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
         result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective))
     click.echo(format_summary(result.table, result.spent, spec.budget, result.stop_reason, time.perf_counter() - t0))
     if result.interrupted:
-        click.echo("interrupted: the running trial is recorded as INTERRUPTED and queued again; "
+        click.echo("interrupted: the running trials are recorded as INTERRUPTED and queued again; "
                    "run the same command to resume", err=True)
         sys.exit(130)
     if launched and launched.error:
@@ -147,9 +154,10 @@ def _next_steps(spec_file: str, tracking_uri: str) -> str:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: CUDA if present).")
 @click.option("--index", type=int, metavar="I", help="This worker's number; it seeds the samplers (default: "
                                                      "from host and pid).")
+@_fuse_opt
 @click.option("--parent-pid", type=int, hidden=True)
 def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device: str, index: int | None,
-           parent_pid: int | None) -> None:
+           fuse: int | None, parent_pid: int | None) -> None:
     """Join a study that is running (from this machine or another) as one more worker.
 
     The study must exist: start it with `bstune study SPEC` (with --workers N for several local
@@ -157,7 +165,7 @@ def worker(spec_file: str, storage: str | None, tracking_uri: str | None, device
     """
     from bstune.search import check_device, run_worker
 
-    spec = _spec(spec_file, storage, tracking_uri)
+    spec = _spec(spec_file, storage, tracking_uri, fuse)
     check_device(device)
     code = run_worker(spec, device, index, parent_pid)
     if parent_pid:

@@ -105,11 +105,19 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Execution:
+    """How trials run (not what they measure: free to change when a study resumes)."""
+
+    fuse: int | None = None  # trials of one batch size trained together as one stacked model; None: by device
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     workload: Workload = field(default_factory=Workload)
     search: Search = field(default_factory=Search)
     budget: Budget = field(default_factory=Budget)
+    execution: Execution = field(default_factory=Execution)
     storage: str = DEFAULT_STORAGE
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "bstune"
@@ -163,11 +171,13 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
     workload = _workload(root.section("workload"))
     search = _search(root.section("search"), workload)
     budget = _budget(root.section("budget"))
+    execution = _execution(root.section("execution"))
     spec = StudySpec(
         name=name,
         workload=workload,
         search=search,
         budget=budget,
+        execution=execution,
         storage=root.str("storage", DEFAULT_STORAGE),
         tracking_uri=root.str("tracking_uri", DEFAULT_TRACKING_URI),
         experiment=root.str("experiment", "bstune"),
@@ -298,6 +308,15 @@ def _batch_sizes(s: _Section, default: tuple[int, ...]) -> tuple[int, ...]:
         return sizes
     s.fail("batch_sizes", f"must be a list of integers or {{min: M, max: N}}, got {raw!r}")
     raise AssertionError  # unreachable
+
+
+def _execution(s: _Section) -> Execution:
+    raw = s.raw("fuse", "auto")
+    if isinstance(raw, str) and raw != "auto":
+        s.fail("fuse", f"must be an integer >= 1 or auto, got {_show(raw)}")
+    fuse = None if raw == "auto" else s.int("fuse", None, minimum=1)
+    s.finish()
+    return Execution(fuse=fuse)
 
 
 def _budget(s: _Section) -> Budget:

@@ -13,12 +13,12 @@ from bstune.spec import load_spec
 from tests.conftest import write_spec
 
 RECORDED = Path(__file__).parent / "data" / "study_before_layout.json"
-# law sampler (pooled across batch sizes), median pruning, an lr range wide enough to diverge
+# law sampler (pooled across batch sizes), median pruning, an lr range wide enough to diverge; one trial at a time
 OVERRIDES = {"workload.dataset": "synthetic", "workload.n_train": 400, "workload.epochs": 3,
              "search.batch_sizes": [16, 32, 64], "search.lr": {"low": 0.003, "high": 30.0},
              "search.sampler": {"name": "law", "n_startup_trials": 1},
              "search.pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_epochs": 1},
-             "budget.trials": 12}
+             "budget.trials": 12, "execution.fuse": 1}
 
 
 def test_same_spec_and_seed_give_the_recorded_trials(tmp_path: Path) -> None:

@@ -216,10 +216,10 @@ def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
 # Killed and interrupted processes
 
 
-def _slow_spec(tmp_path: Path, trials: int = 4) -> Path:
+def _slow_spec(tmp_path: Path, trials: int = 4, fuse: int = 1) -> Path:
     # Trials of a few seconds each (4 on an idle machine), so a signal lands mid-trial.
     return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": 20, "search.batch_sizes": [16],
-                                   "search.pruner": "none", "budget.trials": trials})
+                                   "search.pruner": "none", "budget.trials": trials, "execution.fuse": fuse})
 
 
 def _start(path: Path) -> subprocess.Popen:
@@ -271,6 +271,45 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     _, _, children = _runs(spec)
     assert len(children) == 5 and not [r for r in children if r.info.status == "RUNNING"]
     assert {r.info.status for r in children if r.data.tags["bstune.state"] == "LOST"} == {"KILLED"}
+
+
+def test_sigkill_mid_group_loses_every_member_and_each_runs_again(tmp_path: Path) -> None:
+    path = _slow_spec(tmp_path, trials=4, fuse=2)
+    spec = load_spec(path)
+    proc = _start(path)
+    _wait_for_running_trial(spec, proc, min_done=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = sorted(t.number for t in _study(spec).trials if t.state == TrialState.RUNNING)
+    assert len(killed) == 2, "the second group of two was training"
+    time.sleep(2 * spec.heartbeat_seconds + 1)  # the heartbeats go stale
+    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = _study(spec).trials
+    states = {t.number: trial_state(t) for t in trials}
+    assert sorted(n for n, s in states.items() if s == "LOST") == killed
+    retries = sorted(t.user_attrs["bstune.retry_of"] for t in trials if "bstune.retry_of" in t.user_attrs)
+    assert retries == killed and len(trials) == 6
+    assert sorted(states.values()).count("COMPLETE") == 4, "exactly the requested trials: none lost, none twice"
+
+
+def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
+    path = _slow_spec(tmp_path, trials=4, fuse=2)  # groups of two: at most half the batch size's share at once
+    spec = load_spec(path)
+    proc = _start(path)
+    _wait_for_running_trial(spec, proc, min_done=0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert [trial_state(t) for t in _study(spec).trials if t.state.is_finished()] == ["INTERRUPTED"] * 2
+    _, parents, children = _runs(spec)
+    assert parents[0].info.status == "KILLED" and {r.info.status for r in children} == {"KILLED"}
+    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    states = [trial_state(t) for t in _study(spec).trials]
+    assert sorted(states) == ["COMPLETE"] * 4 + ["INTERRUPTED"] * 2
 
 
 def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:

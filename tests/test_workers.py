@@ -44,7 +44,8 @@ def stores(tmp_path: Path) -> Stores:
 def _spec(tmp_path: Path, stores: Stores, **overrides: Any) -> tuple[Path, StudySpec]:
     # The URLs go on the command line, not in the spec file: the file is the user's and may hold anything.
     # Heartbeats of 3 s (not 1): on a loaded 2-core machine a live worker can miss 2 s of them.
-    path = write_spec(tmp_path, heartbeat_seconds=3, **overrides)
+    # One trial at a time per worker unless a test says otherwise: these tests count trials in flight.
+    path = write_spec(tmp_path, heartbeat_seconds=3, **{"execution.fuse": 1, **overrides})
     return path, load_spec(path).with_overrides(storage=stores.storage, tracking_uri=stores.tracking_uri)
 
 
@@ -163,7 +164,7 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
     """Workers stop taking trials once the recorded spend reaches the budget."""
     per_trial = 3 * 800  # epochs x training examples (1000, less 20% for validation); no pruning
     budget = 2 * per_trial + 1
-    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 1000, "search.pruner": "none",
+    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 1000, "search.pruner": "none", "execution.fuse": 2,
                                             "budget": {"trials": None, "examples": budget}})
     run = subprocess.run(_cmd(stores, "study", str(path), "--workers", "2"), cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
@@ -172,8 +173,8 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
     assert all(t.state.is_finished() for t in trials)
     assert {t.user_attrs["examples_seen"] for t in trials} == {per_trial}
     spent = tally(trials)
-    # A worker takes a trial only while the recorded spend is under the budget; the 2 workers' trials in
-    # flight at that moment may each add a whole trial.
+    # A worker takes trials (groups of up to 2) only while the recorded spend and what its trials in flight
+    # will spend are under the budget; the 2 workers' groups in flight at that moment may each add a trial.
     assert budget <= spent.examples < budget + 2 * per_trial
     assert "example limit reached" in run.stdout
     sizes = Counter(t.params["batch_size"] for t in trials)

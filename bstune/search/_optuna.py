@@ -7,7 +7,9 @@ private `_BracketStudy`). bstune needs all three; if an Optuna release changes t
 
 from __future__ import annotations
 
-from collections.abc import Container
+import warnings
+from collections.abc import Container, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -109,3 +111,26 @@ def batch_size_view(study: optuna.Study, batch_size: int, trial: FrozenTrial | N
         study_name=study.study_name, storage=storage,  # type: ignore[arg-type]
         sampler=sampler or optuna.samplers.RandomSampler(), pruner=pruner or optuna.pruners.NopPruner(),
     )
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """A new trial; its heartbeat is recorded by `heartbeats` (Optuna warns that only `optimize` does that)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask()
+
+
+@contextmanager
+def heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
+    """Record each trial's heartbeat while the block runs (as `optimize` does for its one trial), so a worker
+    that dies mid-group has every trial of its group found stale and re-queued."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    threads = [get_heartbeat_thread(trial._trial_id, study._storage) for trial in trials]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        for t in threads:
+            t.join()

@@ -15,7 +15,7 @@ the study in which only the trials of one batch size exist. The exception is the
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,11 @@ class BatchSizeSampler(BaseSampler):
         self._space = space
         self._rng = random.Random(seed)
         self._relative: dict[int, dict[str, Any]] = {}
+        self._pinned: int | None = None
+
+    def pin(self, batch_size: int | None) -> None:
+        """Give every new trial this batch size (a fused group's), until pinned to None."""
+        self._pinned = batch_size
 
     @property
     def inner(self) -> BaseSampler:
@@ -105,7 +110,7 @@ class BatchSizeSampler(BaseSampler):
     ) -> Any:
         if param_name == BATCH_SIZE:
             assert isinstance(param_distribution, CategoricalDistribution)
-            return self._least_covered(study, trial, param_distribution.choices)
+            return self._pinned if self._pinned is not None else self.least_covered(study)[0]
         b = trial.params[BATCH_SIZE]
         # A pooled inner sampler (LawSampler) learns across batch sizes and gets the whole study.
         pooled = getattr(self._inner, "sees_all_batch_sizes", False)
@@ -119,20 +124,23 @@ class BatchSizeSampler(BaseSampler):
             return rel[param_name]
         return self._inner.sample_independent(view, trial, param_name, param_distribution)
 
-    def _least_covered(self, study: optuna.Study, trial: FrozenTrial, choices: Sequence[Any]) -> Any:
+    def least_covered(self, study: optuna.Study) -> tuple[int, int]:
+        """The batch size with the fewest trials so far (ties broken at random, batch sizes that ran out of
+        memory left out), and how many it has."""
+        choices = self._space.batch_sizes
         counts = {c: 0 for c in choices}
         oom = set()
         for t in fresh_trials(study):
             b = t.params.get(BATCH_SIZE)
             # an interrupted or lost trial was queued again: its retry (waiting, running or done) counts
-            if b not in counts or t.number == trial.number or (t.state.is_finished() and not counts_as_trial(t)):
+            if b not in counts or (t.state.is_finished() and not counts_as_trial(t)):
                 continue
             if t.state == TrialState.FAIL and t.user_attrs.get(Attr.STATE) == State.OOM:
                 oom.add(b)
             counts[b] += 1
         usable = [c for c in choices if c not in oom] or list(choices)
         fewest = min(counts[c] for c in usable)
-        return self._rng.choice([c for c in usable if counts[c] == fewest])
+        return self._rng.choice([c for c in usable if counts[c] == fewest]), fewest
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._inner.before_trial(study, trial)
@@ -152,7 +160,10 @@ def make_sampler(search: Search, space: SearchSpace, seed_offset: int = 0) -> Ba
     seed = None if s.seed is None else s.seed + seed_offset
     n0 = s.n_startup_trials
     if s.name == "tpe":
-        inner: BaseSampler = optuna.samplers.TPESampler(n_startup_trials=n0, seed=seed, multivariate=True)
+        # constant liar: trials still running (a fused group's, other workers') count as bad, so the next
+        # proposals spread out instead of piling onto one point
+        inner: BaseSampler = optuna.samplers.TPESampler(n_startup_trials=n0, seed=seed, multivariate=True,
+                                                        constant_liar=True)
     elif s.name == "random":
         inner = optuna.samplers.RandomSampler(seed=seed)
     elif s.name == "qmc":

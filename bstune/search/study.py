@@ -8,6 +8,7 @@ whose worker died is failed by Optuna's heartbeat check, marked LOST, its MLflow
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,14 +18,15 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from bstune.errors import BstuneError, redact
+from bstune.search._optuna import ask, heartbeats
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
-from bstune.search.objective import TrialFailed, TrialObjective, TrialTakenAway, requeue, workload_params
+from bstune.search.objective import TrialContext, interrupt_unstarted, requeue, run_group, workload_params
 from bstune.search.progress import Progress, SilentProgress
-from bstune.search.space import SearchSpace, make_pruner, make_sampler
+from bstune.search.space import BatchSizeSampler, Hyperparams, SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
 from bstune.spec import StudySpec
-from bstune.stores import check_storage, grace_seconds, load_study, open_storage
+from bstune.stores import check_storage, load_study, open_storage
 from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker
 from bstune.train import Dataset, pick_device, plan, train_config
 from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
@@ -32,6 +34,9 @@ from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
 INTERRUPTED = "interrupted (Ctrl-C); run the same command again to resume"
+# Trials trained together by default, by device and model (see default_fuse).
+DEFAULT_FUSE = {"cpu": {"linear": 8, "mlp": 8, "cnn": 4, "resnet": 1},
+                "cuda": {"linear": 16, "mlp": 16, "cnn": 16, "resnet": 8}}
 # Workload fields that change only what is observed (the updates are the same either way): free on resume.
 _OBSERVING_FIELDS = ("diagnostics_every", "grad_histogram_epochs")
 
@@ -167,51 +172,127 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) the study until its budget is spent. Ctrl-C returns with `interrupted=True`.
 
-    Several workers (processes, machines) may run one study: `worker` (distinct per worker) seeds the
-    samplers apart, and `join` makes this one a worker of a study another process started (`open_study`)."""
+    Trials of one batch size are trained several at a time as one stacked model: the spec's execution.fuse
+    of them, else `default_fuse` for the device and model. Several workers (processes, machines) may
+    run one study: `worker` (distinct per worker) seeds the samplers apart, and `join` makes this one a worker
+    of a study another process started (`open_study`)."""
     progress = progress or SilentProgress()
     dev = pick_device(device)
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
-    claim = ClaimLock(spec.storage, spec.name)
+    group_size = spec.execution.fuse or default_fuse(dev.type, spec.workload.model)
     # on the device once for the whole study, not once per trial
-    objective = TrialObjective(spec, opened.space, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id,
-                               progress, claimed=claim.release)
+    ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
+    claim = ClaimLock(spec.storage, spec.name)
     interrupted = False
     stop_reason = ""
     run = 0
     try:
         with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
             while True:
-                # Held from the budget check until the new trial has its batch size (the objective releases
-                # it): so workers never claim the same free trial, re-queued trial or lost trial twice.
+                # Held from the budget check until the new trials have their batch size: so workers never claim
+                # the same free trial, re-queued trial or lost trial twice, and the trial limit holds exactly.
                 claim.acquire()
                 try:
-                    optuna.storages.fail_stale_trials(study)
-                    spent = tally(study.get_trials(deepcopy=False))
-                    stop_reason = exhausted(spec.budget, spent) or ""
-                    if stop_reason and not spent.running:
-                        break
-                    if stop_reason or exhausted(spec.budget, spent, in_flight=spent.running):
-                        # Trials are running elsewhere (or their worker died): wait until they finish, or the
-                        # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
-                        claim.release()
-                        time.sleep(min(spec.heartbeat_seconds, 5))
-                        continue
-                    try:
-                        study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
-                        run += 1
-                    except TrialTakenAway as e:
-                        progress.note(f"trial {e} was declared lost while this worker ran it (no heartbeat for "
-                                      f"{grace_seconds(spec.heartbeat_seconds)}s); dropped here, it runs again")
+                    stop_reason, asked = _claim_group(opened, group_size)
                 finally:
                     claim.release()
+                if stop_reason:
+                    break
+                if not asked:
+                    # Trials are running elsewhere (or their worker died): wait until they finish, or the
+                    # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
+                    time.sleep(min(spec.heartbeat_seconds, 5))
+                    continue
+                for trials, points in _by_batch_size(asked):
+                    with heartbeats(study, trials):
+                        run += run_group(ctx, study, trials, points)
     except KeyboardInterrupt:
         interrupted = True
         stop_reason = INTERRUPTED
     finally:
         claim.close()
     return finish_study(opened, stop_reason, interrupted=interrupted, trials_run=run, close=not join)
+
+
+def default_fuse(device_type: str, model: str) -> int:
+    """How many trials of one batch size train together by default: as many as keep the device busy without
+    slowing each member (measured in benchmarks/FUSED.md)."""
+    return DEFAULT_FUSE.get(device_type, DEFAULT_FUSE["cpu"]).get(model, 1)
+
+
+def _claim_group(opened: OpenStudy, group_size: int) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
+    """Under the claim lock: why the study must stop (then no trials), or the trials to run next, at most
+    `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
+    spec, study = opened.spec, opened.study
+    optuna.storages.fail_stale_trials(study)
+    spent = tally(study.get_trials(deepcopy=False))
+    stop_reason = exhausted(spec.budget, spent) or ""
+    if stop_reason and not spent.running:
+        return stop_reason, []
+    if stop_reason or exhausted(spec.budget, spent, in_flight=spent.running):
+        return "", []
+    sampler = study.sampler
+    assert isinstance(sampler, BatchSizeSampler)
+    batch_size, has = sampler.least_covered(study)
+    k = min(group_size, _fits_budget(opened, spent, batch_size, has))
+    return "", _ask_group(study, opened.space, batch_size, k) if k else []
+
+
+def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> int:
+    """How many trials at `batch_size` the budget left has room for (0: none until the trials running now
+    end): never past the trial limit nor the batch size's share of it, and no more than the examples or seconds
+    left will pay for, counting what the trials running now will spend (a trial's examples are known in
+    advance; its seconds are estimated from the trials so far, so the first group is of one)."""
+    budget, n = opened.spec.budget, opened.data.n_train
+    k = math.inf
+    if budget.trials is not None:
+        # at most half a batch size's share at once: its later trials are then proposed knowing how the first
+        # ones ended (a group's members are all proposed before any has trained)
+        share = math.ceil(budget.trials / len(opened.space.batch_sizes))
+        k = min(k, budget.trials - spent.trials - spent.running, max(1, min(share - has, math.ceil(share / 2))))
+    if budget.examples is not None:
+        per_epoch, total, _ = plan(train_config(opened.spec.workload, batch_size, 1.0, 0.0), n)
+        per_trial = total * n / per_epoch
+        k = min(k, math.ceil((budget.examples - spent.examples) / per_trial - spent.running))
+    if budget.seconds is not None:
+        if not spent.trials:
+            k = min(k, 0 if spent.running else 1)
+        else:
+            per_trial = max(spent.seconds / spent.trials, 1e-9)
+            k = min(k, math.ceil((budget.seconds - spent.seconds) / per_trial - spent.running))
+    return max(0, int(min(k, 1 << 30)))
+
+
+def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int,
+               k: int) -> list[tuple[optuna.Trial, Hyperparams]]:
+    """Ask Optuna for `k` trials at `batch_size` (re-queued trials come first and keep their own batch size).
+    Ctrl-C meanwhile leaves no trial unrecorded."""
+    asked: list[tuple[optuna.Trial, Hyperparams | None]] = []
+    sampler = study.sampler
+    assert isinstance(sampler, BatchSizeSampler)
+    sampler.pin(batch_size)
+    try:
+        for _ in range(k):
+            trial = ask(study)
+            asked.append((trial, None))
+            asked[-1] = (trial, space.suggest(trial))
+    except KeyboardInterrupt:
+        for trial, point in asked:
+            interrupt_unstarted(study, trial, requeue_it=point is not None)
+        raise
+    finally:
+        sampler.pin(None)
+    return asked  # type: ignore[return-value]
+
+
+def _by_batch_size(asked: list[tuple[optuna.Trial, Hyperparams]]) -> list[tuple[list[optuna.Trial], list[Hyperparams]]]:
+    groups: dict[int, tuple[list[optuna.Trial], list[Hyperparams]]] = {}
+    for trial, point in asked:
+        trials, points = groups.setdefault(point.batch_size, ([], []))
+        trials.append(trial)
+        points.append(point)
+    return list(groups.values())
 
 
 def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = False, trials_run: int = 0,

@@ -167,6 +167,8 @@ def run_worker(spec: StudySpec, device: str, index: int | None = None, parent_pi
 def _spawn(spec: StudySpec, spec_file: str, plan: WorkerPlan) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bstune.cli", "worker", spec_file, "--index", str(plan.index),
            "--device", plan.device, "--parent-pid", str(os.getpid())]
+    if spec.execution.fuse:
+        cmd += ["--fuse", str(spec.execution.fuse)]
     # URLs go by environment, not argv: a password in a command line is visible to every user in `ps`.
     env = {**os.environ, **plan.env, "PYTHONUNBUFFERED": "1",
            "BSTUNE_STORAGE": spec.storage, "BSTUNE_TRACKING_URI": spec.tracking_uri}

@@ -21,6 +21,7 @@ from bstune.train.data import (
     needs_download,
     synthetic_classification,
 )
+from bstune.train.fused import MemberResult, train_fused
 from bstune.train.loop import Diverged, EpochStats, OutOfMemory, augment_images, pick_device, train
 from bstune.train.models import build_model
 from bstune.train.probes import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names
@@ -29,6 +30,7 @@ __all__ = [
     "CIFAR10_DIR",
     "CIFAR10_TRAIN",
     "HISTOGRAM_EDGES",
+    "MemberResult",
     "Dataset",
     "Diverged",
     "EpochStats",
@@ -47,5 +49,6 @@ __all__ = [
     "steps_per_epoch",
     "synthetic_classification",
     "train",
+    "train_fused",
     "train_config",
 ]
