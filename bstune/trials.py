@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from bstune.errors import BstuneError
+from bstune.errors import BstuneError, redact
 from bstune.spec import Budget
 
 
@@ -284,7 +284,10 @@ def _best_dict(r: TrialRecord | None) -> dict[str, Any] | None:
 
 def from_study(study: Any, n_train: int | None = None) -> TrialTable:
     """The trials of an Optuna study that bstune ran (waiting trials left out)."""
-    spec = study.user_attrs.get(StudyAttr.SPEC, {})
+    spec = dict(study.user_attrs.get(StudyAttr.SPEC, {}))
+    for key in ("storage", "tracking_uri"):  # stored redacted; redacted again for whatever stored it otherwise
+        if isinstance(spec.get(key), str):
+            spec[key] = redact(spec[key])
     objective = spec.get("search", {}).get("objective", "value")
     records = []
     for t in study.get_trials(deepcopy=False):
