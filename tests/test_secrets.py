@@ -73,3 +73,37 @@ def test_status_names_the_store_without_its_password(tmp_path: Path, url: str) -
     assert r.returncode == 2, r.stderr
     assert "127.0.0.1:1/db" in r.stderr and "***" in r.stderr
     assert "slashpw" not in r.stderr + r.stdout
+
+
+def test_next_steps_carry_the_overrides_and_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `bstune study SPEC --storage A --tracking-uri B` the printed commands read that study."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from bstune.cli import main
+    from tests.conftest import write_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, **{"budget.trials": 4})
+    (tmp_path / "elsewhere").mkdir()
+    storage, tracking = (f"sqlite:///{tmp_path}/elsewhere/{n}.db" for n in ("optuna", "mlflow"))
+    out = CliRunner().invoke(main, ["study", str(spec), "--storage", storage, "--tracking-uri", tracking]).output
+    steps = [line.removeprefix("next:").split("#")[0] for line in out[out.index("next:"):].splitlines()]
+    analyze = shlex.split(steps[0])
+    assert analyze == ["bstune", "analyze", str(spec), "--storage", storage, "--tracking-uri", tracking]
+    assert shlex.split(steps[1])[:5] == ["bstune", "report", str(spec), "--batch-size", "B"]
+    assert shlex.split(steps[2]) == ["bstune", "ui", "--tracking-uri", tracking]
+    r = CliRunner().invoke(main, [*analyze[1:], "--json", "-"])
+    # it reads the study's trials (4 are too few to fit: the analysis says so, naming them)
+    assert r.exit_code == 0 or "found B=16: 2, B=64: 2" in r.output, r.output
+
+
+def test_next_steps_never_print_a_password() -> None:
+    from bstune.cli import _next_steps
+
+    text = _next_steps("s.yaml", "postgresql://v:top/slashpw@h/m", "postgresql://v@h/o?password=qpw",
+                       "postgresql://v:top/slashpw@h/m")
+    assert "slashpw" not in text and "qpw" not in text
+    assert '--storage "$BSTUNE_STORAGE" --tracking-uri "$BSTUNE_TRACKING_URI"' in text
+    assert "set BSTUNE_STORAGE and BSTUNE_TRACKING_URI to the URL you gave" in text
