@@ -113,7 +113,7 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
     if launched:
         result = launched.result
     else:
-        result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective))
+        result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective, budget=spec.budget))
     click.echo(format_summary(result.table, result.spent, spec.budget, result.stop_reason, time.perf_counter() - t0))
     if result.interrupted:
         click.echo("interrupted: the running trial is recorded as INTERRUPTED and queued again; "

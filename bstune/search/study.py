@@ -190,6 +190,7 @@ def run_study(
                 try:
                     optuna.storages.fail_stale_trials(study)
                     spent = tally(study.get_trials(deepcopy=False))
+                    progress.budget_spent(spent)
                     stop_reason = exhausted(spec.budget, spent) or ""
                     if stop_reason and not spent.running:
                         break
