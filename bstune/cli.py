@@ -120,7 +120,7 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
     if launched:
         result = launched.result
     else:
-        result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective))
+        result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective, budget=spec.budget))
     click.echo(format_summary(result.table, result.spent, spec.budget, result.stop_reason, time.perf_counter() - t0))
     if result.interrupted:
         click.echo("interrupted: the running trials are recorded as INTERRUPTED and queued again; "
@@ -130,18 +130,41 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
         click.echo(f"error: {launched.error}", err=True)
         sys.exit(launched.exit_code)
     if result.stop_reason:  # the budget is spent: the study is ready to be read
-        click.echo(_next_steps(spec_file, spec.tracking_uri))
+        click.echo(_next_steps(spec_file, spec.tracking_uri, storage, tracking_uri))
 
 
-def _next_steps(spec_file: str, tracking_uri: str) -> str:
-    """What to run once a study is done (`bstune ui` only where it can serve the tracking store)."""
-    steps = [(f"bstune analyze {spec_file}", "how lr* moves with B, the critical batch size"),
-             (f"bstune report {spec_file} --batch-size B", "lr and momentum to use at B, with the evidence")]
+def _next_steps(spec_file: str, tracking_uri: str, storage: str | None = None, tracking_override: str | None = None
+                ) -> str:
+    """What to run once a study is done (`bstune ui` only where it can serve the tracking store). The study's
+    --storage / --tracking-uri overrides go with the commands; a URL with a password is named by the
+    environment variable that should hold it (BSTUNE_STORAGE, BSTUNE_TRACKING_URI), never printed."""
+    import shlex
+
+    from bstune.errors import redact
+
+    hidden: list[str] = []
+
+    def opt(flag: str, url: str | None, env: str) -> str:
+        if not url:
+            return ""
+        if redact(url) != url:
+            hidden.append(env)
+            return f' {flag} "${env}"'
+        return f" {flag} {shlex.quote(url)}"
+
+    stores = opt("--storage", storage, "BSTUNE_STORAGE") + opt("--tracking-uri", tracking_override,
+                                                                 "BSTUNE_TRACKING_URI")
+    spec = shlex.quote(spec_file)
+    steps = [(f"bstune analyze {spec}{stores}", "how lr* moves with B, the critical batch size"),
+             (f"bstune report {spec} --batch-size B{stores}", "lr and momentum to use at B, with the evidence")]
     if tracking_uri.startswith("sqlite:"):
-        store = "" if tracking_uri == DEFAULT_TRACKING_URI else f" --tracking-uri {tracking_uri}"
+        store = "" if tracking_uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(tracking_uri)}"
         steps.append((f"bstune ui{store}", "every trial in the MLflow UI"))
     width = max(len(cmd) for cmd, _ in steps)
-    return "\n".join(f"{'next:' if i == 0 else '':6}{cmd:{width}}  # {why}" for i, (cmd, why) in enumerate(steps))
+    lines = [f"{'next:' if i == 0 else '':6}{cmd:{width}}  # {why}" for i, (cmd, why) in enumerate(steps)]
+    if hidden:
+        lines.append(f"{'':6}(set {' and '.join(hidden)} to the URL you gave, password included: it is not printed)")
+    return "\n".join(lines)
 
 
 @main.command()

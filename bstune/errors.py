@@ -9,12 +9,35 @@ class BstuneError(Exception):
     """Bad input or an unusable environment. The CLI prints it as one line and exits with code 2."""
 
 
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/:@\s]*:)(?P<pw>[^@/\s]*)(?P<tail>@)")
+# A URL in running text: a scheme, then everything up to whitespace or a quote (a password may hold any other
+# character, '/', '?', ':' and '@' included, percent-encoded or not).
+_URL = re.compile(r"""[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"`<>]+""")
+# A secret given as a key=value pair: in a URL's query (?password=..., &sslpassword=...) or a libpq DSN.
+_SECRET_PARAM = re.compile(r"""(?i)(?P<key>\b[a-z_]*(?:password|passwd|pwd|secret|token))(?P<eq>\s*=\s*)"""
+                           r"""(?P<value>'[^']*'|"[^"]*"|[^&;\s'"`<>]+)""")
+MASK = "***"
+
+
+def _redact_url(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    # The userinfo runs to the last '@' before the query (a password may hold '@' and '?' unencoded, a query
+    # value may hold '@'); a URL with no authority (sqlite:////path@x, file:///...) has none.
+    query = rest.find("?", rest.find("@") + 1)
+    at = rest.rfind("@", 0, query if query >= 0 else len(rest))
+    if at > 0 and not rest.startswith("/"):
+        user, colon, _ = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:{MASK}{rest[at:]}"
+    return f"{scheme}://{rest}"
 
 
 def redact(text: str) -> str:
-    """Hide passwords in URLs (``postgresql://user:secret@host`` -> ``postgresql://user:***@host``)."""
-    return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+    """Hide every password in ``text``: in each URL's userinfo (``postgresql://u:secret@host`` ->
+    ``postgresql://u:***@host``, whatever characters the password holds) and in every secret key=value pair
+    (``?password=...``, ``&sslpassword=...``, a DSN's ``password=...``). Safe on any text: an error message
+    quoting several URLs, a spec, a single URL."""
+    text = _URL.sub(lambda m: _redact_url(m[0]), text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}{m['eq']}{MASK}", text)
 
 
 _OS_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+(?:'[^']*')?)")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import reprlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bstune.errors import BstuneError
+from bstune.spec_yaml import Refused, read_yaml
 
 DATASETS = ("digits", "cifar10", "synthetic")
 MODELS = ("linear", "mlp", "cnn", "resnet")
@@ -27,6 +27,16 @@ PRUNERS = ("none", "median", "percentile", "hyperband")
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
 HOLD = ("epochs", "steps")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+# Upper bounds past which every trial would fail (float32 overflows: lr or weight decay past ~3e38) or never
+# end; each far beyond any useful value.
+LR_MAX = 1e3
+WEIGHT_DECAY_MAX = 1e3
+WIDTH_MAX = 65_536
+EPOCHS_MAX = 100_000
+STEPS_MAX = 10**9
+SEED_MAX = 2**32 - 1  # numpy's seeds (Optuna's samplers)
+HEARTBEAT_MAX = 86_400
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -151,12 +161,11 @@ def load_spec(path: str | Path) -> StudySpec:
     if p.is_dir():
         raise SpecError(f"{src}: is a directory, not a study spec file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{src}: {where}invalid YAML ({problem}); check indentation and quoting") from None
+        data = read_yaml(p)
+    except Refused as e:
+        raise SpecError(f"{src}: {e}") from None
+    except OSError as e:
+        raise SpecError(f"{src}: cannot read it ({e.strerror})") from None
     return parse_spec(data, source=src, default_name=p.stem)
 
 
@@ -181,7 +190,7 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
         storage=root.str("storage", DEFAULT_STORAGE),
         tracking_uri=root.str("tracking_uri", DEFAULT_TRACKING_URI),
         experiment=root.str("experiment", "bstune"),
-        heartbeat_seconds=root.int("heartbeat_seconds", 10, minimum=1),
+        heartbeat_seconds=root.int("heartbeat_seconds", 10, minimum=1, maximum=HEARTBEAT_MAX),
         source=source,
     )
     root.finish()
@@ -198,16 +207,16 @@ def _workload(s: _Section) -> Workload:
         val_fraction=s.float("val_fraction", d.val_fraction, minimum=0.01, maximum=0.9),
         augment=s.bool("augment", None),
         model=s.choice("model", d.model, MODELS),
-        width=s.int("width", d.width, minimum=1),
+        width=s.int("width", d.width, minimum=1, maximum=WIDTH_MAX),
         optimizer=s.choice("optimizer", d.optimizer, OPTIMIZERS),
-        epochs=s.int("epochs", d.epochs, minimum=1),
+        epochs=s.int("epochs", d.epochs, minimum=1, maximum=EPOCHS_MAX),
         hold=s.choice("hold", d.hold, HOLD),
-        steps=s.int("steps", None, minimum=1),
+        steps=s.int("steps", None, minimum=1, maximum=STEPS_MAX),
         lr_schedule=s.choice("lr_schedule", d.lr_schedule, SCHEDULES),
         warmup_epochs=s.float("warmup_epochs", d.warmup_epochs, minimum=0.0),
-        weight_decay=s.float("weight_decay", d.weight_decay, minimum=0.0),
+        weight_decay=s.float("weight_decay", d.weight_decay, minimum=0.0, maximum=WEIGHT_DECAY_MAX),
         accumulation_steps=s.int("accumulation_steps", d.accumulation_steps, minimum=1),
-        seed=s.int("seed", d.seed, minimum=0),
+        seed=s.int("seed", d.seed, minimum=0, maximum=SEED_MAX),
         compile=_compile_mode(s),
         diagnostics_every=s.int("diagnostics_every", d.diagnostics_every, minimum=0),
         grad_histogram_epochs=_histogram_epochs(s, d.grad_histogram_epochs),
@@ -245,13 +254,16 @@ def _search(s: _Section, workload: Workload) -> Search:
     d = Search()
     batch_sizes = _batch_sizes(s, d.batch_sizes)
     lr = s.range("lr", d.lr, positive=True)
+    if lr[1] > LR_MAX:
+        s.fail("lr", f"high must be <= {LR_MAX:g}, got {lr[1]:g} (every trial would diverge or overflow; "
+               f"e.g. high: 10)")
     momentum = s.range("momentum", d.momentum, positive=False)
     if not (0.0 <= momentum[0] and momentum[1] < 1.0):
         s.fail("momentum", f"must lie in [0, 1), got [{momentum[0]}, {momentum[1]}] (e.g. low: 0.0, high: 0.99)")
     sampler_sec = s.section("sampler", shorthand="name")
     sampler = Sampler(
         name=sampler_sec.choice("name", d.sampler.name, SAMPLERS),
-        seed=sampler_sec.int("seed", d.sampler.seed, minimum=0),
+        seed=sampler_sec.int("seed", d.sampler.seed, minimum=0, maximum=SEED_MAX),
         n_startup_trials=sampler_sec.int("n_startup_trials", d.sampler.n_startup_trials, minimum=0),
     )
     sampler_sec.finish()
@@ -381,7 +393,8 @@ class _Section:
             self.fail(key, f"unknown value {_show(v)}{hint}; choose one of {', '.join(choices)}")
         return v
 
-    def int(self, key: str, default: int | None, minimum: int | None = None) -> int | None:
+    def int(self, key: str, default: int | None, minimum: int | None = None,
+            maximum: int | None = None) -> int | None:
         v = self.raw(key, default)
         if v is None:
             return None
@@ -391,6 +404,8 @@ class _Section:
             self.fail(key, f"must be an integer, got {_show(v)}")
         if minimum is not None and v < minimum:
             self.fail(key, f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            self.fail(key, f"must be <= {maximum:,}, got {v:,}")
         return v
 
     def float(
@@ -406,7 +421,7 @@ class _Section:
         if minimum is not None and v < minimum:
             self.fail(key, f"must be >= {minimum}, got {v}")
         if maximum is not None and v > maximum:
-            self.fail(key, f"must be <= {maximum}, got {v}")
+            self.fail(key, f"must be <= {maximum:g}, got {v:g}")
         return v
 
     def range(self, key: str, default: tuple[float, float], positive: bool) -> tuple[float, float]:
@@ -461,6 +476,10 @@ def _did_you_mean(word: str, options: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_REPR = reprlib.Repr()  # bounded, however large or deep the value
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _show(v: Any) -> str:
-    text = repr(v)
+    text = _REPR.repr(v)
     return text if len(text) <= 60 else text[:57] + "..."

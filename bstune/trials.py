@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from bstune.errors import BstuneError
+from bstune.errors import BstuneError, redact
 from bstune.spec import Budget
 
 
@@ -284,7 +284,10 @@ def _best_dict(r: TrialRecord | None) -> dict[str, Any] | None:
 
 def from_study(study: Any, n_train: int | None = None) -> TrialTable:
     """The trials of an Optuna study that bstune ran (waiting trials left out)."""
-    spec = study.user_attrs.get(StudyAttr.SPEC, {})
+    spec = dict(study.user_attrs.get(StudyAttr.SPEC, {}))
+    for key in ("storage", "tracking_uri"):  # stored redacted; redacted again for whatever stored it otherwise
+        if isinstance(spec.get(key), str):
+            spec[key] = redact(spec[key])
     objective = spec.get("search", {}).get("objective", "value")
     records = []
     for t in study.get_trials(deepcopy=False):
@@ -311,71 +314,140 @@ CSV_COLUMNS = ("number", *REQUIRED_COLUMNS, "epoch", "epoch_value", "optimizer_s
 
 
 def from_csv(path: str | Path, direction: str = "minimize", metric: str = "value") -> TrialTable:
-    """Read a CSV of trials: columns batch_size, lr, momentum, value, state, and optionally
-    number, epoch, epoch_value (or the row's value), optimizer_steps, examples_seen for learning curves.
-    Rows that share a trial number (or, without a number column, identical batch_size/lr/momentum)
-    are the epochs of one trial."""
+    """Read a CSV of trials: columns batch_size, lr, momentum, value, state, and optionally number, epoch,
+    epoch_value (or the row's value), optimizer_steps, examples_seen for learning curves.
+
+    Rows are grouped into trials by the `number` column only, never by their values: rows with the same
+    number are the epochs of one trial (they must agree on batch_size, lr and momentum; the first gives the
+    value and state). Without a `number` column each row is one whole trial, without a curve, so a
+    trial and its retry at the same point stay two trials; rows with an epoch then need a `number`.
+    The file is streamed: memory grows with the trials and their curves, not with the text."""
     p = Path(path)
     if not p.exists():
         raise BstuneError(f"{path}: no such file (give a CSV of trials with columns {', '.join(REQUIRED_COLUMNS)})")
-    with open(p, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
+    if not p.is_file():
+        raise BstuneError(f"{path}: is a directory, not a CSV file of trials")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            records = _read_trials(csv.reader(f), str(path))
+    except UnicodeDecodeError as e:
+        raise BstuneError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the CSV as UTF-8") from None
+    except csv.Error as e:
+        raise BstuneError(f"{path}: not a readable CSV ({e}); save it as plain comma-separated text") from None
+    except OSError as e:
+        raise BstuneError(f"{path}: cannot read it ({e.strerror})") from None
+    return TrialTable(records, direction=direction, metric=metric)
+
+
+class _Columns:
+    """Where each known column is in a CSV's rows."""
+
+    def __init__(self, header: list[str], source: str) -> None:
+        cols = [c.strip() for c in header]
         missing = [c for c in REQUIRED_COLUMNS if c not in cols]
         if missing:
-            raise BstuneError(f"{path}: missing column(s) {', '.join(missing)}; a trial table needs "
+            raise BstuneError(f"{source}: missing column(s) {', '.join(missing)}; a trial table needs "
                               f"{', '.join(REQUIRED_COLUMNS)}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    return TrialTable(_records_from_rows(rows, str(path)), direction=direction, metric=metric)
+        self.index = {c: cols.index(c) for c in CSV_COLUMNS if c in cols}
+
+    def get(self, row: list[str], col: str) -> str:
+        i = self.index.get(col)
+        return row[i].strip() if i is not None and i < len(row) else ""
 
 
-def _records_from_rows(rows: Sequence[dict[str, str]], source: str) -> list[TrialRecord]:
-    groups: dict[Any, list[tuple[int, dict[str, str]]]] = {}
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
-        key = row.get("number") or (row["batch_size"], row["lr"], row["momentum"])
-        groups.setdefault(key, []).append((i, row))
-    return [_record(key, n, members, source) for n, (key, members) in enumerate(groups.items())]
+def _read_trials(reader: Any, source: str) -> list[TrialRecord]:
+    cols = _Columns(next(reader, []), source)
+    by_number = "number" in cols.index
+    trials: dict[str, _CsvTrial] = {}
+    for row in reader:
+        if not any(row):
+            continue
+        line = reader.line_num
+        key = cols.get(row, "number") if by_number else str(line)
+        trial = trials.get(key)
+        if trial is None:
+            trials[key] = trial = _CsvTrial(cols, row, source, line)
+        else:
+            trial.check_same(cols, row, line)
+        if cols.get(row, "epoch"):
+            if not by_number:
+                raise BstuneError(f"{source}: line {line}: a row with an epoch needs a number column naming its "
+                                  f"trial (rows are never grouped by their values); add one, or drop epoch")
+            trial.curve.append(_point(cols, row, source, line))
+    return [t.record(key, n) for n, (key, t) in enumerate(trials.items())]
 
 
-def _record(key: Any, n: int, members: list[tuple[int, dict[str, str]]], source: str) -> TrialRecord:
-    """One trial from its CSV rows (one per epoch, or one for the whole trial)."""
-    line, first = members[0]
-    b = _num(first["batch_size"], "batch_size", source, line)
-    lr = _num(first["lr"], "lr", source, line)
-    m = _num(first["momentum"], "momentum", source, line)
-    if b < 1 or b != int(b):
-        raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, got {first['batch_size']}")
-    if lr <= 0:
-        raise BstuneError(f"{source}: line {line}: lr must be > 0, got {first['lr']}")
+class _CsvTrial:
+    """One trial as its first CSV row gives it, and its learning curve as its rows add to it."""
+
+    __slots__ = ("source", "line", "batch_size", "lr", "momentum", "value", "state", "examples", "curve")
+
+    def __init__(self, cols: _Columns, row: list[str], source: str, line: int) -> None:
+        self.source, self.line = source, line
+        self.batch_size, self.lr, self.momentum = _config(cols, row, source, line)
+        state = (cols.get(row, "state") or State.COMPLETE).upper()
+        if state not in CSV_STATES:
+            raise BstuneError(f"{source}: line {line}: unknown state {cols.get(row, 'state')!r}; "
+                              f"use one of {', '.join(CSV_STATES)}")
+        self.state = State(state)
+        text = cols.get(row, "value")
+        value = _num(text, "value", source, line) if text else None
+        self.value = value if value is not None and math.isfinite(value) else None
+        self.examples = _opt_int(cols.get(row, "examples_seen"), "examples_seen", source, line) or 0
+        self.curve: list[EpochPoint] = []
+
+    def check_same(self, cols: _Columns, row: list[str], line: int) -> None:
+        """Rows of one trial number must be the same point."""
+        if _config(cols, row, self.source, line) != (self.batch_size, self.lr, self.momentum):
+            raise BstuneError(f"{self.source}: line {line}: trial {cols.get(row, 'number')} has another "
+                              f"batch_size, lr or momentum than on line {self.line}; give each trial its own number")
+
+    def record(self, key: str, n: int) -> TrialRecord:
+        curve = tuple(sorted(self.curve, key=lambda p: p.epoch))
+        examples = (curve[-1].examples_seen or 0) if curve else self.examples
+        number = int(key) if key.isdigit() else n
+        return TrialRecord(number=number, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                           value=self.value, state=self.state, curve=curve, examples_seen=examples)
+
+
+def _config(cols: _Columns, row: list[str], source: str, line: int) -> tuple[int, float, float]:
+    """A row's (batch_size, lr, momentum), each checked."""
+    text = cols.get(row, "batch_size")
+    b = _num(text, "batch_size", source, line)
+    if not (b >= 1 and b == int(b)):  # also refuses nan
+        raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, got {text!r}")
+    lr = _num(cols.get(row, "lr"), "lr", source, line)
+    if not lr > 0:
+        raise BstuneError(f"{source}: line {line}: lr must be > 0, got {cols.get(row, 'lr')}")
+    m = _num(cols.get(row, "momentum"), "momentum", source, line)
     if not 0 <= m < 1:
-        raise BstuneError(f"{source}: line {line}: momentum must lie in [0, 1), got {first['momentum']}")
-    state = (first["state"] or State.COMPLETE).upper()
-    if state not in CSV_STATES:
-        raise BstuneError(f"{source}: line {line}: unknown state {first['state']!r}; "
-                          f"use one of {', '.join(CSV_STATES)}")
-    curve = sorted((EpochPoint(
-        epoch=int(_num(row["epoch"], "epoch", source, ln)),
-        value=_num(row.get("epoch_value") or row["value"], "epoch_value", source, ln),
-        optimizer_steps=_opt_int(row.get("optimizer_steps")),
-        examples_seen=_opt_int(row.get("examples_seen")),
-    ) for ln, row in members if row.get("epoch")), key=lambda p: p.epoch)
-    value = _num(first["value"], "value", source, line) if first["value"] else None
-    if value is not None and not math.isfinite(value):
-        value = None
-    number = int(key) if isinstance(key, str) and key.isdigit() else n
-    examples = (curve[-1].examples_seen or 0) if curve else (_opt_int(first.get("examples_seen")) or 0)
-    return TrialRecord(number=number, batch_size=int(b), lr=lr, momentum=m, value=value, state=State(state),
-                       curve=tuple(curve), examples_seen=examples)
+        raise BstuneError(f"{source}: line {line}: momentum must lie in [0, 1), got {cols.get(row, 'momentum')}")
+    return int(b), lr, m
+
+
+def _point(cols: _Columns, row: list[str], source: str, line: int) -> EpochPoint:
+    epoch = _opt_int(cols.get(row, "epoch"), "epoch", source, line)
+    return EpochPoint(epoch=epoch, value=_num(cols.get(row, "epoch_value") or cols.get(row, "value"),
+                                              "epoch_value", source, line),
+                      optimizer_steps=_opt_int(cols.get(row, "optimizer_steps"), "optimizer_steps", source, line),
+                      examples_seen=_opt_int(cols.get(row, "examples_seen"), "examples_seen", source, line))
 
 
 def _num(text: str, col: str, source: str, line: int) -> float:
     try:
-        return float(text)
+        v = float(text)
     except (TypeError, ValueError):
         raise BstuneError(f"{source}: line {line}: {col} must be a number, got {text!r}") from None
+    if math.isinf(v) and col != "value" and col != "epoch_value":
+        raise BstuneError(f"{source}: line {line}: {col} must be finite, got {text!r}")
+    return v
 
 
-def _opt_int(text: str | None) -> int | None:
-    if text in (None, ""):
+def _opt_int(text: str, col: str, source: str, line: int) -> int | None:
+    """A count (>= 0) or None for an empty cell."""
+    if not text:
         return None
-    return int(float(text))
+    v = _num(text, col, source, line)
+    if not (v >= 0 and v == int(v)):
+        raise BstuneError(f"{source}: line {line}: {col} must be a whole number >= 0, got {text!r}")
+    return int(v)

@@ -194,7 +194,7 @@ def run_study(
                 # the same free trial, re-queued trial or lost trial twice, and the trial limit holds exactly.
                 claim.acquire()
                 try:
-                    stop_reason, asked = _claim_group(opened, group_size)
+                    stop_reason, asked = _claim_group(opened, group_size, progress)
                 finally:
                     claim.release()
                 if stop_reason:
@@ -221,12 +221,14 @@ def default_fuse(device_type: str, model: str) -> int:
     return DEFAULT_FUSE.get(device_type, DEFAULT_FUSE["cpu"]).get(model, 1)
 
 
-def _claim_group(opened: OpenStudy, group_size: int) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
+def _claim_group(opened: OpenStudy, group_size: int,
+                 progress: Progress) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
     """Under the claim lock: why the study must stop (then no trials), or the trials to run next, at most
     `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
     spec, study = opened.spec, opened.study
     optuna.storages.fail_stale_trials(study)
     spent = tally(study.get_trials(deepcopy=False))
+    progress.budget_spent(spent)
     stop_reason = exhausted(spec.budget, spent) or ""
     if stop_reason and not spent.running:
         return stop_reason, []

@@ -154,8 +154,8 @@ def run_worker(spec: StudySpec, device: str, index: int | None = None, parent_pi
     out = _Unbroken(sys.stdout)
     index = zlib.crc32(worker_id().encode()) % 100_000 if index is None else index
     try:
-        result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective, out),
-                           worker=index, join=True)
+        progress = ConsoleProgress(spec.search.objective, out, budget=spec.budget)
+        result = run_study(spec, device=device, progress=progress, worker=index, join=True)
     except KeyboardInterrupt:  # before its loop began: nothing of it is in the study yet
         return 130
     n = result.trials_run
