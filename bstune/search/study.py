@@ -32,7 +32,7 @@ from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, 
 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
-INTERRUPTED = "interrupted (Ctrl-C); run the same command again to resume"
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); run the same command again to resume"
 # Workload fields that change only what is observed (the updates are the same either way): free on resume.
 _OBSERVING_FIELDS = ("diagnostics_every", "grad_histogram_epochs")
 
@@ -174,14 +174,15 @@ def run_study(
     dev = pick_device(device)
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
-    claim = ClaimLock(spec.storage, spec.name)
-    # on the device once for the whole study, not once per trial
-    objective = TrialObjective(spec, opened.space, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id,
-                               progress, claimed=claim.release)
+    claim: ClaimLock | None = None
     interrupted = False
     stop_reason = ""
     run = 0
-    try:
+    try:  # from here on the parent run exists: whatever stops the study, finish_study closes it
+        claim = ClaimLock(spec.storage, spec.name)
+        # on the device once for the whole study, not once per trial
+        objective = TrialObjective(spec, opened.space, opened.data.to(dev), dev, opened.tracker,
+                                   opened.parent_run_id, progress, claimed=claim.release)
         with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
             while True:
                 # Held from the budget check until the new trial has its batch size (the objective releases
@@ -211,7 +212,8 @@ def run_study(
         interrupted = True
         stop_reason = INTERRUPTED
     finally:
-        claim.close()
+        if claim is not None:
+            claim.close()
     return finish_study(opened, stop_reason, interrupted=interrupted, trials_run=run, close=not join)
 
 
