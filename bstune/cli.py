@@ -365,23 +365,16 @@ def ui(tracking_uri: str, port: int) -> None:
 
     Each study is a parent run in its experiment (default: bstune) with one nested run per trial; select
     runs and press Compare to plot them against each other. For a remote MLflow server, open its own UI.
+    Ctrl-C (or SIGTERM) stops the server and every process it started.
     """
-    import subprocess
-
     from bstune.stores import check_sqlite_url
-    from bstune.tracking import artifact_root
+    from bstune.ui import serve
 
     check_sqlite_url(tracking_uri, "--tracking-uri")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", tracking_uri]
-    root = artifact_root(tracking_uri)
-    if root:
-        cmd += ["--default-artifact-root", root]
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
     try:
-        sys.exit(subprocess.call(cmd))
+        serve(tracking_uri, port, click.echo)
     except KeyboardInterrupt:
-        sys.exit(0)
+        click.echo("MLflow UI stopped")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ would: 130 after SIGINT, 143 after SIGTERM. SIGINT is handled even when the proc
 (a script's `cmd &`), and since a handled signal is reset to its default in a child at exec, the processes
 bstune starts take Ctrl-C too.
 
-A first signal is held while the main thread is inside a database driver's code (SQLAlchemy's) or an object's
-finalizer, and raised as soon as it is out: a KeyboardInterrupt there is either swallowed ("Exception ignored
-in ... __del__": the Ctrl-C is lost) or leaves a connection mid-transaction, the database locked for the
-finish path. `held()` holds it the same way around a few writes that must not be cut in two. A second signal
-while one is held interrupts at once, so a write stuck on a lock can still be stopped.
+A first signal is held while the main thread is in library code that must not be cut in two, and raised as
+soon as it is back in bstune's: in a finalizer, a KeyboardInterrupt is swallowed ("Exception ignored in ...":
+the Ctrl-C is lost); in SQLAlchemy's code it can leave a connection mid-transaction, the database locked for
+the finish path; in Optuna's own code (between its trial's creation and the objective, or in its tell) it
+leaves the trial RUNNING with its heartbeat thread keeping the process alive. The library code in question is
+whatever is innermost, so a Ctrl-C in training (torch, called from bstune) interrupts at once. `held()` holds
+a signal the same way around writes of bstune's own that must not be cut in two. A second signal while one is
+held interrupts at once, so a write stuck on a lock can still be stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_FRAGILE_MODULES = ("sqlalchemy.", "alembic.", "weakref")
+_FRAGILE_MODULES = ("sqlalchemy.", "alembic.", "optuna.")
 _RETRY_SECONDS = 0.02
 _received: list[int] = []  # the signals taken since `handled()` began, first first
 _held = 0  # depth of held() blocks in the main thread
@@ -60,12 +63,20 @@ def _redeliver(signum: int) -> None:
 
 
 def _in_fragile_code(frame: FrameType | None) -> bool:
-    """Whether the main thread is inside a database driver or a finalizer, where a KeyboardInterrupt does harm."""
+    """Whether the main thread is in a finalizer, or its innermost code of either bstune's or a library's that
+    must not be cut in two is a library's (a frame of torch or the standard library decides nothing)."""
+    innermost_fragile: bool | None = None
     while frame is not None:
-        if frame.f_code.co_name == "__del__" or frame.f_globals.get("__name__", "").startswith(_FRAGILE_MODULES):
+        name = frame.f_globals.get("__name__", "")
+        if frame.f_code.co_name == "__del__" or name == "weakref":
             return True
+        if innermost_fragile is None:
+            if name.startswith(_FRAGILE_MODULES):
+                innermost_fragile = True
+            elif name.startswith("bstune."):
+                innermost_fragile = False
         frame = frame.f_back
-    return False
+    return bool(innermost_fragile)
 
 
 @contextmanager
