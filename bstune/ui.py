@@ -29,6 +29,8 @@ def check_port(port: int) -> None:
     if not 1 <= port <= 65535:
         raise BstuneError(f"--port: {port} is not a port number; use 1 to 65535 (default 5000)")
     with socket.socket() as s:
+        # as the server binds: the closed connections of a server that just stopped do not make the port taken
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
