@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bstune.errors import BstuneError, first_line, redact
-from bstune.stores import check_database, check_sqlite_url, is_database_url, sqlite_path
+from bstune.stores import MLFLOW, check_database, check_sqlite_store, check_sqlite_url, is_database_url, sqlite_path
 from bstune.trials import State
 
 RUN_STATUS = {  # a trial's state -> its MLflow run's status
@@ -68,9 +68,11 @@ def training_experiments(tracking_uri: str) -> list[tuple[str, str]]:
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Fail with one line if the tracking URI names no usable SQLite file or its database does not answer;
-    asks nothing of MLflow, creates nothing."""
+    """Fail with one line if the tracking URI names no usable SQLite file (not an MLflow database, corrupt,
+    read-only) or its database does not answer; asks nothing of MLflow, creates nothing."""
     check_sqlite_url(uri, "tracking_uri")
+    if uri.startswith("sqlite"):
+        check_sqlite_store(uri, "tracking_uri", MLFLOW)
     if is_database_url(uri):  # MLflow would retry a silent database for two minutes
         check_database(uri, "tracking_uri")
 

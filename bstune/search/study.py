@@ -16,6 +16,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
+from bstune import signals
 from bstune.data import Dataset  # TEMP
 from bstune.errors import BstuneError, redact
 from bstune.search.checks import check_input
@@ -25,8 +26,8 @@ from bstune.search.progress import Progress, SilentProgress
 from bstune.search.space import SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
 from bstune.spec import StudySpec
-from bstune.stores import check_storage, grace_seconds, load_study, open_storage
-from bstune.tracking import Tracker
+from bstune.stores import check_storage, creating, grace_seconds, load_study, make_default_folder, open_storage
+from bstune.tracking import Tracker, check_tracking_uri
 from bstune.train import pick_device, plan, train_config
 from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
@@ -105,11 +106,13 @@ def open_study(
 
     # 1. Everything that can be wrong with the input, before anything is created.
     data = check_input(spec, data)
-    check_storage(spec.storage)
+    check_storage(spec.storage)  # each store is what it should be (and sound, writable) before either is written
+    check_tracking_uri(spec.tracking_uri)
     # a worker joins: the study must be there, and nothing is created
     existing = load_study(spec.storage, spec.name, source=spec.source or "SPEC") if join else None
+    for url in (spec.storage, spec.tracking_uri):
+        make_default_folder(url)
     tracker = Tracker(spec.tracking_uri, spec.experiment)
-    tracker.check()
 
     # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
     space = SearchSpace(spec.search)
@@ -122,7 +125,9 @@ def open_study(
         requeue(study, trial)
         progress.note(f"trial {trial.number} was lost with its worker; re-queued")
 
-    storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
+    with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
+        tracker.check()
+        storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -143,16 +148,26 @@ def open_study(
     study.set_user_attr(StudyAttr.SPEC, _public_spec(spec))
     if existing is None:
         study.set_user_attr(StudyAttr.N_TRAIN, data.n_train)
-    parent = study.user_attrs[StudyAttr.PARENT_RUN] if join else _open_parent_run(spec, study, tracker, data)
+    if join:
+        parent = study.user_attrs[StudyAttr.PARENT_RUN]
+    else:
+        with signals.held():  # a run made and not recorded in the study would be left RUNNING
+            parent = _open_parent_run(spec, study, tracker, data, progress)
     return OpenStudy(spec, study, tracker, parent, data, space)
 
 
-def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset) -> str:
+def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset,
+                     progress: Progress) -> str:
     """The study's MLflow parent run: created with the spec and its params, or reopened on resume."""
     spec_yaml = yaml.safe_dump(_public_spec(spec), sort_keys=False)
-    parent = tracker.open_study_run(spec.name, study.user_attrs.get(StudyAttr.PARENT_RUN),
-                                    _study_params(spec, data), spec_yaml)
-    if study.user_attrs.get(StudyAttr.PARENT_RUN) != parent:
+    recorded = study.user_attrs.get(StudyAttr.PARENT_RUN)
+    parent = tracker.open_study_run(spec.name, recorded, _study_params(spec, data), spec_yaml)
+    if recorded != parent:
+        if recorded:
+            n = sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+            progress.note(f"warning: the study's MLflow parent run {recorded} is not in {redact(spec.tracking_uri)} "
+                          f"(the tracking store was deleted or replaced): a new parent run is made; the {n} trials "
+                          "run before it are in the Optuna storage only, not in MLflow")
         study.set_user_attr(StudyAttr.PARENT_RUN, parent)
     return parent
 

@@ -107,7 +107,9 @@ class Launched:
 
 def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Callable[[str], None]) -> Launched:
     """Create the study once, run one worker process per plan until the budget is spent, close the study."""
-    opened = open_study(spec)
+    from bstune.search.progress import ConsoleProgress
+
+    opened = open_study(spec, progress=ConsoleProgress(spec.search.objective))  # for its warnings
     echo(f"study {spec.name}: starting {len(plans)} workers"
          + "".join(f"; w{p.index} on GPU {p.env['CUDA_VISIBLE_DEVICES']}" for p in plans
                    if "CUDA_VISIBLE_DEVICES" in p.env))
