@@ -48,7 +48,11 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         if not _held:
             retry = threading.Timer(_RETRY_SECONDS, _redeliver, (signum,))
             retry.daemon = True
-            retry.start()
+            try:
+                retry.start()
+            except RuntimeError:  # no new threads while the interpreter shuts down: now, then
+                _pending = None
+                raise KeyboardInterrupt from None
         return
     _pending = None
     raise KeyboardInterrupt
@@ -94,6 +98,7 @@ def handled() -> Iterator[None]:
     try:
         yield
     finally:
+        _pending = None  # a signal still held goes with the handlers
         for s, h in before.items():
             signal.signal(s, h)
 
