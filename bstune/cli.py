@@ -36,19 +36,24 @@ def _quiet_libraries() -> None:
 
 
 class _Group(click.Group):
-    """Turns BstuneError into `error: ...` and exit code 2 for every command, and a Ctrl-C that lands outside
-    a study's trials (which handle their own) into exit code 130, as the shell would give."""
+    """Turns BstuneError into `error: ...` and exit code 2 for every command, and a Ctrl-C or SIGTERM that
+    lands outside a study's trials (which handle their own) into exit code 130 or 143, as the shell would give.
+    SIGTERM is taken as Ctrl-C is, and Ctrl-C even where this process started with it ignored (`bstune.signals`)."""
 
     def invoke(self, ctx: click.Context) -> object:
+        from bstune import signals
+
         _quiet_libraries()
-        try:
-            return super().invoke(ctx)
-        except BstuneError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted (Ctrl-C); a study resumes when the same command is run again", err=True)
-            sys.exit(130)
+        with signals.handled():
+            try:
+                return super().invoke(ctx)
+            except BstuneError as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                click.echo(f"interrupted ({signals.what_stopped()}); a study resumes when the same command is run "
+                           "again", err=True)
+                sys.exit(signals.exit_code())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,9 +128,11 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
         result = run_study(spec, device=device, progress=ConsoleProgress(spec.search.objective, budget=spec.budget))
     click.echo(format_summary(result.table, result.spent, spec.budget, result.stop_reason, time.perf_counter() - t0))
     if result.interrupted:
-        click.echo("interrupted: the running trials are recorded as INTERRUPTED and queued again; "
-                   "run the same command to resume", err=True)
-        sys.exit(130)
+        from bstune import signals
+
+        click.echo(f"interrupted ({signals.what_stopped()}): the running trials are recorded as INTERRUPTED and "
+                   "queued again; run the same command to resume", err=True)
+        sys.exit(signals.exit_code())
     if launched and launched.error:
         click.echo(f"error: {launched.error}", err=True)
         sys.exit(launched.exit_code)
@@ -393,23 +400,16 @@ def ui(tracking_uri: str, port: int) -> None:
 
     Each study is a parent run in its experiment (default: bstune) with one nested run per trial; select
     runs and press Compare to plot them against each other. For a remote MLflow server, open its own UI.
+    Ctrl-C (or SIGTERM) stops the server and every process it started.
     """
-    import subprocess
-
     from bstune.stores import check_sqlite_url
-    from bstune.tracking import artifact_root
+    from bstune.ui import serve
 
     check_sqlite_url(tracking_uri, "--tracking-uri")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", tracking_uri]
-    root = artifact_root(tracking_uri)
-    if root:
-        cmd += ["--default-artifact-root", root]
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
     try:
-        sys.exit(subprocess.call(cmd))
+        serve(tracking_uri, port, click.echo)
     except KeyboardInterrupt:
-        sys.exit(0)
+        click.echo("MLflow UI stopped")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,20 @@ MySQL across machines. Nothing here creates a study.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from bstune.errors import BstuneError, first_line, redact
+from bstune.spec import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 from bstune.trials import TrialTable, from_study
+
+DEFAULT_URLS = (DEFAULT_STORAGE, DEFAULT_TRACKING_URI)  # their folder, mlruns/, is made when missing
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -29,16 +36,74 @@ def check_sqlite_url(url: str, field: str) -> None:
         # sqlite:// is an in-memory database (gone with the process); sqlite://x.db is not a file URL at all
         raise BstuneError(f"{field}: {url!r} names no file; a SQLite store is a file: sqlite:///relative/path.db "
                           "or sqlite:////absolute/path.db")
-    if path is not None and not path.parent.is_dir():
+    if path is not None and not path.parent.is_dir() and url not in DEFAULT_URLS:
         raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
                           f"create it or point {field} elsewhere")
 
 
 def check_storage(url: str) -> None:
-    """Fail with one line if the Optuna storage URL cannot be used; creates nothing."""
+    """Fail with one line if the Optuna storage URL cannot be used (for a SQLite file: not there to be made,
+    not an Optuna database, corrupt, read-only); creates nothing."""
     check_sqlite_url(url, "storage")
-    if not url.startswith("sqlite"):
+    if url.startswith("sqlite"):
+        check_sqlite_store(url, "storage", OPTUNA)
+    else:
         check_database(url, "storage")
+
+
+# What each store holds: a few of its tables, and its name in messages.
+OPTUNA = ({"studies", "trials", "version_info"}, "an Optuna storage")
+MLFLOW = ({"experiments", "runs", "metrics"}, "an MLflow tracking store")
+
+
+def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None:
+    """Fail with one line unless the SQLite file at `url` can be `kind`'s store: absent or empty (to be
+    created), or a sound SQLite database holding `kind`'s tables; and writable. Reads the file only."""
+    import sqlite3
+
+    path = sqlite_path(url)
+    if path is None:
+        return
+    if path.exists() and path.stat().st_size:
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                problem = db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+            problem = str(e)
+        if problem != "ok":
+            raise BstuneError(f"{field}: {path} is not a sound SQLite database ({problem}); restore it from a "
+                              f"backup, or move it away to start a new one")
+        wanted, name = kind
+        if tables and not wanted <= tables:
+            other = next((n for t, n in (OPTUNA, MLFLOW) if t <= tables), "")
+            what = f"is {other}, not {name}" if other else f"holds other tables ({', '.join(sorted(tables)[:4])})"
+            swapped = " (storage and tracking_uri swapped?)" if other else ""
+            raise BstuneError(f"{field}: {path} {what}{swapped}; point {field} at {name}'s own file")
+    folder = next(p for p in path.parents if p.exists())  # the default folder is made when the study starts
+    read_only = path if path.exists() and not os.access(path, os.W_OK) else None
+    if read_only or not os.access(folder, os.W_OK | os.X_OK):
+        raise BstuneError(f"{field}: {read_only or folder} is read-only (SQLite writes the file and a journal "
+                          f"beside it); make it writable, or point {field} at a writable folder")
+
+
+def make_default_folder(url: str) -> None:
+    """Create the default stores' folder (mlruns/) if `url` is a default store's; any other missing folder
+    stays an error (`check_sqlite_url`): it is usually a typo."""
+    if url in DEFAULT_URLS:
+        sqlite_path(url).parent.mkdir(exist_ok=True)
+
+
+@contextlib.contextmanager
+def creating(*urls: str) -> Iterator[None]:
+    """Hold a lock beside each SQLite store while it may be created, so that two processes starting at once
+    do not both create its tables (MLflow's migrations fail in the second)."""
+    paths = sorted({p for p in map(sqlite_path, urls) if p is not None})
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            lock = stack.enter_context(open(path.with_name(path.name + ".create-lock"), "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # Database servers behind a URL (MLflow's tracking stores take the same ones; SQLite is a file, checked apart)

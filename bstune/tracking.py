@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bstune.errors import BstuneError, first_line, redact
-from bstune.stores import check_database, check_sqlite_url, is_database_url, sqlite_path
+from bstune.stores import MLFLOW, check_database, check_sqlite_store, check_sqlite_url, is_database_url, sqlite_path
 from bstune.trials import State
 
 # MLflow's run statuses (its own vocabulary, which shares a word with bstune's states)
@@ -42,6 +42,9 @@ def mlflow_client(tracking_uri: str) -> Any:
 
     return MlflowClient(tracking_uri=tracking_uri)
 
+# The experiment tag that opens the MLflow UI on an experiment's training runs rather than its GenAI views.
+KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "examples_seen", "optimizer_steps",
                  "examples_per_second", "weight_distance", "grad_noise_scale", "generalization_gap", "grad_norm")
 
@@ -53,10 +56,30 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (db.parent.resolve() / "artifacts").as_uri() if db is not None else None
 
 
+def training_experiments(tracking_uri: str) -> list[tuple[str, str]]:
+    """(name, id) of each experiment in the store that holds a study, each tagged (if it was not) so that the
+    MLflow UI shows it as training runs. BstuneError if a SQLite store is not there."""
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        raise BstuneError(f"tracking_uri: {db} does not exist; run `bstune study SPEC` first, or give the "
+                          "--tracking-uri of a study")
+    c = mlflow_client(tracking_uri)
+    found = []
+    for exp in c.search_experiments():
+        if not c.search_runs([exp.experiment_id], "tags.`bstune.kind` = 'study'", max_results=1):
+            continue
+        if exp.tags.get(KIND_TAG) != TRAINING:
+            c.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING)
+        found.append((exp.name, exp.experiment_id))
+    return found
+
+
 def check_tracking_uri(uri: str) -> None:
-    """Fail with one line if the tracking URI names no usable SQLite file or its database does not answer;
-    asks nothing of MLflow, creates nothing."""
+    """Fail with one line if the tracking URI names no usable SQLite file (not an MLflow database, corrupt,
+    read-only) or its database does not answer; asks nothing of MLflow, creates nothing."""
     check_sqlite_url(uri, "tracking_uri")
+    if uri.startswith("sqlite"):
+        check_sqlite_store(uri, "tracking_uri", MLFLOW)
     if is_database_url(uri):  # MLflow would retry a silent database for two minutes
         check_database(uri, "tracking_uri")
 
@@ -93,12 +116,12 @@ class Tracker:
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
-                # The kind tag opens the UI in its model-training view rather than the GenAI one.
                 self._experiment_id = self.client.create_experiment(
-                    self.experiment_name, artifact_location=artifact_root(self.uri),
-                    tags={"mlflow.experimentKind": "custom_model_development"})
+                    self.experiment_name, artifact_location=artifact_root(self.uri), tags={KIND_TAG: TRAINING})
             else:
                 self._experiment_id = exp.experiment_id
+                if exp.tags.get(KIND_TAG) != TRAINING:  # made before bstune tagged its experiments, or by hand
+                    self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING)
         return self._experiment_id
 
     # ---- the study's parent run

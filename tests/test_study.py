@@ -222,11 +222,16 @@ def _slow_spec(tmp_path: Path, trials: int = 4, fuse: int = 1) -> Path:
                                    "search.pruner": "none", "budget.trials": trials, "execution.fuse": fuse})
 
 
-def _start(path: Path) -> subprocess.Popen:
+def _ignoring_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's `cmd &` starts it
+
+
+def _start(path: Path, sigint_ignored: bool = False) -> subprocess.Popen:
     # Without the MLflow log level an earlier in-process CLI call may have set: the CLI must quiet MLflow itself.
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "bstune.cli", "study", str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ignoring_sigint if sigint_ignored else None)
 
 
 def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout: float = 120) -> None:
@@ -332,6 +337,25 @@ def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     trials = _study(spec).trials
     assert [trial_state(t) for t in trials] == ["INTERRUPTED", "COMPLETE", "COMPLETE"]
     assert trials[1].user_attrs["bstune.retry_of"] == 0 and trials[1].params == trials[0].params
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_ends_cleanly_as_ctrl_c_does(tmp_path: Path, sig: int, code: int) -> None:
+    """SIGTERM (SLURM, docker stop, Kubernetes) ends a study as Ctrl-C does, with the shell's exit code; and
+    Ctrl-C works on a study started with SIGINT ignored (a script's `bstune study ... &`)."""
+    path = _slow_spec(tmp_path, trials=2)
+    spec = load_spec(path)
+    proc = _start(path, sigint_ignored=True)
+    _wait_for_running_trial(spec, proc, min_done=0)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, out
+    assert "Traceback" not in out and "INTERRUPTED" in out, out
+    trials = _study(spec).trials
+    assert [(trial_state(t), t.state) for t in trials] == [("INTERRUPTED", TrialState.FAIL),
+                                                           ("WAITING", TrialState.WAITING)]
+    _, parents, children = _runs(spec)
+    assert parents[0].info.status == "KILLED" and children[0].info.status == "KILLED"
 
 
 @pytest.mark.parametrize("where", ["start_trial", "end_trial"])

@@ -26,7 +26,7 @@ from bstune.search import ClaimLock, SilentProgress, plan_workers, run_study
 from bstune.spec import StudySpec, load_spec
 from bstune.trials import counts_as_trial, tally, trial_state
 from tests.conftest import write_spec
-from tests.test_study import _runs, _study
+from tests.test_study import _ignoring_sigint, _runs, _study
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,12 @@ def _cmd(stores: Stores, *args: str) -> list[str]:
             "--tracking-uri", stores.tracking_uri]
 
 
-def _start(cmd: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
-    """Start the launcher; return it once it has created the study, with what it printed until then. (Opening
-    a storage while another process creates it can fail: Optuna's schema set-up is not made for that.)"""
+def _start(cmd: list[str], cwd: Path, sigint_ignored: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start the launcher (as a script's `cmd &` does with `sigint_ignored`); return it once it has created the
+    study, with what it printed until then."""
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ignoring_sigint if sigint_ignored else None)
     head = []
     for line in proc.stdout:
         head.append(line)
@@ -211,6 +212,56 @@ def test_status_then_ctrl_c_stops_every_worker_cleanly(tmp_path: Path) -> None:
     assert {r.info.status for r in children if r.data.tags["bstune.state"] == "INTERRUPTED"} == {"KILLED"}
     after = _status(path, stores)
     assert "workers alive: 0" in after and "2 WAITING" in after
+
+
+def _long_trials(tmp_path: Path, stores: Stores) -> tuple[Path, StudySpec]:
+    return _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 400, "search.batch_sizes": [16],
+                                      "search.pruner": "none", "budget.trials": 6})
+
+
+def test_sigterm_to_a_launcher_started_in_the_background_stops_every_worker_cleanly(tmp_path: Path) -> None:
+    """SIGTERM (SLURM, docker stop) to a launcher that a script started with `&` (SIGINT ignored, which its
+    workers would inherit): every trial INTERRUPTED and re-queued, every MLflow run closed, exit code 143."""
+    stores = Stores(f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db")
+    path, spec = _long_trials(tmp_path, stores)
+    proc, head = _start(_cmd(stores, "study", str(path), "--workers", "2"), tmp_path, sigint_ignored=True)
+    _wait_for_running(spec, proc, n=2)
+    proc.send_signal(signal.SIGTERM)
+    out = head + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out
+    assert "Traceback" not in out and "worker killed" not in out and "worker exited" not in out, out
+    trials = _study(spec).trials
+    interrupted = sorted(t.number for t in trials if trial_state(t) == "INTERRUPTED")
+    assert len(interrupted) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert sorted(t.user_attrs["bstune.retry_of"] for t in trials if t.state == TrialState.WAITING) == interrupted
+    _check_one_run_per_trial(spec, trials)
+    assert _runs(spec)[1][0].info.status == "KILLED"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_of_a_sigkilled_launcher_stop_at_once(tmp_path: Path) -> None:
+    """A launcher killed outright (SIGKILL, started in the background so SIGINT is ignored): its workers see it
+    gone, interrupt their trials (INTERRUPTED, re-queued, runs closed) and exit instead of running the rest of
+    the budget as orphans."""
+    stores = Stores(f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db")
+    path, spec = _long_trials(tmp_path, stores)
+    proc, _ = _start(_cmd(stores, "study", str(path), "--workers", "2"), tmp_path, sigint_ignored=True)
+    pids = [t.user_attrs["worker_pid"] for t in _wait_for_running(spec, proc, n=2)]
+    proc.kill()
+    proc.communicate(timeout=60)
+    end = time.time() + 120
+    while time.time() < end and any(_alive(pid) for pid in pids):
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in pids), "the workers outlived their launcher"
+    trials = _study(spec).trials
+    assert sorted(trial_state(t) for t in trials) == ["INTERRUPTED", "INTERRUPTED", "WAITING", "WAITING"]
+    assert not [r for r in _runs(spec)[2] if r.info.status == "RUNNING"], "no trial's run left RUNNING"
 
 
 class _StallsTrialZero(SilentProgress):

@@ -8,7 +8,7 @@ Every trial ends recorded, whatever happens to it (`bstune.trials.State`):
     DIVERGED (NaN, inf, blow-up)  Optuna PRUNED, so the samplers learn the region is bad
     OOM, FAILED (any other error) Optuna FAIL, with the reason; the study goes on (a group that runs out of
                                   memory is split in two and each half run again first)
-    INTERRUPTED (Ctrl-C)          Optuna FAIL, re-queued: the next run of the same command re-runs it
+    INTERRUPTED (Ctrl-C, SIGTERM) Optuna FAIL, re-queued: the next run of the same command re-runs it
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from bstune import signals
 from bstune.errors import redact
 from bstune.search._optuna import frozen, trial_id
 from bstune.search.progress import Progress
@@ -57,7 +58,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
 def interrupt_unstarted(study: optuna.Study, trial: optuna.Trial, requeue_it: bool) -> None:
     """Ctrl-C before a trial started training: recorded INTERRUPTED (re-queued once it has its point)."""
     trial.set_user_attr(Attr.STATE, State.INTERRUPTED)
-    trial.set_user_attr(Attr.REASON, "interrupted by the user (Ctrl-C); re-queued")
+    trial.set_user_attr(Attr.REASON, f"interrupted ({signals.what_stopped()}); re-queued")
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if requeue_it:
         requeue(study, frozen(trial))
@@ -94,7 +95,7 @@ def run_group(ctx: TrialContext, study: optuna.Study, trials: Sequence[optuna.Tr
     except KeyboardInterrupt:
         for run in runs:
             if not run.ended:
-                run.interrupt("interrupted by the user (Ctrl-C); re-queued")
+                run.interrupt(f"interrupted ({signals.what_stopped()}); re-queued")
         raise
 
 

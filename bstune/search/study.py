@@ -17,6 +17,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
+from bstune import signals
 from bstune.errors import BstuneError, redact
 from bstune.search._optuna import ask, heartbeats
 from bstune.search.checks import check_input
@@ -26,14 +27,14 @@ from bstune.search.progress import Progress, SilentProgress
 from bstune.search.space import BatchSizeSampler, Hyperparams, SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
 from bstune.spec import StudySpec
-from bstune.stores import check_storage, load_study, open_storage
-from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker
+from bstune.stores import check_storage, creating, load_study, make_default_folder, open_storage
+from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri
 from bstune.train import Dataset, pick_device, plan, train_config
 from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
-INTERRUPTED = "interrupted (Ctrl-C); run the same command again to resume"
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); run the same command again to resume"
 # Trials trained together by default, by device and model (see default_fuse).
 DEFAULT_FUSE = {"cpu": {"linear": 8, "mlp": 8, "cnn": 4, "resnet": 1},
                 "cuda": {"linear": 16, "mlp": 16, "cnn": 16, "resnet": 8}}
@@ -109,11 +110,13 @@ def open_study(
 
     # 1. Everything that can be wrong with the input, before anything is created.
     data = check_input(spec, data)
-    check_storage(spec.storage)
+    check_storage(spec.storage)  # each store is what it should be (and sound, writable) before either is written
+    check_tracking_uri(spec.tracking_uri)
     # a worker joins: the study must be there, and nothing is created
     existing = load_study(spec.storage, spec.name, source=spec.source or "SPEC") if join else None
+    for url in (spec.storage, spec.tracking_uri):
+        make_default_folder(url)
     tracker = Tracker(spec.tracking_uri, spec.experiment)
-    tracker.check()
 
     # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
     space = SearchSpace(spec.search)
@@ -126,7 +129,9 @@ def open_study(
         requeue(study, trial)
         progress.note(f"trial {trial.number} was lost with its worker; re-queued")
 
-    storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
+    with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
+        tracker.check()
+        storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -147,16 +152,26 @@ def open_study(
     study.set_user_attr(StudyAttr.SPEC, _public_spec(spec))
     if existing is None:
         study.set_user_attr(StudyAttr.N_TRAIN, data.n_train)
-    parent = study.user_attrs[StudyAttr.PARENT_RUN] if join else _open_parent_run(spec, study, tracker, data)
+    if join:
+        parent = study.user_attrs[StudyAttr.PARENT_RUN]
+    else:
+        with signals.held():  # a run made and not recorded in the study would be left RUNNING
+            parent = _open_parent_run(spec, study, tracker, data, progress)
     return OpenStudy(spec, study, tracker, parent, data, space)
 
 
-def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset) -> str:
+def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset,
+                     progress: Progress) -> str:
     """The study's MLflow parent run: created with the spec and its params, or reopened on resume."""
     spec_yaml = yaml.safe_dump(_public_spec(spec), sort_keys=False)
-    parent = tracker.open_study_run(spec.name, study.user_attrs.get(StudyAttr.PARENT_RUN),
-                                    _study_params(spec, data), spec_yaml)
-    if study.user_attrs.get(StudyAttr.PARENT_RUN) != parent:
+    recorded = study.user_attrs.get(StudyAttr.PARENT_RUN)
+    parent = tracker.open_study_run(spec.name, recorded, _study_params(spec, data), spec_yaml)
+    if recorded != parent:
+        if recorded:
+            n = sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+            progress.note(f"warning: the study's MLflow parent run {recorded} is not in {redact(spec.tracking_uri)} "
+                          f"(the tracking store was deleted or replaced): a new parent run is made; the {n} trials "
+                          "run before it are in the Optuna storage only, not in MLflow")
         study.set_user_attr(StudyAttr.PARENT_RUN, parent)
     return parent
 
@@ -181,13 +196,14 @@ def run_study(
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
     group_size = spec.execution.fuse or default_fuse(dev.type, spec.workload.model)
-    # on the device once for the whole study, not once per trial
-    ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
-    claim = ClaimLock(spec.storage, spec.name)
+    claim: ClaimLock | None = None
     interrupted = False
     stop_reason = ""
     run = 0
-    try:
+    try:  # from here on the parent run exists: whatever stops the study, finish_study closes it
+        claim = ClaimLock(spec.storage, spec.name)
+        # on the device once for the whole study, not once per trial
+        ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
         with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
             while True:
                 # Held from the budget check until the new trials have their batch size: so workers never claim
@@ -211,7 +227,8 @@ def run_study(
         interrupted = True
         stop_reason = INTERRUPTED
     finally:
-        claim.close()
+        if claim is not None:
+            claim.close()
     return finish_study(opened, stop_reason, interrupted=interrupted, trials_run=run, close=not join)
 
 

@@ -10,8 +10,11 @@ remote machine runs to join (`run_worker`). Subprocesses rather than multiproces
 - a worker's environment (CUDA_VISIBLE_DEVICES, thread counts) is fixed before Python and CUDA start;
 - each worker has its own output pipe (its lines are shown prefixed with [wI]) and its own process to signal.
 Workers run in their own session, so a terminal's Ctrl-C reaches only the launcher, which passes exactly one
-SIGINT to each worker; they record their trials INTERRUPTED and re-queue them. A worker whose launcher dies
-(killed, terminal closed) interrupts itself the same way instead of running on unattended.
+SIGINT to each worker; they record their trials INTERRUPTED and re-queue them. SIGTERM to the launcher does
+the same. A worker still running `STOP_GRACE_SECONDS` after its SIGINT gets SIGTERM, then SIGKILL (its trial
+is then found LOST and re-queued). Workers take SIGINT whatever the launcher's own disposition (`bstune.signals`).
+A worker whose launcher dies (killed, terminal closed) interrupts itself the same way instead of running on
+unattended.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from bstune import signals
 from bstune.errors import BstuneError
 from bstune.search.status import worker_id
 from bstune.search.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
@@ -104,7 +108,9 @@ class Launched:
 
 def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Callable[[str], None]) -> Launched:
     """Create the study once, run one worker process per plan until the budget is spent, close the study."""
-    opened = open_study(spec)
+    from bstune.search.progress import ConsoleProgress
+
+    opened = open_study(spec, progress=ConsoleProgress(spec.search.objective))  # for its warnings
     echo(f"study {spec.name}: starting {len(plans)} workers"
          + "".join(f"; w{p.index} on GPU {p.env['CUDA_VISIBLE_DEVICES']}" for p in plans
                    if "CUDA_VISIBLE_DEVICES" in p.env))
@@ -134,7 +140,8 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
     trials = opened.study.get_trials(deepcopy=False)
     ran = sum(t.state.is_finished() and t.user_attrs.get(Attr.WORKER) in ids for t in trials)
     if interrupted:
-        return Launched(finish_study(opened, INTERRUPTED, interrupted=True, trials_run=ran), exit_code=130)
+        return Launched(finish_study(opened, INTERRUPTED, interrupted=True, trials_run=ran),
+                        exit_code=signals.exit_code())
     spent_reason = exhausted(spec.budget, tally(trials))
     if spent_reason:
         return Launched(finish_study(opened, spent_reason, trials_run=ran))
@@ -157,11 +164,11 @@ def run_worker(spec: StudySpec, device: str, index: int | None = None, parent_pi
         progress = ConsoleProgress(spec.search.objective, out, budget=spec.budget)
         result = run_study(spec, device=device, progress=progress, worker=index, join=True)
     except KeyboardInterrupt:  # before its loop began: nothing of it is in the study yet
-        return 130
+        return signals.exit_code()
     n = result.trials_run
     out.write(f"worker {index} ({worker_id()}): ran {n} trial{'' if n == 1 else 's'}; {result.stop_reason}\n")
     out.flush()
-    return 130 if result.interrupted else 0
+    return signals.exit_code() if result.interrupted else 0
 
 
 def _spawn(spec: StudySpec, spec_file: str, plan: WorkerPlan) -> subprocess.Popen:
@@ -176,28 +183,42 @@ def _spawn(spec: StudySpec, spec_file: str, plan: WorkerPlan) -> subprocess.Pope
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _wait_all(procs: list[subprocess.Popen], on_exit: Callable[[int, int], None]) -> bool:
-    """Wait until every worker has exited; True if Ctrl-C came meanwhile. Each Ctrl-C passes one SIGINT to
-    each worker still running (a second one stops them at once: their trials are found LOST later)."""
+STOP_GRACE_SECONDS = 30.0  # after its SIGINT, what a worker has to record its trial before SIGTERM (then SIGKILL)
+
+
+def _wait_all(procs: list[subprocess.Popen], on_exit: Callable[[int, int], None],
+              grace: float = STOP_GRACE_SECONDS) -> bool:
+    """Wait until every worker has exited; True if Ctrl-C (or SIGTERM) came meanwhile. Each passes one SIGINT to
+    each worker still running (a second one stops them at once: their trials are found LOST later); workers
+    still running `grace` seconds after their first SIGINT get SIGTERM, and SIGKILL `grace` seconds later."""
     interrupted = False
     running = dict(enumerate(procs))
+    stopped_at: float | None = None
+    escalate = [(grace, signal.SIGTERM), (2 * grace, signal.SIGKILL)]
     while running:
         try:
             for i, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[i]
                     on_exit(i, proc.returncode)
+            if stopped_at is not None and escalate and time.monotonic() - stopped_at > escalate[0][0]:
+                _signal_all(list(running.values()), escalate.pop(0)[1])
             time.sleep(0.2)
         except KeyboardInterrupt:
             interrupted = True
+            stopped_at = stopped_at or time.monotonic()
             _interrupt(list(running.values()))
     return interrupted
 
 
 def _interrupt(procs: list[subprocess.Popen]) -> None:
+    _signal_all(procs, signal.SIGINT)
+
+
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
 
 
 def _relay(stream: Any, prefix: str, echo: Callable[[str], None], lock: threading.Lock) -> threading.Thread:

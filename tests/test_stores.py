@@ -1,0 +1,124 @@
+"""The stores checked for what they are (an Optuna database, an MLflow database; sound, writable, not each
+other) before anything is written, each problem one line; and what a study does with a missing store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from bstune.cli import main
+from tests.conftest import small_spec, write_spec
+
+TINY = {"workload.epochs": 1, "workload.n_train": 200, "search.pruner": "none", "budget.trials": 2}
+
+
+def _run(*args: str) -> tuple[int, str]:
+    out = CliRunner().invoke(main, list(args))
+    return out.exit_code, out.output
+
+
+def _one_line_error(code: int, out: str, *expect: str) -> None:
+    assert code == 2 and "Traceback" not in out, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(e in lines[0] for e in expect), out
+
+
+def _digest(*paths: Path) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "" for p in paths]
+
+
+def test_a_garbled_optuna_database_is_one_line_everywhere(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, **TINY)
+    assert _run("study", str(path))[0] == 0
+    db = tmp_path / "optuna.db"
+    data = bytearray(db.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)  # garbage in the middle: the header is fine
+    db.write_bytes(bytes(data))
+    for command in (["validate"], ["study"], ["status"], ["analyze", "--no-mlflow", "--json", "-"]):
+        _one_line_error(*_run(command[0], str(path), *command[1:]), f"storage: {db} is not a sound SQLite database")
+    db.write_bytes(os.urandom(8192))  # garbage throughout
+    _one_line_error(*_run("validate", str(path)), "file is not a database")
+
+
+def test_swapped_stores_are_refused_before_either_is_written(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, **TINY)
+    assert _run("study", str(path))[0] == 0
+    optuna_db, mlflow_db = tmp_path / "optuna.db", tmp_path / "mlflow.db"
+    before = _digest(optuna_db, mlflow_db)
+    swapped = ["--storage", f"sqlite:///{mlflow_db}", "--tracking-uri", f"sqlite:///{optuna_db}"]
+    _one_line_error(*_run("study", str(path), *swapped), f"storage: {mlflow_db} is an MLflow tracking store",
+                    "swapped?")
+    _one_line_error(*_run("study", str(path), "--tracking-uri", f"sqlite:///{optuna_db}"),
+                    f"tracking_uri: {optuna_db} is an Optuna storage, not an MLflow tracking store")
+    assert _digest(optuna_db, mlflow_db) == before, "nothing was written to either"
+    spec = small_spec(tmp_path, **TINY) | {"storage": f"sqlite:///{mlflow_db}"}
+    path.write_text(yaml.safe_dump(spec))
+    _one_line_error(*_run("validate", str(path)), "swapped?")
+
+
+def test_a_read_only_store_folder_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    path = write_spec(tmp_path, **TINY, storage=f"sqlite:///{folder}/optuna.db",
+                      tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    if os.geteuid() == 0:  # root writes through file modes: only an immutable folder is read-only to it
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    try:
+        _one_line_error(*_run("validate", str(path)), f"storage: {folder} is read-only")
+        _one_line_error(*_run("study", str(path)), f"storage: {folder} is read-only")
+    finally:
+        subprocess.run(undo, check=True)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_lost_tracking_store_is_said_in_one_line(tmp_path: Path) -> None:
+    """The MLflow store deleted while the Optuna storage stays: the study goes on with a new parent run, and
+    says which trials MLflow no longer has."""
+    path = write_spec(tmp_path, **TINY)
+    assert _run("study", str(path))[0] == 0
+    (tmp_path / "mlflow.db").unlink()
+    path.write_text(yaml.safe_dump(small_spec(tmp_path, **TINY | {"budget.trials": 3})))
+    # in a process of its own: this one's MLflow keeps the deleted file open
+    done = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    (warning,) = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert "MLflow parent run" in warning and "the 2 trials run before it are in the Optuna storage only" in warning
+
+
+def test_the_default_store_folder_is_made_and_only_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec copied into a fresh folder, naming no stores: mlruns/ is made. A named folder that is not there
+    stays an error (it is usually a typo)."""
+    spec = {k: v for k, v in small_spec(tmp_path, **TINY).items() if k not in ("storage", "tracking_uri")}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    code, out = _run("validate", "spec.yaml")
+    assert code == 0 and not (tmp_path / "mlruns").exists(), out
+    code, out = _run("study", "spec.yaml")
+    assert code == 0, out
+    assert (tmp_path / "mlruns" / "optuna.db").exists() and (tmp_path / "mlruns" / "mlflow.db").exists()
+    _one_line_error(*_run("study", "spec.yaml", "--storage", f"sqlite:///{tmp_path}/typo/optuna.db"),
+                    f"folder {tmp_path}/typo does not exist")
+
+
+def test_two_studies_started_at_once_on_fresh_stores_both_run(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, **TINY | {"budget.trials": 4})
+    cmd = [sys.executable, "-m", "bstune.cli", "study", str(path)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in out or "migration" in out for out in outs), outs
