@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from bstune.errors import BstuneError, first_line, redact
-from bstune.stores import MLFLOW, check_database, check_sqlite_store, check_sqlite_url, is_database_url, sqlite_path
+from bstune.stores import (
+    MLFLOW,
+    check_database,
+    check_sqlite_store,
+    check_sqlite_url,
+    is_database_url,
+    sqlite_path,
+    tune_sqlite,
+)
 from bstune.trials import State
 
 # MLflow's run statuses (its own vocabulary, which shares a word with bstune's states)
@@ -100,6 +108,10 @@ class Tracker:
     def client(self) -> Any:
         if self._client is None:
             self._client = mlflow_client(self.uri)
+            # a study's writes: thousands of small commits to a SQLite store (see stores.tune_sqlite)
+            engine = getattr(self._client._tracking_client.store, "engine", None)
+            if engine is not None:
+                tune_sqlite(engine)
         return self._client
 
     def check(self) -> None:

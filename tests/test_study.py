@@ -167,6 +167,30 @@ def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path: Path) -> N
     assert {r.info.status for r in children} == {"FAILED"}
 
 
+@pytest.mark.parametrize("limit,expect", [({"trials": 60, "examples": 1000}, "example limit"),
+                                          ({"trials": 60, "seconds": 0.05}, "training-time limit")])
+def test_trials_that_diverge_at_once_still_spend_the_budget(tmp_path: Path, limit: dict, expect: str) -> None:
+    """Each diverged trial is charged the steps it took and its time, so such a study stops on that budget
+    (the trial limit is only a backstop)."""
+    spec = load_spec(write_spec(tmp_path, budget=limit, **{"search.lr": {"low": 300.0, "high": 900.0},
+                                                           "search.momentum": {"low": 0.9, "high": 0.9}}))
+    result = run_study(spec)
+    assert expect in result.stop_reason and {r.state for r in result.table.records} == {"DIVERGED"}
+    assert all(r.examples_seen >= 16 and r.train_seconds > 0 for r in result.table.records), "one step at least"
+
+
+def test_a_study_writes_its_sqlite_stores_through_a_write_ahead_log(tmp_path: Path) -> None:
+    import sqlite3
+
+    spec = load_spec(write_spec(tmp_path, **{"budget.trials": 2}))
+    assert CliRunner().invoke(main, ["validate", str(tmp_path / "spec.yaml")]).exit_code == 0
+    assert not list(tmp_path.glob("*.db")), "validate creates nothing"
+    run_study(spec)
+    for db in ("optuna.db", "mlflow.db"):
+        with sqlite3.connect(tmp_path / db) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal", db
+
+
 @pytest.mark.parametrize("limit,expect", [({"trials": None, "examples": 3000}, "example limit"),
                                           ({"trials": None, "seconds": 0.01}, "training-time limit")])
 def test_budget_limits_stop_the_study(tmp_path: Path, limit: dict, expect: str) -> None:

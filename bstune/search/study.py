@@ -131,7 +131,7 @@ def open_study(
 
     with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
         tracker.check()
-        storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost)
+        storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost, writing=True)
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)

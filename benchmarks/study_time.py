@@ -1,0 +1,104 @@
+"""Where a study's wall time goes: start-up, training, and logging/storage, at --fuse 1 and at the default.
+
+Runs studies/digits.yaml as shipped (its trial budget, its seed) in a fresh process per setting, with fresh stores
+in a temporary folder, and splits its wall time:
+
+- start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
+- training: time inside the trainer (`train`, `train_fused`), less the per-epoch callbacks it makes;
+- logging/storage: the rest (Optuna's storage, the samplers and pruners, MLflow runs, the progress output).
+
+Used by benchmarks/fused.py, whose FUSED.md ends with the speedup; run alone it prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "studies" / "digits.yaml"
+
+# Run in the child: times the study from the inside by wrapping the trainer and the per-epoch callback.
+_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import bstune.search.objective as objective
+from bstune.search import SilentProgress, run_study
+from bstune.spec import load_spec
+
+clock = {"training": 0.0, "callbacks": 0.0, "first_trial": None}
+
+def timed(fn, key):
+    def wrapped(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[key] += time.perf_counter() - start
+    return wrapped
+
+objective.train = timed(objective.train, "training")
+objective.train_fused = timed(objective.train_fused, "training")
+objective._TrialRun.on_epoch = timed(objective._TrialRun.on_epoch, "callbacks")
+
+class FirstTrial(SilentProgress):
+    def trial_started(self, number, config):
+        if clock["first_trial"] is None:
+            clock["first_trial"] = time.perf_counter() - t0
+
+result = run_study(load_spec(sys.argv[1]), progress=FirstTrial())
+clock.update(total=time.perf_counter() - t0, trials=result.spent.trials)
+print(json.dumps(clock))
+"""
+
+
+def run(fuse: int | None, folder: Path) -> dict[str, float]:
+    """One study at `fuse` (None: the default) in `folder`; its wall time split, in seconds."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec.update(storage=f"sqlite:///{folder}/optuna.db", tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    spec.setdefault("budget", {}).pop("seconds", None)  # the same trials at every setting, however long they take
+    if fuse is not None:
+        spec["execution"] = {"fuse": fuse}
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    wall = time.perf_counter() - start
+    c = json.loads(out.strip().splitlines()[-1])
+    launch = wall - c["total"]  # the interpreter's own start, before the child's clock
+    training = c["training"] - c["callbacks"]
+    startup = launch + c["first_trial"]
+    return {"trials": c["trials"], "wall": wall, "startup": startup, "training": training,
+            "other": wall - startup - training}
+
+
+def section(repeats: int = 1) -> tuple[str, float]:
+    """The Markdown table (fuse 1 and default, best wall of `repeats`) and the speedup fuse 1 / default."""
+    rows = {}
+    for label, fuse in (("--fuse 1", 1), ("default", None)):
+        best = None
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                r = run(fuse, Path(tmp))
+            best = r if best is None or r["wall"] < best["wall"] else best
+        rows[label] = best
+    lines = ["| setting | trials | wall s | start-up s | training s | logging/storage s | outside training, "
+             "after start-up |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        share = r["other"] / max(r["wall"] - r["startup"], 1e-9)
+        lines.append(f"| {label} | {r['trials']} | {r['wall']:.1f} | {r['startup']:.1f} | {r['training']:.1f} | "
+                     f"{r['other']:.1f} | {share:.0%} |")
+    return "\n".join(lines), rows["--fuse 1"]["wall"] / rows["default"]["wall"]
+
+
+if __name__ == "__main__":
+    table, speedup = section()
+    print(table)
+    print(f"study speedup (fuse 1 / default, same trials): {speedup:.1f}")
