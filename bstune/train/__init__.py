@@ -7,6 +7,8 @@ Import from here; the modules behind it are its parts, in data-flow order:
 - `config`: a run's settings (`TrainConfig`, built from a workload by `train_config`) and its length (`plan`).
 - `probes`: what is measured inside a run beyond its loss (noise scale, per-layer norms, gradient histograms).
 - `loop`: the trainer, `train`, which hands each epoch's numbers to a callback.
+- `fused`: `train_fused`, K runs differing only in lr, momentum and weight decay trained as one stacked model
+  (`stacked`: the stacked modules; `stacked_optim`: their optimizers; `stacked_probes`: per-member probes).
 
 Nothing here imports Optuna or MLflow: the study drives `train` and records what it returns.
 """
@@ -21,6 +23,7 @@ from bstune.train.data import (
     needs_download,
     synthetic_classification,
 )
+from bstune.train.fused import MemberResult, train_fused
 from bstune.train.loop import Diverged, EpochStats, OutOfMemory, augment_images, pick_device, train
 from bstune.train.models import build_model
 from bstune.train.probes import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names
@@ -33,6 +36,7 @@ __all__ = [
     "Diverged",
     "EpochStats",
     "GradientProbe",
+    "MemberResult",
     "NoiseScale",
     "OutOfMemory",
     "TrainConfig",
@@ -47,5 +51,6 @@ __all__ = [
     "steps_per_epoch",
     "synthetic_classification",
     "train",
+    "train_fused",
     "train_config",
 ]
