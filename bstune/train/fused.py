@@ -137,8 +137,9 @@ def _leave(g: _Group, errors: dict[int, BaseException]) -> None:
         return
     keep = torch.tensor(stay, device=g.device)
     keep_members(g.model, keep)
-    g.opt.keep(keep)
-    g.grad_stats.keep(keep)
+    g.params = [p for p in g.model.parameters() if p.requires_grad]
+    g.opt.keep(keep, g.params)
+    g.grad_stats.keep(keep, g.params)
     g.noise = [g.noise[j] for j in stay]
     g.loss_sum, g.correct = g.loss_sum.index_select(0, keep), g.correct.index_select(0, keep)
 

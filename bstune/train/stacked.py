@@ -127,13 +127,16 @@ def member_count(model: nn.Module) -> int:
 
 @torch.no_grad()
 def keep_members(model: nn.Module, keep: torch.Tensor) -> None:
-    """Re-slice every stacked parameter and buffer in place to the members at indices `keep` (in that order).
-    The Parameter objects stay the same, so lists of them stay valid; their `.grad` must be None."""
+    """Re-slice every stacked parameter and buffer to the members at indices `keep` (in that order). The
+    parameters are new objects (lists of the old ones must be rebuilt), without gradients."""
     for m in model.modules():
         if isinstance(m, STACKED_MODULES):
-            for t in [*m.parameters(recurse=False), m._buffers.get("running_mean"), m._buffers.get("running_var")]:
-                if t is not None:
-                    t.data = t.data.index_select(0, keep).contiguous()
+            for name, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[name] = nn.Parameter(p.index_select(0, keep), requires_grad=p.requires_grad)
+            for name in ("running_mean", "running_var"):
+                if name in m._buffers:
+                    m._buffers[name] = m._buffers[name].index_select(0, keep)
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,10 @@ class StackedOptimizer:
         n_state = (2 if self.adam else 1) if self.uses_buffers else 0
         self.state = [[torch.zeros(k, p[0].numel(), device=device) for p in params] for _ in range(n_state)]
 
-    def keep(self, keep: torch.Tensor) -> None:
-        """Re-slice to the members at indices `keep`, as `stacked.keep_members` does the model."""
+    def keep(self, keep: torch.Tensor, params: list[nn.Parameter]) -> None:
+        """Re-slice to the members at indices `keep`, as `stacked.keep_members` does the model, whose
+        parameters are now `params`."""
+        self.params = params
         for name in ("lr", "momentum", "weight_decay", "one_minus_momentum"):
             setattr(self, name, getattr(self, name).index_select(0, keep))
         self.state = [[t.index_select(0, keep) for t in ts] for ts in self.state]

@@ -91,8 +91,9 @@ class MemberGradientStats:
                 bins = torch.bucketize(p.grad.detach().reshape(k, -1).float(), self._edges).clamp_(1, nb) - 1
                 flat.scatter_add_(0, (bins + base + i * nb).view(-1), torch.ones_like(bins).view(-1))
 
-    def keep(self, keep: torch.Tensor) -> None:
-        """Only the members at indices `keep` go on."""
+    def keep(self, keep: torch.Tensor, params: list[nn.Parameter]) -> None:
+        """Only the members at indices `keep` go on, with parameters `params`."""
+        self.params = params
         self._norms = [n.index_select(0, keep) for n in self._norms]
         if self._hist is not None:
             self._hist = self._hist.index_select(0, keep)
