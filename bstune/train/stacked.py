@@ -7,7 +7,7 @@ flattening modules already handle:
 - images: (N, K*C, H, W). A convolution is a grouped one (groups=K) with weight (K*Cout, Cin, kh, kw); the
   first one sees the shared input (N, Cin, H, W) and is a plain convolution with K*Cout output channels.
   BatchNorm2d(C) becomes batch norm over K*C channels: per-member, per-channel statistics for free.
-- features: (K, N, F). A linear layer is a batched matmul with weight (K, O, F); given a 2-D input it takes
+- features: (K, N, F). A linear layer is a batched matmul with weight (K, F, O) (transposed); given a 2-D input it takes
   (N, F) as the shared input and (N, K*F) (flattened images) as the members' own.
 
 Logits come out as (K, N, classes); `member_losses` gives each member's own cross-entropy. Every parameter
@@ -38,7 +38,9 @@ class StackedLinear(nn.Module):
     def __init__(self, layer: nn.Linear, k: int) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.weight = nn.Parameter(_repeat(layer.weight, k))  # (K, O, F)
+        # Stored transposed, (K, F, O), so that the batched matmul's weight gradient comes out in the weight's
+        # own layout: (K, O, F) made autograd copy every step's gradient into place.
+        self.weight = nn.Parameter(_repeat(layer.weight.t(), k))
         self.bias = None if layer.bias is None else nn.Parameter(_repeat(layer.bias, k))  # (K, O)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ class StackedLinear(nn.Module):
                 x = x.expand(k, *x.shape)
             else:  # flattened stacked images (N, K*F)
                 x = x.view(x.shape[0], k, self.in_features).transpose(0, 1)
-        w = self.weight.transpose(1, 2)
+        w = self.weight
         return torch.bmm(x, w) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, w)
 
 
@@ -142,4 +144,4 @@ def keep_members(model: nn.Module, keep: torch.Tensor) -> None:
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-member, per-example cross-entropy (K, N) of stacked logits (K, N, classes) against shared labels y."""
     k, n, c = logits.shape
-    return F.cross_entropy(logits.reshape(k * n, c), y.repeat(k), reduction="none").view(k, n)
+    return F.cross_entropy(logits.reshape(k * n, c), y.expand(k, n).reshape(-1), reduction="none").view(k, n)

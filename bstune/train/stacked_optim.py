@@ -67,16 +67,16 @@ class StackedOptimizer:
         if self.adam:
             self._adam(w, g, state, lr)
         else:
-            self._sgd(w, g, state, lr)
+            self._sgd(w, g, state, lr, live)
 
     def _sgd(self, w: list[torch.Tensor], g: list[torch.Tensor], state: list[list[torch.Tensor]],
-             lr: torch.Tensor) -> None:
+             lr: torch.Tensor, live: list[int]) -> None:
         n = len(w)
         d = torch._foreach_addcmul(g, w, [self.weight_decay] * n) if self.decays else g
         if self.uses_buffers:
-            (buf,) = state
-            torch._foreach_mul_(buf, [self.momentum] * n)
-            torch._foreach_add_(buf, d)
+            buf = torch._foreach_addcmul(d, state[0], [self.momentum] * n)  # one pass, not a mul_ and an add_
+            for i, t in zip(live, buf, strict=True):
+                self.state[0][i] = t
             d = torch._foreach_addcmul(d, buf, [self.momentum] * n) if self.name == "nesterov" else buf
         torch._foreach_addcmul_(w, d, [-lr] * n)
 
