@@ -67,16 +67,16 @@ class StackedOptimizer:
         if self.adam:
             self._adam(w, g, state, lr)
         else:
-            self._sgd(w, g, state, lr, live)
+            self._sgd(w, g, state, lr)
 
     def _sgd(self, w: list[torch.Tensor], g: list[torch.Tensor], state: list[list[torch.Tensor]],
-             lr: torch.Tensor, live: list[int]) -> None:
+             lr: torch.Tensor) -> None:
         n = len(w)
         d = torch._foreach_addcmul(g, w, [self.weight_decay] * n) if self.decays else g
         if self.uses_buffers:
-            buf = torch._foreach_addcmul(d, state[0], [self.momentum] * n)  # one pass, not a mul_ and an add_
-            for i, t in zip(live, buf, strict=True):
-                self.state[0][i] = t
+            buf = state[0]
+            for b, x in zip(buf, d, strict=True):  # buf = d + m buf in one pass, in place
+                torch.addcmul(x, b, self.momentum, out=b)
             d = torch._foreach_addcmul(d, buf, [self.momentum] * n) if self.name == "nesterov" else buf
         torch._foreach_addcmul_(w, d, [-lr] * n)
 
