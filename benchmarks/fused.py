@@ -15,6 +15,7 @@ none diverges (a member that left early would flatter the number; the table says
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import sys
@@ -144,7 +145,8 @@ def main() -> int:
         train(members(w, name, sizes[0], 1, 1)[0], data, "cuda")  # CUDA context and kernels: not any cell's
     else:
         threads = "one thread" if w.model in ("linear", "mlp") else f"{torch.get_num_threads()} threads"
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {threads})"
+        device_name = (f"CPU ({platform.processor() or platform.machine()}, {threads}; {os.cpu_count()} cores, "
+                       f"load average {os.getloadavg()[0]:.1f} at the start)")
     print(f"{what}; {device_name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n")
     print("trials per minute (speedup over K = 1, one unfused trial at a time):\n")
     table = throughput_table(w, name, data, args.device, sizes, ks, epochs, repeats)
