@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+import torch
+
 from bstune.spec import Workload
-from bstune.train import TrainConfig, train_config
+from bstune.train import TrainConfig, synthetic_classification, train, train_config
 
 
 def _shared() -> list[str]:
@@ -45,3 +47,12 @@ def test_train_config_steps_only_when_held_and_seed_replaced() -> None:
     assert train_config(replace(w, hold="steps"), 32, 0.1, 0.0).steps == 500
     assert train_config(w, 32, 0.1, 0.0).seed == 3
     assert train_config(w, 32, 0.1, 0.0, seed=11).seed == 11
+
+
+def test_cpu_runs_flush_denormals_and_restore_the_default() -> None:
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal number
+    seen = []
+    cfg = TrainConfig(batch_size=64, lr=0.1, momentum=0.9, epochs=1, width=8)
+    train(cfg, synthetic_classification(n=200), on_epoch=lambda s: seen.append(float(tiny * 1.0)))
+    assert seen == [0.0]
+    assert float(tiny * 1.0) > 0

@@ -7,6 +7,8 @@ Import from here; the modules behind it are its parts, in data-flow order:
 - `config`: a run's settings (`TrainConfig`, built from a workload by `train_config`) and its length (`plan`).
 - `probes`: what is measured inside a run beyond its loss (noise scale, per-layer norms, gradient histograms).
 - `loop`: the trainer, `train`, which hands each epoch's numbers to a callback.
+- `fused`: `train_fused`, K runs differing only in lr, momentum and weight decay trained as one stacked model
+  (`stacked`: the stacked modules; `stacked_optim`: their optimizers; `stacked_probes`: per-member probes).
 
 Nothing here imports Optuna or MLflow: the study drives `train` and records what it returns.
 """
@@ -30,11 +32,11 @@ __all__ = [
     "CIFAR10_DIR",
     "CIFAR10_TRAIN",
     "HISTOGRAM_EDGES",
-    "MemberResult",
     "Dataset",
     "Diverged",
     "EpochStats",
     "GradientProbe",
+    "MemberResult",
     "NoiseScale",
     "OutOfMemory",
     "TrainConfig",
