@@ -186,9 +186,10 @@ class WithinBatchSizePruner(BasePruner):
     batch size only. One each, not one shared: a run's length in epochs can differ between batch sizes
     (hold: steps), and Hyperband sizes its brackets by it."""
 
-    def __init__(self, make_inner: Callable[[int], BasePruner]) -> None:
+    def __init__(self, make_inner: Callable[[int], BasePruner], warmup: int = 0) -> None:
         self._make_inner = make_inner
         self._inner: dict[int, BasePruner] = {}
+        self._warmup = warmup  # the inner pruner never prunes before this epoch: no need to read the trials
 
     def inner(self, batch_size: int) -> BasePruner:
         if batch_size not in self._inner:
@@ -197,7 +198,7 @@ class WithinBatchSizePruner(BasePruner):
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         b = trial.params.get(BATCH_SIZE)
-        if b is None:
+        if b is None or trial.last_step is None or trial.last_step < self._warmup:
             return False
         inner = self.inner(b)
         return inner.prune(batch_size_view(study, b, trial, pruner=inner), trial)
@@ -220,4 +221,4 @@ def make_pruner(search: Search, epochs_at: Callable[[int], int]) -> BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=p.min_resource, max_resource=epochs_at(batch_size), reduction_factor=p.reduction_factor)
 
-    return WithinBatchSizePruner(make_inner)
+    return WithinBatchSizePruner(make_inner, warmup=0 if p.name == "hyperband" else p.n_warmup_epochs)
