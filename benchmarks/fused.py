@@ -1,6 +1,8 @@
 """Fused trials: trials per minute with K = 1, 2, 4, 8, 16 trials of one batch size trained as one stacked model.
 
-Not a test: prints a Markdown table and writes it into benchmarks/FUSED.md under "Trainer throughput".
+Not a test: prints a Markdown table and writes it into benchmarks/FUSED.md under "Trainer throughput"; on the CPU
+it then splits the default study's wall time at --fuse 1 and at the default (benchmarks/study_time.py), and
+FUSED.md's last line is that study's speedup.
 K = 1 is the unfused trainer (`train`, one trial at a time); K > 1 is `train_fused`. A cell times whole trials
 (set-up, training, evaluation every epoch, the in-trial probes), best of --repeats taken in turns across K, so
 trials per minute is what a study's training gets. The members differ in lr and momentum, all in a range where
@@ -23,8 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import study_time  # benchmarks/, on the path when run as a script
 import torch
-from synthetic_images import random_images  # benchmarks/, on the path when run as a script
+from synthetic_images import random_images
 
 from bstune.spec import Workload, load_spec
 from bstune.train import Dataset, OutOfMemory, TrainConfig, load_dataset, train, train_config, train_fused
@@ -121,6 +124,7 @@ def main() -> int:
     p.add_argument("--width", type=int, help="cifar: net width (default: studies/cifar.yaml's)")
     p.add_argument("--repeats", type=int, help="best of this many runs per cell (default: 3 on cpu, 1 on cuda)")
     p.add_argument("--no-write", action="store_true", help=f"print only; do not update {OUTPUT.name}")
+    p.add_argument("--no-study", action="store_true", help="skip the default study's wall-time split (CPU only)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: torch sees no CUDA device here; run it where one is, or use --device cpu",
@@ -157,7 +161,28 @@ def main() -> int:
                 f"{table}\n\n`python benchmarks/fused.py{' --device cuda' if args.device == 'cuda' else ''}`")
         write_section(OUTPUT, sub, body)
         print(f"\nwritten to {OUTPUT.relative_to(ROOT)}")
+    if args.device == "cpu" and not args.no_study:
+        study_split(args.no_write)
     return 0
+
+
+STUDY_SECTION = "## The default study: where its wall time goes"
+
+
+def study_split(print_only: bool) -> None:
+    """studies/digits.yaml at --fuse 1 and at the default, the same trials; the speedup is FUSED.md's last line."""
+    table, speedup = study_time.section()
+    last = f"study speedup (fuse 1 / default, same trials): {speedup:.1f}"
+    print(f"\n{table}\n\n{last}")
+    if print_only:
+        return
+    text = OUTPUT.read_text()
+    text = text[:text.index(STUDY_SECTION)].rstrip() if STUDY_SECTION in text else text.rstrip()
+    body = (f"studies/digits.yaml as shipped (its trial budget, without its seconds limit, so both settings run the "
+            f"same trials), fresh stores, one process each, on the machine above (load average "
+            f"{os.getloadavg()[0]:.1f} at the end); {study_time.__doc__.split(chr(10) + chr(10))[1].strip()}\n\n"
+            f"{table}\n\n`python benchmarks/fused.py` (or `python benchmarks/study_time.py` for this table alone)")
+    OUTPUT.write_text(f"{text}\n\n{STUDY_SECTION}\n\n{body}\n\n{last}\n")
 
 
 if __name__ == "__main__":
