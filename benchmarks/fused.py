@@ -180,7 +180,7 @@ def study_split(print_only: bool) -> None:
     text = text[:text.index(STUDY_SECTION)].rstrip() if STUDY_SECTION in text else text.rstrip()
     body = (f"studies/digits.yaml as shipped (its trial budget, without its seconds limit, so both settings run the "
             f"same trials), fresh stores, one process each, on the machine above (load average "
-            f"{os.getloadavg()[0]:.1f} at the end); {study_time.__doc__.split(chr(10) + chr(10))[1].strip()}\n\n"
+            f"{os.getloadavg()[0]:.1f} at the end):\n\n{study_time.DEFINITIONS}\n\n"
             f"{table}\n\n`python benchmarks/fused.py` (or `python benchmarks/study_time.py` for this table alone)")
     OUTPUT.write_text(f"{text}\n\n{STUDY_SECTION}\n\n{body}\n\n{last}\n")
 
