@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-DEFINITIONS = """- start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
+DEFINITIONS = """\
+- start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
 - training: time inside the trainer (`train`, `train_fused`), less the per-epoch callbacks it makes;
 - logging/storage: the rest (Optuna's storage, the samplers and pruners, MLflow runs, the progress output)."""
 ROOT = Path(__file__).resolve().parents[1]
