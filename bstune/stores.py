@@ -98,12 +98,16 @@ def make_default_folder(url: str) -> None:
 @contextlib.contextmanager
 def creating(*urls: str) -> Iterator[None]:
     """Hold a lock beside each SQLite store while it may be created, so that two processes starting at once
-    do not both create its tables (MLflow's migrations fail in the second)."""
+    do not both create its tables (MLflow's migrations fail in the second). A store whose file is gone loses
+    its write-ahead log too (`tune_sqlite`), which SQLite would otherwise apply to the new file."""
     paths = sorted({p for p in map(sqlite_path, urls) if p is not None})
     with contextlib.ExitStack() as stack:
         for path in paths:
             lock = stack.enter_context(open(path.with_name(path.name + ".create-lock"), "a"))
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():  # a deleted database's write-ahead log would be read into the new one
+                for leftover in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                    leftover.unlink(missing_ok=True)
         yield
 
 
