@@ -34,6 +34,7 @@ from bstune.analysis.driver import analyze
 from bstune.analysis.results import (
     FORMS,
     LEVEL,
+    NOISE_FORMS,
     Analysis,
     BatchOptimum,
     Interval,
@@ -48,6 +49,7 @@ from bstune.analysis.results import (
 __all__ = [
     "FORMS",
     "LEVEL",
+    "NOISE_FORMS",
     "Analysis",
     "BatchOptimum",
     "Interval",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bstune.analysis.laws import estimate_b_noise, fit_forms
+from bstune.analysis.laws import estimate_b_noise, find_peak, fit_forms
 from bstune.analysis.pooled import pooled_valleys
 from bstune.analysis.results import (
     Analysis,
@@ -72,7 +72,8 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     return Analysis(per_batch=per_batch, fits=laws.fits, effective_fits=laws.effective_fits,
                     preferred=laws.preferred, effective_preferred=laws.effective_preferred,
                     criterion=laws.criterion, basis=laws.basis, b_noise=laws.b_noise,
-                    b_noise_interval=laws.b_noise_interval, steps=steps, grad_noise_scale=grad_noise,
+                    b_noise_interval=laws.b_noise_interval, peak=laws.peak, peak_interval=laws.peak_interval,
+                    trend=laws.trend, steps=steps, grad_noise_scale=grad_noise,
                     warnings=warnings, direction=table.direction, metric=table.metric,
                     n_trials=len(table.records), n_boot=int(n_boot), min_trials=int(min_trials))
 
@@ -140,6 +141,9 @@ class _LawFits:
     basis: str = "effective"
     b_noise: float | None = None
     b_noise_interval: Interval | None = None
+    peak: float | None = None
+    peak_interval: Interval | None = None
+    trend: str = ""
 
     @classmethod
     def of(cls, per_batch: list[BatchOptimum], warnings: list[str]) -> _LawFits:
@@ -163,7 +167,9 @@ class _LawFits:
             chosen, chosen_form = out.effective_fits, out.effective_preferred
         else:
             chosen, chosen_form = out.fits, out.preferred
-        out.b_noise, out.b_noise_interval = estimate_b_noise(chosen, chosen_form, out.basis, sizes, warnings)
+        out.peak, out.peak_interval, out.trend = find_peak(chosen, chosen_form, out.basis, sizes, warnings)
+        if chosen_form != "surge":  # a surge's B_noise is where lr* peaks, not where it levels off
+            out.b_noise, out.b_noise_interval = estimate_b_noise(chosen, chosen_form, out.basis, sizes, warnings)
         return out
 
 

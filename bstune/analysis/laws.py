@@ -1,8 +1,10 @@
-"""How lr* moves with B: the four forms fitted in log2 space, compared by AICc, and B_noise.
+"""How lr* moves with B: the forms fitted in log2 space, compared by AICc, B_noise and a peak.
 
-"power" a B^alpha, "linear" (alpha = 1), "sqrt" (alpha = 1/2) and "saturating" lr_max / (1 + B_noise / B),
-each fitted to every bootstrap replicate of the per-batch optima at once (the rows), weighted by the
-optima's interval widths.
+"power" a B^alpha, "linear" (alpha = 1), "sqrt" (alpha = 1/2), "saturating" lr_max / (1 + B_noise / B),
+"saturating-sqrt" lr_max / (1 + B_noise / B)^(1/2) and "surge" lr_max / (0.5 (sqrt(B_noise/B) +
+sqrt(B/B_noise))), which rises, peaks at B = B_noise and falls (Adam: Li et al. 2024). Each is fitted to
+every bootstrap replicate of the per-batch optima at once (the rows), weighted by the optima's interval
+widths.
 """
 
 from __future__ import annotations
@@ -11,13 +13,30 @@ import math
 
 import numpy as np
 
-from bstune.analysis.results import FORMS, SIGMA_FLOOR, Interval, LawFit, law_log2, quantile_interval
+from bstune.analysis.results import (
+    FORMS,
+    NOISE_FORMS,
+    SIGMA_FLOOR,
+    Interval,
+    LawFit,
+    law_log2,
+    noise_shape,
+    quantile_interval,
+)
 
 _FIXED_ALPHA = {"linear": 1.0, "sqrt": 0.5}
 _GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
 _GRID_STEP = 0.02
 SUPPORT_MARGIN = 1.0  # octaves beyond the measured batch sizes where B_noise or B_crit is still reported
 _REJECT_DELTA = 10.0  # AICc difference at which the saturating form is rejected and no B_noise is given
+_EDGE_NOTES = {  # (B_noise at the bottom of the grid, at the top)
+    "saturating": ("B_noise at the bottom of the search range: lr* is flat",
+                   "B_noise at the top of the search range: lr* shows no saturation"),
+    "saturating-sqrt": ("B_noise at the bottom of the search range: lr* is flat",
+                        "B_noise at the top of the search range: lr* shows no saturation"),
+    "surge": ("the peak lies far below the measured batch sizes: lr* falls throughout",
+              "the peak lies far above the measured batch sizes: lr* rises throughout"),
+}
 
 
 def fit_forms(sizes: np.ndarray, rows: np.ndarray, criterion: str) -> tuple[dict[str, LawFit], str]:
@@ -52,12 +71,10 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, crit
         a = _FIXED_ALPHA[form]
         params = np.stack([((rows - a * logb) * w).sum(axis=1) / wsum, np.full(len(rows), a)], axis=1)
     else:
-        c, t, edge = profile_saturating(logb, rows, w)
+        c, t, edge = profile_saturating(logb, rows, w, form)
         params = np.stack([c, t], axis=1)
-        if edge[0] > 0:
-            note = "B_noise at the top of the search range: lr* shows no saturation"
-        elif edge[0] < 0:
-            note = "B_noise at the bottom of the search range: lr* is flat"
+        if edge[0] != 0:
+            note = _EDGE_NOTES[form][int(edge[0] > 0)]
     resid = rows[0] - law_log2(form, params[:1], logb)[0]
     k = (1 if form in _FIXED_ALPHA else 2) + 1  # + the residual variance
     var = max(float((w * resid**2).sum()) / n, 1e-4)  # no fit is better than 0.01 octave
@@ -67,7 +84,7 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, crit
     fit = LawFit(form=form, params={}, intervals={}, rms_log2=float(np.sqrt(np.mean(resid**2))),
                  aicc=score, n_points=n, n_params=k - 1, note=note, _rows=params)
     boot = params[1:]
-    if form == "saturating":
+    if form in NOISE_FORMS:
         c_boot = np.where(edge[1:] > 0, np.inf, boot[:, 0])  # no saturation: lr_max unbounded too
         fit.params = {"lr_max": float(2.0 ** params[0, 0]), "b_noise": float(2.0 ** params[0, 1])}
         fit.intervals = {"lr_max": quantile_interval(2.0**c_boot),
@@ -82,11 +99,13 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, crit
     return fit
 
 
-def profile_saturating(logb: np.ndarray, rows: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Fit rows ~ c - log2(1 + 2^t / B) for every row: t on a grid (c profiled out in closed form), refined
-    by a parabola through the three best grid points. Returns c, t and edge (-1/+1: t at the grid's end)."""
+def profile_saturating(logb: np.ndarray, rows: np.ndarray, w: np.ndarray,
+                       form: str = "saturating") -> tuple[np.ndarray, ...]:
+    """Fit rows ~ c + noise_shape(form, t, log2 B) for every row: t on a grid (c profiled out in closed form),
+    refined by a parabola through the three best grid points. Returns c, t and edge (-1/+1: t at the grid's
+    end)."""
     grid = np.arange(logb.min() - _GRID_MARGIN, logb.max() + _GRID_MARGIN + _GRID_STEP / 2, _GRID_STEP)
-    g = -np.logaddexp2(0.0, grid[:, None] - logb[None, :])  # (T, n)
+    g = noise_shape(form, grid[:, None], logb[None, :])  # (T, n)
     wsum = w.sum()
     swy = rows @ w
     swg = g @ w
@@ -101,7 +120,7 @@ def profile_saturating(logb: np.ndarray, rows: np.ndarray, w: np.ndarray) -> tup
     inner = (k > 0) & (k < last) & (denom > 0)
     shift = np.where(inner, np.clip(0.5 * (s0 - s2) / np.where(denom > 0, denom, 1.0), -1.0, 1.0), 0.0)
     t = grid[k] + shift * _GRID_STEP
-    c = ((rows + np.logaddexp2(0.0, t[:, None] - logb[None, :])) * w).sum(axis=1) / wsum
+    c = ((rows - noise_shape(form, t[:, None], logb[None, :])) * w).sum(axis=1) / wsum
     edge = np.where(k == 0, -1, np.where(k == last, 1, 0))
     return c, t, edge
 
@@ -113,14 +132,15 @@ def infinite_at_edges(t: np.ndarray, edge: np.ndarray) -> np.ndarray:
 
 def estimate_b_noise(fits: dict[str, LawFit], preferred: str, basis: str, sizes: np.ndarray,
                      warnings: list[str]) -> tuple[float | None, Interval | None]:
-    """B_noise and its interval from the saturating fit, unless that form is rejected or puts B_noise
-    beyond the measured batch sizes (said in ``warnings``)."""
+    """B_noise and its interval from the saturating fit (the square-root one where that is preferred),
+    unless that form is rejected or puts B_noise beyond the measured batch sizes (said in ``warnings``): one
+    below the smallest measured batch size is no critical batch size, only a sign that lr* is flat."""
     what = "the effective lr*" if basis == "effective" else "lr*"
-    sat = fits["saturating"]
+    sat = fits["saturating-sqrt" if preferred == "saturating-sqrt" else "saturating"]
     t0 = math.log2(sat.params["b_noise"])
     lo_b, hi_b = math.log2(sizes.min()), math.log2(sizes.max())
     if sat.delta > _REJECT_DELTA:
-        warnings.append(f"the saturating form fits {what} much worse than the {preferred} form "
+        warnings.append(f"the {sat.form} form fits {what} much worse than the {preferred} form "
                         f"(difference {sat.delta:.1f}): no B_noise estimate")
         return None, None
     if t0 > hi_b + SUPPORT_MARGIN:
@@ -128,8 +148,35 @@ def estimate_b_noise(fits: dict[str, LawFit], preferred: str, basis: str, sizes:
                         f"no saturation seen, so B_noise is above ~{sat.intervals['b_noise'][0]:.0f}; "
                         "measure larger batch sizes to locate it")
         return None, None
-    if t0 < lo_b - SUPPORT_MARGIN:
+    if t0 < lo_b:
         warnings.append(f"{what} is flat across the measured batch sizes: B_noise is below the "
-                        f"smallest one ({int(sizes.min())}); measure smaller batch sizes to locate it")
+                        f"smallest one ({int(sizes.min())}), so no critical batch size is given; measure "
+                        "smaller batch sizes to locate it")
         return None, None
     return sat.params["b_noise"], sat.intervals["b_noise"]
+
+
+def find_peak(fits: dict[str, LawFit], preferred: str, basis: str, sizes: np.ndarray,
+              warnings: list[str]) -> tuple[float | None, Interval | None, str]:
+    """Where lr* peaks, with its interval, when the surge form is preferred and puts the peak inside the
+    measured batch sizes; and how lr* moves with B: "rises", "falls" or "peaks" (said in ``warnings``)."""
+    what = "the effective lr*" if basis == "effective" else "lr*"
+    if preferred != "surge":
+        power = fits["power"]
+        if preferred == "power" and power.intervals["alpha"][1] < 0:
+            warnings.append(f"{what} falls with B (alpha = {power.params['alpha']:.2f}): a larger batch size "
+                            "needs a smaller lr")
+            return None, None, "falls"
+        return None, None, "rises"
+    surge = fits["surge"]
+    peak = surge.params["b_noise"]
+    if peak < sizes.min():
+        warnings.append(f"{what} falls with B across the measured batch sizes (surge form, its peak below "
+                        f"B={int(sizes.min())}): a larger batch size needs a smaller lr")
+        return None, None, "falls"
+    if peak > sizes.max():
+        return None, None, "rises"
+    warnings.append(f"{what} peaks at B ~ {peak:.0f} and falls beyond it (the surge form, as Adam-style "
+                    "optimizers show): above that batch size a larger batch needs a smaller lr, and no "
+                    "rising law holds there")
+    return peak, surge.intervals["b_noise"], "peaks"

@@ -17,7 +17,8 @@ import numpy as np
 from bstune.errors import BstuneError
 
 LEVEL = 0.95  # of every interval
-FORMS = ("power", "linear", "sqrt", "saturating")
+FORMS = ("power", "linear", "sqrt", "saturating", "saturating-sqrt", "surge")
+NOISE_FORMS = ("saturating", "saturating-sqrt", "surge")  # the forms with a B_noise
 SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 
 Interval = tuple[float, float]
@@ -61,14 +62,26 @@ class BatchOptimum:
 
 
 def law_log2(form: str, rows: np.ndarray, log2_b: Any) -> np.ndarray:
-    """log2 lr* of ``form`` at log2 B, for parameter rows (log2 intercept, alpha or log2 B_noise)."""
+    """log2 lr* of ``form`` at log2 B, for parameter rows (log2 intercept or log2 lr_max, alpha or log2
+    B_noise)."""
     c, p = rows[:, 0], rows[:, 1]
     lb = np.asarray(log2_b, dtype=float)
     if lb.ndim:
         c, p = c[:, None], p[:, None]
-    if form == "saturating":
-        return c - np.logaddexp2(0.0, p - lb)
+    if form in NOISE_FORMS:
+        return c + noise_shape(form, p, lb)
     return c + p * lb
+
+
+def noise_shape(form: str, t: Any, lb: Any) -> Any:
+    """log2 (lr* / lr_max) at log2 B = lb for log2 B_noise = t: "saturating" 1 / (1 + B_noise/B) (McCandlish et
+    al. 2018), "saturating-sqrt" its square root (their Adam form), "surge" 1 / (0.5 (sqrt(B_noise/B) +
+    sqrt(B/B_noise))), which peaks at B = B_noise (Li et al. 2024)."""
+    if form == "saturating":
+        return -np.logaddexp2(0.0, t - lb)
+    if form == "saturating-sqrt":
+        return -0.5 * np.logaddexp2(0.0, t - lb)
+    return 1.0 - np.logaddexp2(0.5 * (t - lb), 0.5 * (lb - t))
 
 
 @dataclass
@@ -179,6 +192,9 @@ class Analysis:
     n_trials: int = 0
     n_boot: int = 200
     min_trials: int = 4
+    peak: float | None = None  # the B at which lr* peaks, when it peaks inside the measured batch sizes
+    peak_interval: Interval | None = None
+    trend: str = ""  # how lr* moves with B: "rises", "falls", "peaks" ("" without a fit)
 
     def fits_for(self, effective: bool | None = None) -> tuple[dict[str, LawFit], str | None]:
         """The fits of the effective lr (``effective``) or of the plain lr, and their preferred form; by
@@ -204,6 +220,7 @@ class Analysis:
             "preferred": self.preferred, "effective_preferred": self.effective_preferred,
             "criterion": self.criterion, "basis": self.basis,
             "b_noise": self.b_noise, "b_noise_interval": self.b_noise_interval,
+            "peak": self.peak, "peak_interval": self.peak_interval, "trend": self.trend,
             "steps": None if self.steps is None else self.steps.to_dict(),
             "grad_noise_scale": {str(b): v for b, v in self.grad_noise_scale.items()},
             "warnings": list(self.warnings),

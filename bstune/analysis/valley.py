@@ -20,11 +20,11 @@ from bstune.trials import TrialRecord
 
 # The valley: completed trials whose value lies within this fraction of the way from the best values (the
 # mean of the best three) to the 90th percentile (in the joint fit, at least that of all batch sizes' trials),
-# and at least the best _MIN_POINTS_2D. Far from the optimum the objective flattens out ("no progress") or
+# and at least the best MIN_POINTS_2D. Far from the optimum the objective flattens out ("no progress") or
 # blows up; a quadratic through those points would say little about where the bottom is.
 _WINDOW_FRACTION = 0.4
 WINDOW_QUANTILE = 0.9
-_MIN_POINTS_2D = 10  # a 2-D quadratic has 6 coefficients
+MIN_POINTS_2D = 10  # a 2-D quadratic has 6 coefficients
 _MIN_MOMENTUM_SPAN = 1.0  # octaves of (1 - m) the valley must span for a 2-D fit
 _MAX_CONDITION = 1e3  # curvature ratio beyond which the 2-D fit cannot place the momentum
 
@@ -43,16 +43,21 @@ class Valley:
 
 
 def valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int, rng: np.random.Generator,
-                  shared_high: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Completed trials as (log2 lr, log2(1 - m), sign * value), sorted by value, and their weights in the
     valley for the data (row 0) and every bootstrap resample."""
+    x, u, y = sorted_points(rs, sign)
+    counts = resample_counts(len(rs), n_boot, rng)
+    return x, u, y, window_weights(y, counts, min(len(rs), MIN_POINTS_2D))
+
+
+def sorted_points(rs: Sequence[TrialRecord], sign: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Completed trials as (log2 lr, log2(1 - m), sign * value), sorted by value."""
     y = sign * np.array([r.value for r in rs], dtype=float)
     order = np.argsort(y, kind="stable")
-    counts = _resample_counts(len(rs), n_boot, rng)
     x = np.log2([rs[i].lr for i in order])
     u = np.log2([1.0 - rs[i].momentum for i in order])
-    y = y[order]
-    return x, u, y, _window_weights(y, counts, min(len(rs), _MIN_POINTS_2D), shared_high)
+    return x, u, y[order]
 
 
 def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray) -> Valley:
@@ -86,7 +91,7 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
         val_c.append(coef[:, 0] + coef[:, 1] * bz + coef[:, 2] * bz**2)
         sse_c.append(sse)
     pick = np.argmin(np.stack(sse_c, axis=1), axis=1)
-    if not momentum_fixed and n_window >= _MIN_POINTS_2D and np.ptp(u[in0]) >= _MIN_MOMENTUM_SPAN:
+    if not momentum_fixed and n_window >= MIN_POINTS_2D and np.ptp(u[in0]) >= _MIN_MOMENTUM_SPAN:
         two_d = _fit_2d(x, u, y, weights, in0)
         if two_d is not None:
             use_2d, lx2, lu2, val2, sse2 = two_d
@@ -123,12 +128,12 @@ def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray,
     low_eig, high_eig = (h11 + h22) / 2.0 - disc, (h11 + h22) / 2.0 + disc
     inside = weights > 0
     u_span = np.where(inside, u, -np.inf).max(axis=1) - np.where(inside, u, np.inf).min(axis=1)
-    use_2d = ((inside.sum(axis=1) >= _MIN_POINTS_2D) & (u_span >= _MIN_MOMENTUM_SPAN)
+    use_2d = ((inside.sum(axis=1) >= MIN_POINTS_2D) & (u_span >= _MIN_MOMENTUM_SPAN)
               & (low_eig > 0) & (high_eig <= _MAX_CONDITION * low_eig))
     return use_2d, sx.undo(bx), su.undo(bu), _quad2(coef, bx, bu), sse
 
 
-def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """How often each of n trials is drawn: row 0 the data (all ones), then one row per bootstrap resample."""
     counts = np.ones((1 + n_boot, n))
     idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
@@ -136,13 +141,15 @@ def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarra
     return counts
 
 
-def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
-                    shared_high: float | None = None) -> np.ndarray:
+def window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
+                   shared_high: np.ndarray | None = None) -> np.ndarray:
     """Per resample (rows of ``counts`` over the trials, sorted by y): the weight of each trial in the valley.
 
     Inside: y at most 40% of the way from the best (mean of the best three draws) to the 90th percentile (or
-    to ``shared_high``, where that is higher), or among the k_min best distinct trials drawn. The weight
-    tapers from 1 at the bottom to 0.2 at the cut, so the fit follows the bottom more than the walls."""
+    to ``shared_high``, per row, where that is higher), or among the k_min best draws. Every rule counts
+    draws, not distinct trials, so that a resample (n draws, some repeated) is windowed as the data would be
+    were those its n trials. The weight tapers from 1 at the bottom to 0.2 at the cut, so the fit follows
+    the bottom more than the walls."""
     cum = np.cumsum(counts, axis=1)
     take = np.clip(np.minimum(cum, 3) - np.minimum(cum - counts, 3), 0, None)
     low = (take * y).sum(axis=1) / 3.0
@@ -151,7 +158,7 @@ def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
         high = np.maximum(high, shared_high)
     cut = low + _WINDOW_FRACTION * (high - low)
     present = counts > 0
-    inside = present & ((y[None, :] <= cut[:, None]) | (np.cumsum(present, axis=1) <= k_min))
+    inside = present & ((y[None, :] <= cut[:, None]) | (cum - counts < k_min))
     t = np.clip((y[None, :] - low[:, None]) / np.maximum(cut - low, 1e-12)[:, None], 0.0, 1.0)
     return np.where(inside, counts * (0.2 + 0.8 * (1.0 - t**3) ** 3), 0.0)
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from bstune.analysis import LEVEL, Analysis, Interval, LawFit, Recommendation, format_number
+from bstune.analysis import LEVEL, NOISE_FORMS, Analysis, Interval, LawFit, Recommendation, format_number
 
 # (title, a sentence, (column heads, rows) or None): one section of the report
 Table = tuple[list[str], list[list[str]]]
@@ -111,17 +111,34 @@ def _steps_lines(a: Analysis) -> list[str]:
 
 
 def bracketed_interval(iv: Interval | None, fmt: str = ".3g") -> str:
-    """'[lo, hi]' ('-' for none)."""
+    """'[lo, hi]' ('-' for none); one unbounded on a side in words: '[above lo]', '[below hi]'."""
     if iv is None:
         return "-"
-    return "[" + ", ".join(format(v, fmt) if math.isfinite(v) else "inf" for v in iv) + "]"
+    words = open_interval(iv, fmt)
+    return f"[{words}]" if words else "[" + ", ".join(format(v, fmt) for v in iv) + "]"
+
+
+def open_interval(iv: Sequence[float], fmt: str = ".3g") -> str:
+    """An interval unbounded on a side, in words ('above 0.8', 'below 40', 'unbounded'); '' for a bounded one.
+    A lower end of 0 is unbounded too: the positive quantities' intervals (lr, B_noise) reach it only when
+    their log does minus infinity."""
+    lo, hi = iv
+    low_open, high_open = not math.isfinite(lo) or lo == 0.0, not math.isfinite(hi)
+    if low_open and high_open:
+        return "unbounded"
+    if high_open:
+        return f"above {format(lo, fmt)}"
+    if low_open:
+        return f"below {format(hi, fmt)}"
+    return ""
 
 
 def _law_params(f: LawFit) -> str:
     p, iv = f.params, f.intervals
-    if f.form == "saturating":
+    if f.form in NOISE_FORMS:
+        name = "peak B" if f.form == "surge" else "B_noise"
         text = (f"lr_max={format_number(p['lr_max'])} {bracketed_interval(iv['lr_max'])}  "
-                f"B_noise={p['b_noise']:.0f} {bracketed_interval(iv['b_noise'], '.0f')}")
+                f"{name}={p['b_noise']:.0f} {bracketed_interval(iv['b_noise'], '.0f')}")
         return text + ("  (edge)" if f.note else "")
     text = f"a={format_number(p['a'])} {bracketed_interval(iv['a'])}"
     if f.form == "power":
@@ -142,10 +159,10 @@ def cell(v: Any, fmt: str = ".3g") -> str:
 
 
 def interval_words(iv: Sequence[float] | None, fmt: str = ".3g") -> str:
-    """'lo to hi' ('-' for none)."""
+    """'lo to hi' ('-' for none; 'above lo' or 'below hi' for one unbounded on a side)."""
     if iv is None:
         return "-"
-    return " to ".join(format(v, fmt) if math.isfinite(v) else "inf" for v in iv)
+    return open_interval(iv, fmt) or " to ".join(format(v, fmt) for v in iv)
 
 
 def octaves(rule: float | None, lr: float) -> str:
@@ -176,9 +193,10 @@ def law_verdict(fits: dict[str, LawFit], preferred: str | None, criterion: str) 
 
 def _law_params_cell(f: LawFit) -> str:
     p, iv = f.params, f.intervals
-    if f.form == "saturating":
+    if f.form in NOISE_FORMS:
+        name = "peak at B" if f.form == "surge" else "B_noise"
         return (f"lr_max = {cell(p['lr_max'])} ({interval_words(iv['lr_max'])}), "
-                f"B_noise = {p['b_noise']:.0f} ({interval_words(iv['b_noise'], '.0f')})")
+                f"{name} = {p['b_noise']:.0f} ({interval_words(iv['b_noise'], '.0f')})")
     text = f"a = {cell(p['a'])} ({interval_words(iv['a'])})"
     if f.form == "power":
         text += f", alpha = {p['alpha']:.3f} ({interval_words(iv['alpha'], '.3f')})"
