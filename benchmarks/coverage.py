@@ -205,12 +205,14 @@ def _pct(v: float | None) -> str:
 def markdown(results: dict[tuple[str, str, int], dict[str, Any]], args: argparse.Namespace,
              seconds: float) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    lines = [f"Replicates per cell: {args.replicates} (seeds {args.seed_base}..{args.seed_base + args.replicates - 1}); "
-             f"{args.jobs} worker processes; {seconds / 60:.1f} min on {machine}.", ""]
+    seeds = f"seeds {args.seed_base}..{args.seed_base + args.replicates - 1}"
+    lines = [f"Replicates per cell: {args.replicates} ({seeds}); {args.jobs} worker processes; "
+             f"{seconds / 60:.1f} min on {machine}.", ""]
     for key, title in (("lr", "per-batch-size lr* (log2)"), ("alpha", "alpha (power truths)"),
                        ("b_noise", "B_noise (log2; the surge form's peak on surge truths)")):
         lines += [f"### {title}", "",
-                  "| truth | shape | trials/B | n | coverage | point outside | bias | spread | width/true | unbounded |",
+                  "| truth | shape | trials/B | n | coverage | point outside | bias | spread | width/true "
+                  "| unbounded |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (truth, shape, n), res in results.items():
             if key not in res:

@@ -44,6 +44,7 @@ from bstune.analysis.results import (
     StepsPoint,
     format_number,
     jsonable,
+    plateau_words,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "analyze",
     "format_number",
     "jsonable",
+    "plateau_words",
 ]

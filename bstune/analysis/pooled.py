@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from bstune.analysis.results import PLATEAU
 from bstune.analysis.valley import (
     MIN_POINTS_2D,
     WINDOW_QUANTILE,
@@ -108,7 +109,7 @@ def _place_on_floor(block: _Block, j: int, theta: np.ndarray, lb_j: float, nb: i
                     u_centre: float, noise: float, y0: float, rng: np.random.Generator) -> Valley | None:
     """Batch size j's optimum on the fitted floor, per row; None where no resample drew two of its trials."""
     _, xb, ub, _, wb = block
-    a, b_, g, h = (theta[:, i] for i in range(4))
+    a, b_, g, h, kappa = (theta[:, i] for i in range(_FLOOR_SHARED))
     c = theta[:, _FLOOR_SHARED : _FLOOR_SHARED + nb]
     f = theta[:, _FLOOR_SHARED + 2 * nb : _FLOOR_SHARED + 3 * nb]
     lu = weighted_median_rows(ub, wb)
@@ -117,14 +118,18 @@ def _place_on_floor(block: _Block, j: int, theta: np.ndarray, lb_j: float, nb: i
     inside = wb[0] > 0
     # each row's own sampled range: the data's for the data, the resample's draws for a resample
     lx = np.clip(lx, np.where(wb > 0, xb, np.inf).min(axis=1), np.where(wb > 0, xb, -np.inf).max(axis=1))
+    # the plateau: where the valley lies within PLATEAU of the optimum's value, across the floor
+    level = PLATEAU * np.abs(c[:, j] + y0) / np.exp(kappa + theta[:, _FLOOR_SHARED + nb + j])
+    low, high = wall_within(level)
+    plateau = np.stack([lx + low, lx + high], axis=1)
     lost = (wb > 0).sum(axis=1) < 2
     if lost.all():
         return None
     if lost.any():
         take = rng.choice(np.flatnonzero(~lost), size=int(lost.sum()))
-        lx[lost], lu[lost] = lx[take], lu[take]
+        lx[lost], lu[lost], plateau[lost] = lx[take], lu[take], plateau[take]
     return Valley(lx, lu, float(c[0, j]) + y0, "pooled" if tilted else "pooled-lr", int(inside.sum()),
-                  noise, float(tilt[0]) if tilted else 0.0)
+                  noise, float(tilt[0]) if tilted else 0.0, plateau)
 
 
 class FloorFit:
@@ -278,6 +283,16 @@ class FloorFit:
             if not len(active):
                 break
         return theta
+
+
+def wall_within(level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets from the floor (octaves of lr, below and above) at which ``wall`` reaches ``level``; the
+    lower one -inf where the slow side never does."""
+    a = _WALL_POWER * math.log(2.0)
+    g = np.sqrt(np.maximum(level, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low = np.where(a * g < 1.0, np.log2(np.maximum(1.0 - a * g, 1e-300)) / _WALL_POWER, -np.inf)
+    return low, np.log2(1.0 + a * g) / _WALL_POWER
 
 
 def wall(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

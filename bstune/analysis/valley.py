@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
+from bstune.analysis.results import PLATEAU
 from bstune.trials import TrialRecord
 
 # The valley: completed trials whose value lies within this fraction of the way from the best values (the
@@ -40,6 +41,7 @@ class Valley:
     n_window: int
     noise: float  # residual RMS of the fit over the valley
     tilt: float | None = None  # the pooled fit's floor: d log2 lr / d log2(1 - m) along it
+    plateau: np.ndarray | None = None  # (1 + n_boot, 2): log2 lr at the ends of the plateau (see PLATEAU)
 
 
 def valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int, rng: np.random.Generator,
@@ -78,7 +80,7 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
     momentum_fixed = float(np.ptp(u)) < 1e-9
     lu_1d = np.full(len(rows), u[0]) if momentum_fixed else weighted_median_rows(u, weights)
     kinds = ["1d-lr"] if momentum_fixed else ["1d-lr", "1d-effective"]
-    lx_c, lu_c, val_c, sse_c = [], [], [], []
+    lx_c, lu_c, val_c, sse_c, half_c = [], [], [], [], []
     for kind in kinds:
         z = x if kind == "1d-lr" else x - u
         sz = Scale(z, in0)
@@ -90,28 +92,39 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
         lu_c.append(lu_1d)
         val_c.append(coef[:, 0] + coef[:, 1] * bz + coef[:, 2] * bz**2)
         sse_c.append(sse)
+        half_c.append(_half_width(coef[:, 2], val_c[-1] + y0) * sz.scale)
     pick = np.argmin(np.stack(sse_c, axis=1), axis=1)
     if not momentum_fixed and n_window >= MIN_POINTS_2D and np.ptp(u[in0]) >= _MIN_MOMENTUM_SPAN:
-        two_d = _fit_2d(x, u, y, weights, in0)
+        two_d = _fit_2d(x, u, y, weights, in0, y0)
         if two_d is not None:
-            use_2d, lx2, lu2, val2, sse2 = two_d
+            use_2d, lx2, lu2, val2, sse2, half2 = two_d
             kinds.append("2d")
             lx_c.append(lx2)
             lu_c.append(lu2)
             val_c.append(val2)
             sse_c.append(sse2)
+            half_c.append(half2)
             pick = np.where(use_2d, len(kinds) - 1, pick)
     lx = np.stack(lx_c, axis=1)[rows, pick]
     lu = np.stack(lu_c, axis=1)[rows, pick]
     value = float(np.stack(val_c, axis=1)[0, pick[0]]) + y0
     noise = math.sqrt(float(np.stack(sse_c, axis=1)[0, pick[0]]))
-    return Valley(lx, lu, value, kinds[pick[0]], n_window, noise)
+    half = np.stack(half_c, axis=1)[rows, pick]
+    return Valley(lx, lu, value, kinds[pick[0]], n_window, noise, plateau=np.stack([lx - half, lx + half], axis=1))
 
 
-def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray,
-            in0: np.ndarray) -> tuple[np.ndarray, ...] | None:
+def _half_width(curvature: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Half the width (in the fit's scaled units) of the plateau of a parabola with this curvature about an
+    optimum of this (sign-adjusted) value; infinite where the parabola does not curve up."""
+    level = PLATEAU * np.abs(value)
+    return np.where(curvature > 0, np.sqrt(level / np.where(curvature > 0, curvature, 1.0)), np.inf)
+
+
+def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray, in0: np.ndarray,
+            y0: float) -> tuple[np.ndarray, ...] | None:
     """The 2-D quadratic in (log2 lr, log2(1 - m)) per row, minimised over the valley's convex hull: (which
-    rows may use it, log2 lr, log2(1 - m), value, residual); None where the trials lie on one line."""
+    rows may use it, log2 lr, log2(1 - m), value, residual, the plateau's half width in log2 lr at that
+    momentum); None where the trials lie on one line. ``y0``: what was taken off the values."""
     sx, su = Scale(x, in0), Scale(u, in0)
     xs, us = sx.apply(x), su.apply(u)
     # "the sampled range" in 2-D: the convex hull of the valley's trials. A box would admit corners far
@@ -130,7 +143,8 @@ def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray,
     u_span = np.where(inside, u, -np.inf).max(axis=1) - np.where(inside, u, np.inf).min(axis=1)
     use_2d = ((inside.sum(axis=1) >= MIN_POINTS_2D) & (u_span >= _MIN_MOMENTUM_SPAN)
               & (low_eig > 0) & (high_eig <= _MAX_CONDITION * low_eig))
-    return use_2d, sx.undo(bx), su.undo(bu), _quad2(coef, bx, bu), sse
+    value = _quad2(coef, bx, bu)
+    return use_2d, sx.undo(bx), su.undo(bu), value, sse, _half_width(coef[:, 3], value + y0) * sx.scale
 
 
 def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
