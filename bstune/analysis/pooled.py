@@ -10,10 +10,12 @@ with (``FloorFit``)
     y = c_B + k_B q(x - s_B(u)),   s_B(u) = a + b L + f_B + (g + h L) u,   L = log2 B (centred)
 
 q the valley's lopsided profile across the floor (``wall``), the floor a line in log2 B with per batch
-size a shift f_B, its tilt moving linearly with log2 B, and the curvature k_B = exp(kappa + d_B); f_B and
-d_B pulled towards 0 by priors worth _FLOOR_PRIOR and _POOL_PRIOR trials. A batch size with two or three
-completed trials is placed by the others' shape and by the line through their floors; one with many by its
-own trials.
+size a shift f_B, its tilt moving linearly with log2 B, and the curvature k_B = exp(kappa + d_B). A batch
+size with fewer than _STAND_ALONE distinct trials in its valley has f_B and d_B pulled towards 0 by priors
+worth _FLOOR_PRIOR and _POOL_PRIOR trials, so it is placed by the others' shape and by the line through their
+floors; one with more is placed by its own trials alone (pulling its floor towards a line in log2 B would bend
+a curved lr*(B) and shrink the intervals). The priors are scaled, and the rule applied, per bootstrap row from
+that row's own draws: each resample is fitted by the estimator that fits the data.
 """
 
 from __future__ import annotations
