@@ -298,7 +298,7 @@ class Analysis:
         if not o.bracketed:
             notes.append(f"Its optimum is not bracketed ({o.status}): lr* is only a bound.")
         if o.plateau is not None:
-            notes.append(f"Any lr in {plateau_words(o.plateau)} (at this momentum) is expected within "
+            notes.append(f"Any {plateau_words(o.plateau)} (at this momentum) is expected within "
                          f"{PLATEAU:.0%} of the optimum's {self.metric}.")
         critical, name = self._critical()
         return Recommendation(batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,

@@ -49,7 +49,7 @@ def answer_lines(a: Analysis, trend: bool = True) -> list[str]:
         c = ans.fastest
         sign = "<=" if a.direction == "minimize" else ">="
         lines.append(f"Fastest to {a.metric} {sign} {a.steps.target:.4g}: B={c.batch_size} (~{_seconds(c.seconds)} "
-                     f"at the {format_number(c.examples_per_second)} examples/s its trials ran at) with {_use(c)}")
+                     f"at the {c.examples_per_second:,.0f} examples/s its trials ran at) with {_use(c)}")
     else:
         lines.append(f"Fastest to the target: not known ({ans.why_not.get('fastest', '')})")
     if ans.critical is not None:
@@ -150,13 +150,13 @@ def _fit_lines(a: Analysis, title: str, fits: dict[str, LawFit], preferred: str 
     if not fits:
         return [f"Fits of {title}: none (fewer than 2 batch sizes with an optimum)"]
     lines = [f"Fits of {title} (log2 space, weighted by the interval widths; {a.criterion}, lower is better)",
-             f"  {'form':<11} {'parameters':<62} {'rms(oct)':>8} {a.criterion:>8} {'d' + a.criterion:>8} "
+             f"  {'form':<15} {'parameters':<62} {'rms(oct)':>8} {a.criterion:>8} {'d' + a.criterion:>8} "
              f"{'weight':>6}"]
     for f in fits.values():
         mark = "  <- preferred" if f.form == preferred else ""
         if f.form == preferred and (fits is a.effective_fits) == (a.basis == "effective"):
             mark += ", used by recommend()"
-        lines.append(f"  {f.form:<11} {_law_params(f):<62} {f.rms_log2:>8.3f} {format_number(f.aicc):>8} "
+        lines.append(f"  {f.form:<15} {_law_params(f):<62} {f.rms_log2:>8.3f} {format_number(f.aicc):>8} "
                      f"{f.delta:>8.1f} {f.weight:>6.2f}{mark}")
     return lines
 
