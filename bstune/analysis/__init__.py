@@ -12,8 +12,9 @@
    the others' only where it has fewer than 4 distinct trials in its valley: a batch size with 2-3 completed
    trials is placed by the others' shape, one with more by its own trials. m* is the valley's weighted median
    momentum, lr* the floor there, clipped to the valley's sampled range; the plateau the lrs (at m*) whose
-   expected objective is within 1% of the optimum's. Where no joint fit is possible, each batch size with ``min_trials`` completed trials is fitted alone
-   (``valley``), by a 2-D quadratic in (log2 lr, log2(1 - m)) or a 1-D one. 95% intervals come from a
+   expected objective is within 1% of the optimum's. Where no joint fit is possible, each batch size with
+   ``min_trials`` completed trials is fitted alone (``valley``), by a 2-D quadratic in (log2 lr,
+   log2(1 - m)) or a 1-D one. 95% intervals come from a
    bootstrap over the trials (within each batch size), vectorised over resamples; every resample is fitted
    by the estimator that fits the data (its window, priors and pooling from its own draws), and
    benchmarks/COVERAGE.md measures how often the intervals hold a known truth. Pruned trials'

@@ -4,7 +4,7 @@
 "saturating-sqrt" lr_max / (1 + B_noise / B)^(1/2) and "surge" lr_max / (0.5 (sqrt(B_noise/B) +
 sqrt(B/B_noise))), which rises, peaks at B = B_noise and falls (Adam: Li et al. 2024). Each is fitted to
 every bootstrap replicate of the per-batch optima at once (the rows), weighted by the optima's interval
-widths.
+widths, with Huber's weights on top (``_robust_fit``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ _FIXED_ALPHA = {"linear": 1.0, "sqrt": 0.5}
 _GRID_MARGIN = 5.0  # octaves beyond the measured batch sizes searched for B_noise and B_crit
 _GRID_STEP = 0.02
 SUPPORT_MARGIN = 1.0  # octaves beyond the measured batch sizes where B_noise or B_crit is still reported
+_HUBER = 1.345  # spreads beyond which an optimum counts less in a law (Huber's usual constant; _robust_fit)
+_IRLS_STEPS = 4
 _REJECT_DELTA = 10.0  # AICc difference at which the saturating form is rejected and no B_noise is given
 _EDGE_NOTES = {  # (B_noise at the bottom of the grid, at the top)
     "saturating": ("B_noise at the bottom of the search range: lr* is flat",
@@ -47,7 +49,7 @@ def fit_forms(sizes: np.ndarray, rows: np.ndarray, criterion: str) -> tuple[dict
     sigma = np.maximum(spread, max(SIGMA_FLOOR, 0.25 * float(np.median(spread))))
     w = 1.0 / sigma**2
     w = w / w.mean()
-    fits = {form: _fit_form(form, logb, rows, w, criterion) for form in FORMS}
+    fits = {form: _fit_form(form, logb, rows, w, sigma, criterion) for form in FORMS}
     best = min(f.aicc for f in fits.values())
     total = sum(math.exp(-(f.aicc - best) / 2.0) for f in fits.values())
     for f in fits.values():
@@ -57,24 +59,15 @@ def fit_forms(sizes: np.ndarray, rows: np.ndarray, criterion: str) -> tuple[dict
     return fits, preferred
 
 
-def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, criterion: str) -> LawFit:
-    """One form fitted to every row (weights ``w`` per batch size, mean 1), scored on row 0."""
+def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, sigma: np.ndarray,
+              criterion: str) -> LawFit:
+    """One form fitted to every row (weights ``w`` per batch size, mean 1; ``sigma`` the optima's spreads),
+    scored on row 0."""
     n = len(logb)
-    wsum = w.sum()
     note = ""
-    if form == "power":
-        xm = (w * logb).sum() / wsum
-        ym = (rows * w).sum(axis=1) / wsum
-        alpha = ((rows - ym[:, None]) * w * (logb - xm)).sum(axis=1) / (w * (logb - xm) ** 2).sum()
-        params = np.stack([ym - alpha * xm, alpha], axis=1)
-    elif form in _FIXED_ALPHA:
-        a = _FIXED_ALPHA[form]
-        params = np.stack([((rows - a * logb) * w).sum(axis=1) / wsum, np.full(len(rows), a)], axis=1)
-    else:
-        c, t, edge = profile_saturating(logb, rows, w, form)
-        params = np.stack([c, t], axis=1)
-        if edge[0] != 0:
-            note = _EDGE_NOTES[form][int(edge[0] > 0)]
+    params, edge = _robust_fit(form, logb, rows, w, sigma)
+    if form in NOISE_FORMS and edge[0] != 0:
+        note = _EDGE_NOTES[form][int(edge[0] > 0)]
     resid = rows[0] - law_log2(form, params[:1], logb)[0]
     k = (1 if form in _FIXED_ALPHA else 2) + 1  # + the residual variance
     var = max(float((w * resid**2).sum()) / n, 1e-4)  # no fit is better than 0.01 octave
@@ -88,7 +81,7 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, crit
         c_boot = np.where(edge[1:] > 0, np.inf, boot[:, 0])  # no saturation: lr_max unbounded too
         fit.params = {"lr_max": float(2.0 ** params[0, 0]), "b_noise": float(2.0 ** params[0, 1])}
         fit.intervals = {"lr_max": quantile_interval(2.0**c_boot),
-                         "b_noise": quantile_interval(2.0 ** infinite_at_edges(t[1:], edge[1:]))}
+                         "b_noise": quantile_interval(2.0 ** infinite_at_edges(boot[:, 1], edge[1:]))}
     else:
         fit.params = {"a": float(2.0 ** params[0, 0]), "alpha": float(params[0, 1])}
         fit.intervals = {"a": quantile_interval(2.0 ** boot[:, 0])}
@@ -99,6 +92,40 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, crit
     return fit
 
 
+def _robust_fit(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray,
+                sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Parameters (rows, 2) and grid edges (rows,) of ``form`` by iteratively reweighted least squares with
+    Huber's weights: an optimum more than _HUBER of its spreads off the law counts less. A bootstrap
+    replicate of an optimum is heavy-tailed (a resample that drew few trials near the bottom of a valley
+    can put it an octave off), and in a least-squares law one such replicate of any batch size moves the
+    whole replicate of the law, which widens the law's intervals beyond its estimator's spread. The data
+    and every replicate are fitted alike."""
+    weights = np.broadcast_to(w, rows.shape)
+    for step in range(_IRLS_STEPS + 1):
+        params, edge = _fit_rows(form, logb, rows, weights)
+        if step < _IRLS_STEPS:
+            z = np.abs(rows - law_log2(form, params, logb)) / sigma
+            weights = w * np.minimum(1.0, _HUBER / np.maximum(z, 1e-12))
+    return params, edge
+
+
+def _fit_rows(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares of ``form`` for every row (weights ``w`` per row and batch size)."""
+    wsum = w.sum(axis=1)
+    edge = np.zeros(len(rows), dtype=int)
+    if form == "power":
+        xm = (w * logb).sum(axis=1) / wsum
+        ym = (rows * w).sum(axis=1) / wsum
+        dx = logb[None, :] - xm[:, None]
+        alpha = ((rows - ym[:, None]) * w * dx).sum(axis=1) / (w * dx**2).sum(axis=1)
+        return np.stack([ym - alpha * xm, alpha], axis=1), edge
+    if form in _FIXED_ALPHA:
+        a = _FIXED_ALPHA[form]
+        return np.stack([((rows - a * logb) * w).sum(axis=1) / wsum, np.full(len(rows), a)], axis=1), edge
+    c, t, edge = profile_saturating(logb, rows, w, form)
+    return np.stack([c, t], axis=1), edge
+
+
 def profile_saturating(logb: np.ndarray, rows: np.ndarray, w: np.ndarray,
                        form: str = "saturating") -> tuple[np.ndarray, ...]:
     """Fit rows ~ c + noise_shape(form, t, log2 B) for every row: t on a grid (c profiled out in closed form),
@@ -106,11 +133,12 @@ def profile_saturating(logb: np.ndarray, rows: np.ndarray, w: np.ndarray,
     end)."""
     grid = np.arange(logb.min() - _GRID_MARGIN, logb.max() + _GRID_MARGIN + _GRID_STEP / 2, _GRID_STEP)
     g = noise_shape(form, grid[:, None], logb[None, :])  # (T, n)
-    wsum = w.sum()
-    swy = rows @ w
-    swg = g @ w
-    sse = ((rows**2) @ w)[:, None] - 2.0 * (rows * w) @ g.T + ((g**2) @ w)[None, :] \
-        - (swy[:, None] - swg[None, :]) ** 2 / wsum
+    w = np.broadcast_to(w, rows.shape)  # weights per row and batch size
+    wsum = w.sum(axis=1)
+    swy = (rows * w).sum(axis=1)
+    swg = w @ g.T  # (R, T)
+    sse = (rows**2 * w).sum(axis=1)[:, None] - 2.0 * (rows * w) @ g.T + w @ (g**2).T \
+        - (swy[:, None] - swg) ** 2 / wsum[:, None]
     k = sse.argmin(axis=1)
     last = len(grid) - 1
     kk = np.clip(k, 1, last - 1)
