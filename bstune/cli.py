@@ -137,7 +137,20 @@ def study(spec_file: str, device: str, workers: int | None, trials_per_device: i
         click.echo(f"error: {launched.error}", err=True)
         sys.exit(launched.exit_code)
     if result.stop_reason:  # the budget is spent: the study is ready to be read
+        click.echo(_study_answer(result.table))
         click.echo(_next_steps(spec_file, spec.tracking_uri, storage, tracking_uri))
+
+
+def _study_answer(table: TrialTable) -> str:
+    """Which batch size to use, three lines (best at budget, fastest to target, critical batch size), or why
+    the trials cannot say yet."""
+    from bstune.analysis import analyze
+    from bstune.report import answer_lines
+
+    try:
+        return "\n".join(answer_lines(analyze(table), trend=False))
+    except BstuneError as e:
+        return f"Which batch size to use: not yet ({e})"
 
 
 def _next_steps(spec_file: str, tracking_uri: str, storage: str | None = None, tracking_override: str | None = None
@@ -358,7 +371,11 @@ def _stored_tracking_uri(spec: StudySpec, table: TrialTable) -> str:
 
 def _headline(a: Analysis) -> dict[str, float | None]:
     fits, _ = a.fits_for()
-    out: dict[str, float | None] = {"analysis.b_noise": a.b_noise}
+    out: dict[str, float | None] = {"analysis.b_noise": a.b_noise, "analysis.lr_peak_batch_size": a.peak}
+    if a.answer is not None:
+        for key, choice in (("best", a.answer.best), ("fastest", a.answer.fastest)):
+            out[f"analysis.{key}_batch_size"] = None if choice is None else float(choice.batch_size)
+        out["analysis.critical_batch_size"] = a.answer.critical
     if "power" in fits:
         out["analysis.alpha"] = fits["power"].alpha
     if a.steps is not None:
@@ -372,21 +389,32 @@ def _headline(a: Analysis) -> dict[str, float | None]:
 
 
 @main.command()
-@click.option("--batch-size", "-b", "batch_size", type=int, required=True, metavar="B",
-              help="The batch size you will train with.")
+@click.option("--batch-size", "-b", "batch_size", type=int, metavar="B",
+              help="The batch size you will train with (default: say which batch size to use).")
 @_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
-def recommend(batch_size: int, spec_file: str | None, storage: str | None, study_name: str | None,
+def recommend(batch_size: int | None, spec_file: str | None, storage: str | None, study_name: str | None,
               csv: str | None, direction: str, target: float | None, as_json: bool) -> None:
-    """The learning rate and momentum to use at batch size B, from the preferred fit.
+    """Which batch size to use, or (with -b B) the learning rate and momentum to use at B.
 
-    Says when B lies outside the measured range (extrapolation) or above the critical batch size.
+    \b
+    Without -b: the batch size with the best objective at the study's budget, the one
+    that reaches the steps-to-target goal soonest in wall time on the trials'
+    hardware, and the critical batch size with the regime of each measured batch
+    size; each with lr, momentum and the plateau of lrs within 1% of the best.
+    With -b B: B's own fitted optimum where B was measured, else the preferred fit
+    of lr*(B); says when B lies outside the measured range (extrapolation), above
+    the critical batch size, above the training set or the largest stable lr.
     """
     import json
 
-    from bstune.report import format_recommendation
+    from bstune.report import answer_lines, format_recommendation
 
     _, _, result = _analysis(spec_file, storage, study_name, csv, direction, target)
+    if batch_size is None:
+        payload = None if result.answer is None else result.answer.to_dict()
+        click.echo(json.dumps(payload, indent=2) if as_json else "\n".join(answer_lines(result)))
+        return
     rec = result.recommend(batch_size)
     click.echo(json.dumps(rec.to_dict(), indent=2) if as_json else format_recommendation(rec))
 

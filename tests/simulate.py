@@ -5,6 +5,8 @@ The law is on the *effective* learning rate lr/(1 - m), the quantity that SGD wi
 
 - ``"power"``:      eff*(B) = lr_max * (B / B_largest) ** alpha   (lr_max: the optimum at the largest B)
 - ``"saturating"``: eff*(B) = lr_max / (1 + b_noise / B)           (McCandlish et al. 2018)
+- ``"surge"``:      eff*(B) = lr_max / (0.5 (sqrt(b_noise / B) + sqrt(B / b_noise)))   (Li et al. 2024: Adam's
+  optimum rises, peaks at B = b_noise and falls)
 
 The best momentum is ``momentum_opt`` at every batch size, so the plain optimum lr*(B) = eff*(B) (1 - m*)
 follows the same law, shifted by a constant. ``table.meta["truth"]`` holds the true optima.
@@ -38,7 +40,7 @@ import numpy as np
 from bstune.errors import BstuneError
 from bstune.trials import CSV_COLUMNS, EpochPoint, TrialRecord, TrialTable
 
-LAWS = ("power", "saturating")
+LAWS = ("power", "saturating", "surge")
 DEFAULT_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 FLOOR = 0.3  # the best loss the simulated model reaches
@@ -59,6 +61,8 @@ def true_effective_lr(law: str, batch_size: float, *, alpha: float = 1.0, b_nois
         return lr_max * (batch_size / batch_largest) ** alpha
     if law == "saturating":
         return lr_max / (1.0 + b_noise / batch_size)
+    if law == "surge":
+        return lr_max / (0.5 * (math.sqrt(b_noise / batch_size) + math.sqrt(batch_size / b_noise)))
     raise BstuneError(f"law must be one of {', '.join(LAWS)}, got {law!r}")
 
 
@@ -182,7 +186,7 @@ def simulate_trials(
 
     truth = {
         "law": law, "alpha": alpha if law == "power" else None,
-        "b_noise": b_noise if law == "saturating" else None,
+        "b_noise": b_noise if law in ("saturating", "surge") else None,
         "lr_max": lr_max, "momentum": momentum_opt if momentum is None else momentum, "b_crit": b_crit,
         "steps_scale": steps_scale, "floor": FLOOR, "initial": INITIAL,
         "effective_lr": truth_eff, "lr": truth_lr,

@@ -13,7 +13,7 @@ import pytest
 from bstune.analysis import FORMS, Analysis, analyze
 from bstune.errors import BstuneError
 from bstune.report import format_analysis, format_recommendation
-from bstune.trials import TrialRecord, TrialTable
+from bstune.trials import State, TrialRecord, TrialTable
 from tests.simulate import simulate_trials, valley_profile
 
 B_NOISE = 256.0
@@ -317,13 +317,17 @@ def test_steps_to_target_needs_curves_and_a_reachable_target():
 def test_recommend_flags_extrapolation_and_batches_above_the_critical_size():
     table = _sim("saturating", 0)
     a = _analysis("saturating", 0)
-    inside = a.recommend(64)
+    inside = a.recommend(48)
     assert not inside.extrapolated and not inside.above_critical
     lo, hi = inside.lr_interval
     assert lo <= inside.lr <= hi and inside.form == "saturating" and inside.basis == "effective"
-    assert _octaves(inside.effective_lr, table.meta["truth"]["effective_lr"][64]) <= 0.25
+    truth = table.meta["truth"]["effective_lr"]
+    assert _octaves(inside.effective_lr, math.sqrt(truth[32] * truth[64])) <= 0.25
     assert inside.lr == pytest.approx(inside.effective_lr * (1 - inside.momentum))
-    assert any("B=64 was measured" in n for n in inside.notes)
+    measured = a.recommend(64)  # a measured batch size: its own optimum, not the law's
+    assert measured.form == "measured" and measured.lr == a.optimum(64).lr
+    assert measured.momentum == a.optimum(64).momentum and measured.plateau == a.optimum(64).plateau
+    assert any("B=64 was measured" in n for n in measured.notes)
 
     big = a.recommend(8192)
     assert big.extrapolated and big.above_critical
@@ -352,6 +356,70 @@ def test_two_batch_sizes_are_enough_but_the_comparison_is_weak():
     assert a.criterion == "AIC" and any("only 2 batch sizes" in w for w in a.warnings)
     assert set(a.fits) == set(FORMS)
     assert a.recommend(256).lr > 0
+
+
+def test_a_surge_is_recognised_with_its_peak_and_recommend_says_lr_falls_beyond_it():
+    table = simulate_trials("surge", b_noise=256.0, momentum=0.9, trials_per_batch=16, seed=2,
+                            batch_sizes=(16, 32, 64, 128, 256, 512, 1024))
+    a = analyze(table)
+    assert a.fits_for()[1] == "surge" and a.trend == "peaks"
+    lo, hi = a.peak_interval
+    assert 256 / 1.3 < a.peak < 256 * 1.3 and lo <= a.peak <= hi
+    assert a.b_noise is None  # a peak is no critical batch size
+    assert any("peaks at B ~" in w for w in a.warnings)
+    assert any("falls with B above its peak" in n for n in a.recommend(2048).notes)
+    assert a.recommend(2048).lr < a.recommend(700).lr  # no rising law past the peak
+    assert "peaks at B ~" in format_analysis(a)
+
+
+def test_a_power_law_reports_no_peak():
+    a = _analysis("power", 0, alpha=1.0)
+    assert a.peak is None and a.trend == "rises" and a.fits_for()[1] != "surge"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_point_estimates_lie_inside_their_intervals(seed):
+    a = analyze(simulate_trials("saturating", momentum=0.9, trials_per_batch=14, seed=seed,
+                                batch_sizes=(16, 32, 64, 128, 256, 512, 1024)))
+    for o in a.per_batch:
+        lo, hi = o.lr_interval
+        assert lo <= o.lr <= hi, o
+        assert o.plateau[0] < o.lr < o.plateau[1]
+        assert o.plateau_low_interval[0] <= o.plateau[0] <= o.plateau_low_interval[1]
+        assert o.plateau_high_interval[0] <= o.plateau[1] <= o.plateau_high_interval[1]
+    for f in a.fits_for()[0].values():
+        if f.note:  # B_noise at the end of the grid: a bound, its interval open
+            continue
+        for name, (lo, hi) in f.intervals.items():
+            value = f.params[name]
+            assert lo <= value <= hi, (f.form, name)
+
+
+def test_recommend_warns_above_the_training_set_and_the_largest_stable_lr():
+    a = _analysis("power", 0, alpha=1.0)
+    rec = a.recommend(10_000_000)
+    assert any("larger than the training set (50000 examples)" in n for n in rec.notes)
+    edge = max(o.max_stable_lr for o in a.per_batch if o.max_stable_lr is not None)
+    assert rec.lr > edge and any("above the largest lr that stayed stable" in n for n in rec.notes)
+    assert not any("stayed stable" in n for n in a.recommend(64).notes)
+
+
+def test_the_answer_names_the_best_the_fastest_and_the_critical_batch_size():
+    table = _sim("power", 0, alpha=1.0, b_crit=128.0, **STEPS_SIM)
+    table.records[:] = [dataclasses.replace(r, train_seconds=r.examples_seen / (100.0 * r.batch_size ** 0.5))
+                        for r in table.records]  # examples/s grows as sqrt(B)
+    a = analyze(table, target=0.4)
+    ans = a.answer
+    best = min((o for o in a.per_batch if o.fitted), key=lambda o: o.value)
+    assert ans.best.batch_size == best.batch_size and ans.best.lr == best.lr and ans.best.plateau == best.plateau
+    assert ans.critical == a.steps.b_crit and ans.critical_source == "steps to target"
+    assert ans.regimes[16] == "perfect scaling" and ans.regimes[4096] == "maximal data parallelism"
+    rate = {o.batch_size: 100.0 * o.batch_size ** 0.5 for o in a.per_batch}
+    times = {b: a.steps.predict(b) * b / rate[b] for b in rate if a.optimum(b).fitted}
+    assert ans.fastest.batch_size == min(times, key=times.__getitem__)
+    lines = format_analysis(a).splitlines()
+    assert lines[0] == "Which batch size to use:" and f"B={ans.best.batch_size}" in lines[1]
+    assert json.loads(json.dumps(a.to_dict()))["answer"]["best"]["batch_size"] == ans.best.batch_size
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -387,9 +455,10 @@ def _records(sizes: dict[int, int]) -> list[TrialRecord]:
     (TrialTable(_records({32: 6, 64: 1})), {},
      "need at least 2 batch sizes that can be fitted (>= 4 completed trials each, or >= 2 where the other batch "
      "sizes show the valley's shape); found B=32: 6, B=64: 1; run more trials"),
-    (TrialTable(_records({32: 12})), {},
-     "the trials cover one batch size (B=32); how lr* moves with B needs 2 or more (5 or more to tell the "
-     "forms apart): run more trials, or list more batch sizes in the spec's search.batch_sizes"),
+    (TrialTable(_records({32: 3})), {}, "the trials cover one batch size (B=32) with 3 completed trial(s); "
+     "its optimum needs >= 4: run more trials"),
+    (TrialTable([dataclasses.replace(r, state=State.DIVERGED, value=None) for r in _records({32: 5, 64: 5})]), {},
+     "none of the 10 trials completed with a finite value, so there is nothing to fit"),
     (TrialTable(_records({32: 3, 64: 3})), {"min_trials": 3}, None),
     (TrialTable(_records({32: 5, 64: 5})), {"n_boot": 5}, "n_boot must be an integer >= 20"),
     (TrialTable(_records({32: 5, 64: 5})), {"min_trials": 2}, "min_trials must be an integer >= 3"),
@@ -403,6 +472,16 @@ def test_bad_arguments_raise_one_clear_line(table, kwargs, message):
     with pytest.raises(BstuneError) as err:
         analyze(table, **kwargs)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_one_batch_size_gives_its_own_optimum_and_no_law():
+    a = analyze(TrialTable(_records({32: 12})))
+    assert a.per_batch[0].fitted and not a.fits and any("cover one batch size (B=32)" in w for w in a.warnings)
+    rec = a.recommend(32)
+    assert rec.form == "measured" and rec.lr == a.optimum(32).lr
+    with pytest.raises(BstuneError, match="no fit of lr"):
+        a.recommend(64)
+    assert a.answer.best.batch_size == 32
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -11,7 +12,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from bstune.analysis import analyze
-from bstune.cli import main
+from bstune.cli import _study_answer, main
+from bstune.errors import BstuneError
+from bstune.report import build_report
 from bstune.search import run_study
 from bstune.spec import load_spec
 from bstune.trials import from_csv
@@ -77,6 +80,18 @@ def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     assert code == 2 and line.startswith(f"error: cannot log the analysis to MLflow run {result.parent_run_id}"), out
     code, out = _invoke("recommend", "--batch-size", "32", str(path))
     assert code == 0 and "lr=" in out, out
+    # without -b: which batch size to use, the answer first; the parent run carries it
+    code, out = _invoke("recommend", str(path))
+    assert code == 0, out
+    first = out.splitlines()[0]
+    assert first.startswith("Best ") and re.search(r"B=(16|32|64) ", first) and "lr=" in first, out
+    best = int(re.search(r"B=(\d+)", first).group(1))
+    assert run.data.metrics["analysis.best_batch_size"] == best
+    assert json.loads((tmp_path / "a.json").read_text())["answer"]["best"]["batch_size"] == best
+    # what `bstune study` ends its summary with once the budget is spent
+    lines = _study_answer(result.table).splitlines()
+    assert len(lines) == 3 and lines[0] == first and lines[1].startswith("Fastest")
+    assert lines[2].startswith("Critical batch size")
     # The study records its URLs without passwords: by --storage alone, a password-protected tracking store
     # must be named again, said before anything is written.
     study = optuna.load_study(study_name=spec.name, storage=spec.storage)
@@ -96,8 +111,10 @@ def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     ("batch_size,lr,value,state\n32,0.1,0.5,COMPLETE\n", ["missing column", "momentum"]),
     ("batch_size,lr,momentum,value,state\n32,-0.1,0.9,0.5,COMPLETE\n", ["line 2", "lr must be > 0"]),
     ("batch_size,lr,momentum,value,state\n0,0.1,0.9,0.5,COMPLETE\n", ["line 2", "batch_size"]),
-    ("batch_size,lr,momentum,value,state\n" + "".join(f"32,{0.01 * (i + 1)},0.9,{i},COMPLETE\n" for i in range(8)),
-     ["one batch size (B=32)", "list more batch sizes"]),
+    ("batch_size,lr,momentum,value,state\n" + "".join(f"{b},0.1,0.9,,DIVERGED\n" for b in (32, 64)),
+     ["none of the 2 trials completed", "nothing to fit"]),
+    ("batch_size,lr,momentum,value,state\n" + "".join(f"32,{0.01 * (i + 1)},0.9,{i},COMPLETE\n" for i in range(3)),
+     ["one batch size (B=32)", "run more trials"]),
 ])
 def test_bad_tables_are_one_line(tmp_path: Path, content: str, words: list[str]) -> None:
     path = tmp_path / "t.csv"
@@ -108,6 +125,31 @@ def test_bad_tables_are_one_line(tmp_path: Path, content: str, words: list[str])
     assert line.startswith("error: ") and "\n" not in line, out
     for w in words:
         assert w in line, (w, line)
+
+
+def test_no_completed_trial_is_one_line_for_every_analysis_command(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("batch_size,lr,momentum,value,state\n32,0.1,0.9,,DIVERGED\n64,0.2,0.9,0.5,PRUNED\n")
+    for args in (["analyze", "--json", "-"], ["recommend"], ["recommend", "-b", "32"]):
+        code, out = _invoke(*args, "--csv", str(path))
+        assert code == 2 and out.strip().startswith("error: none of the 2 trials completed"), (args, out)
+        assert "\n" not in out.strip()
+    with pytest.raises(BstuneError, match="none of the 2 trials completed"):
+        build_report(from_csv(path))
+
+
+def test_one_batch_size_recommends_its_own_optimum(tmp_path: Path) -> None:
+    table = simulate_trials("power", batch_sizes=(64,), trials_per_batch=20, seed=1)
+    path = tmp_path / "one.csv"
+    write_csv(table, path)
+    code, out = _invoke("recommend", "-b", "64", "--csv", str(path), "--json")
+    assert code == 0, out
+    rec = json.loads(out)
+    assert rec["form"] == "measured" and rec["lr"] == analyze(from_csv(path)).optimum(64).lr
+    code, out = _invoke("recommend", "--csv", str(path))
+    assert code == 0 and out.startswith("Best value at the study's budget: B=64 "), out
+    code, out = _invoke("recommend", "-b", "128", "--csv", str(path))
+    assert code == 2 and "no fit of lr*(B)" in out, out
 
 
 def test_unknown_study_is_one_line(tmp_path: Path) -> None:

@@ -229,6 +229,8 @@ def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
     out = result.output
     assert out.count("trial ") >= 4 and "B=16" in out and "B=64" in out
     assert "best lr" in out and "spent: 4/4 trials" in out
+    # two trials per batch size cannot say which batch size to use: one line says so, before what to run next
+    assert out.index("Which batch size to use: not yet (") < out.index("next:")
     # then what to run next, for this study (its own tracking store, not the default one)
     path, spec = tmp_path / "spec.yaml", load_spec(tmp_path / "spec.yaml")
     steps = [line.removeprefix("next:").split("#")[0].split() for line in out[out.index("next:"):].splitlines()]

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bstune.analysis.laws import estimate_b_noise, fit_forms
+from bstune.analysis.answer import answer, throughput
+from bstune.analysis.laws import estimate_b_noise, find_peak, fit_forms
 from bstune.analysis.pooled import pooled_valleys
 from bstune.analysis.results import (
     Analysis,
@@ -47,12 +48,10 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     rng = np.random.default_rng(seed)
     warnings: list[str] = []
     groups = table.by_batch_size()
-    if len(groups) < 2:
-        raise BstuneError(f"the trials cover one batch size (B={next(iter(groups))}); how lr* moves with B "
-                          "needs 2 or more (5 or more to tell the forms apart): run more trials, or list more "
-                          "batch sizes in the spec's search.batch_sizes")
-
     done = {b: [r for r in rs if _is_complete(r)] for b, rs in groups.items()}
+    if not any(done.values()):
+        raise BstuneError(f"none of the {len(table.records)} trials completed with a finite value, so there is "
+                          "nothing to fit: run more trials (bstune status shows how they ended)")
     nan_done = sum(1 for rs in groups.values() for r in rs if r.state == State.COMPLETE and not _is_complete(r))
     if nan_done:
         warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
@@ -61,20 +60,31 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
                  for b, rs in groups.items()]
     _prefer_pooled(per_batch, groups, done, said, sign, n_boot, rng, min_trials)
     warnings += [w for b in groups for w in said[b]]
-    if sum(o.fitted for o in per_batch) < 2:
+    if len(groups) == 1 and not per_batch[0].fitted:
+        raise BstuneError(f"the trials cover one batch size (B={per_batch[0].batch_size}) with "
+                          f"{per_batch[0].n_complete} completed trial(s); its optimum needs >= {min_trials}: run "
+                          "more trials")
+    if len(groups) > 1 and sum(o.fitted for o in per_batch) < 2:
         found = ", ".join(f"B={b}: {len(done[b])}" for b in groups)
         raise BstuneError(f"need at least 2 batch sizes that can be fitted (>= {min_trials} completed trials "
                           "each, or >= 2 where the other batch sizes show the valley's shape); found "
                           f"{found}; run more trials")
+    if len(groups) < 2:
+        warnings.append(f"the trials cover one batch size (B={next(iter(groups))}): its optimum is fitted, but "
+                        "how lr* moves with B needs 2 or more (5 or more to tell the forms apart); list more "
+                        "batch sizes in the spec's search.batch_sizes")
     grad_noise = {b: _median_gns(rs) for b, rs in groups.items()}
     laws = _LawFits.of(per_batch, warnings)
     steps = steps_fit(table, groups, per_batch, sign, target, n_boot, rng, warnings)
+    choice = answer(per_batch, steps, throughput(table), sign, laws.b_noise, laws.b_noise_interval)
     return Analysis(per_batch=per_batch, fits=laws.fits, effective_fits=laws.effective_fits,
                     preferred=laws.preferred, effective_preferred=laws.effective_preferred,
                     criterion=laws.criterion, basis=laws.basis, b_noise=laws.b_noise,
-                    b_noise_interval=laws.b_noise_interval, steps=steps, grad_noise_scale=grad_noise,
+                    b_noise_interval=laws.b_noise_interval, peak=laws.peak, peak_interval=laws.peak_interval,
+                    trend=laws.trend, steps=steps, grad_noise_scale=grad_noise,
                     warnings=warnings, direction=table.direction, metric=table.metric,
-                    n_trials=len(table.records), n_boot=int(n_boot), min_trials=int(min_trials))
+                    n_trials=len(table.records), n_boot=int(n_boot), min_trials=int(min_trials),
+                    n_train=table.n_train, answer=choice)
 
 
 def _check_arguments(table: TrialTable, target: float | None, n_boot: int, min_trials: int) -> None:
@@ -140,6 +150,9 @@ class _LawFits:
     basis: str = "effective"
     b_noise: float | None = None
     b_noise_interval: Interval | None = None
+    peak: float | None = None
+    peak_interval: Interval | None = None
+    trend: str = ""
 
     @classmethod
     def of(cls, per_batch: list[BatchOptimum], warnings: list[str]) -> _LawFits:
@@ -163,7 +176,9 @@ class _LawFits:
             chosen, chosen_form = out.effective_fits, out.effective_preferred
         else:
             chosen, chosen_form = out.fits, out.preferred
-        out.b_noise, out.b_noise_interval = estimate_b_noise(chosen, chosen_form, out.basis, sizes, warnings)
+        out.peak, out.peak_interval, out.trend = find_peak(chosen, chosen_form, out.basis, sizes, warnings)
+        if chosen_form != "surge":  # a surge's B_noise is where lr* peaks, not where it levels off
+            out.b_noise, out.b_noise_interval = estimate_b_noise(chosen, chosen_form, out.basis, sizes, warnings)
         return out
 
 
@@ -215,6 +230,11 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
     out._fit_value = sign * v.value
     out.value = sign * max(v.value, sign * float(out.best_value)) if out.best_value is not None else out._fit_value
     out.fit, out.n_window = v.kind, v.n_window
+    if v.plateau is not None:
+        ends = 2.0 ** v.plateau
+        out.plateau = (float(ends[0, 0]), float(ends[0, 1]))
+        out.plateau_low_interval = quantile_interval(ends[1:, 0])
+        out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
     below, above = _bracket(records, sign, v, lx[0], leff[0])
     out.bracketed = below and above

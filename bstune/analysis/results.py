@@ -17,7 +17,9 @@ import numpy as np
 from bstune.errors import BstuneError
 
 LEVEL = 0.95  # of every interval
-FORMS = ("power", "linear", "sqrt", "saturating")
+FORMS = ("power", "linear", "sqrt", "saturating", "saturating-sqrt", "surge")
+NOISE_FORMS = ("saturating", "saturating-sqrt", "surge")  # the forms with a B_noise
+PLATEAU = 0.01  # the plateau: lrs whose expected objective is within this fraction of the optimum's
 SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 
 Interval = tuple[float, float]
@@ -45,6 +47,9 @@ class BatchOptimum:
     value: float | None = None  # the fit's expected objective at the optimum, never better than best_value
     max_stable_lr: float | None = None
     max_stable_effective_lr: float | None = None
+    plateau: Interval | None = None  # lrs (at momentum) within PLATEAU of the optimum's value; 0 / inf: open
+    plateau_low_interval: Interval | None = None  # the bootstrap intervals of its two ends
+    plateau_high_interval: Interval | None = None
     fit: str = ""  # "pooled" ("pooled-lr": one momentum; with the other batch sizes), "2d", "1d-lr", "1d-effective"
     n_window: int = 0  # completed trials in the valley the fit used
     bracketed: bool = False  # clearly worse trials on both sides: lr* is an estimate, not a bound
@@ -61,14 +66,26 @@ class BatchOptimum:
 
 
 def law_log2(form: str, rows: np.ndarray, log2_b: Any) -> np.ndarray:
-    """log2 lr* of ``form`` at log2 B, for parameter rows (log2 intercept, alpha or log2 B_noise)."""
+    """log2 lr* of ``form`` at log2 B, for parameter rows (log2 intercept or log2 lr_max, alpha or log2
+    B_noise)."""
     c, p = rows[:, 0], rows[:, 1]
     lb = np.asarray(log2_b, dtype=float)
     if lb.ndim:
         c, p = c[:, None], p[:, None]
-    if form == "saturating":
-        return c - np.logaddexp2(0.0, p - lb)
+    if form in NOISE_FORMS:
+        return c + noise_shape(form, p, lb)
     return c + p * lb
+
+
+def noise_shape(form: str, t: Any, lb: Any) -> Any:
+    """log2 (lr* / lr_max) at log2 B = lb for log2 B_noise = t: "saturating" 1 / (1 + B_noise/B) (McCandlish et
+    al. 2018), "saturating-sqrt" its square root (their Adam form), "surge" 1 / (0.5 (sqrt(B_noise/B) +
+    sqrt(B/B_noise))), which peaks at B = B_noise (Li et al. 2024)."""
+    if form == "saturating":
+        return -np.logaddexp2(0.0, t - lb)
+    if form == "saturating-sqrt":
+        return -0.5 * np.logaddexp2(0.0, t - lb)
+    return 1.0 - np.logaddexp2(0.5 * (t - lb), 0.5 * (lb - t))
 
 
 @dataclass
@@ -153,6 +170,7 @@ class Recommendation:
     extrapolated: bool
     above_critical: bool
     notes: list[str]
+    plateau: Interval | None = None  # measured batch sizes: lrs within 1% of the optimum's objective
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self)
@@ -179,6 +197,11 @@ class Analysis:
     n_trials: int = 0
     n_boot: int = 200
     min_trials: int = 4
+    peak: float | None = None  # the B at which lr* peaks, when it peaks inside the measured batch sizes
+    peak_interval: Interval | None = None
+    trend: str = ""  # how lr* moves with B: "rises", "falls", "peaks" ("" without a fit)
+    n_train: int | None = None  # training examples: a batch size above it is a full-batch run
+    answer: Any = None  # bstune.analysis.answer.Answer: which batch size to use
 
     def fits_for(self, effective: bool | None = None) -> tuple[dict[str, LawFit], str | None]:
         """The fits of the effective lr (``effective``) or of the plain lr, and their preferred form; by
@@ -204,13 +227,16 @@ class Analysis:
             "preferred": self.preferred, "effective_preferred": self.effective_preferred,
             "criterion": self.criterion, "basis": self.basis,
             "b_noise": self.b_noise, "b_noise_interval": self.b_noise_interval,
+            "peak": self.peak, "peak_interval": self.peak_interval, "trend": self.trend,
             "steps": None if self.steps is None else self.steps.to_dict(),
             "grad_noise_scale": {str(b): v for b, v in self.grad_noise_scale.items()},
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "n_train": self.n_train,
+            "answer": None if self.answer is None else self.answer.to_dict(),
         })
 
     def recommend(self, batch_size: int) -> Recommendation:
-        """lr and momentum for ``batch_size`` from the preferred form of lr*(B).
+        """lr and momentum for ``batch_size``: a measured batch size's own fitted optimum (where it is
+        bracketed, or where there is no fit of lr*(B)), else the preferred form of lr*(B).
 
         The fit is that of the effective lr lr/(1 - m) when ``basis`` is "effective" (SGD with momentum:
         lr = effective lr * (1 - momentum)), else that of the plain lr (e.g. Adam). The momentum is
@@ -221,6 +247,10 @@ class Analysis:
         batch_size = int(batch_size)
         effective = self.basis == "effective"
         fits, form = self.fits_for(effective)
+        own = next((o for o in self.per_batch if o.batch_size == batch_size and o.fitted
+                    and (o.bracketed or not fits)), None)
+        if own is not None:
+            return self._measured(own)
         if not fits or form is None:
             raise BstuneError("no fit of lr*(B) to recommend from: fewer than 2 batch sizes have a bracketed "
                               "optimum; see the analysis warnings and widen the lr range")
@@ -244,7 +274,13 @@ class Analysis:
             notes.append(f"B={batch_size} is above the critical batch size ({critical_name} ~ "
                          f"{critical:.0f}): there, doubling B cuts the optimizer steps by much less than "
                          "half, and lr* levels off.")
-        notes += self._measured_notes(batch_size, lr, momentum)
+        if form == "surge" and self.peak is not None and batch_size > self.peak:
+            notes.append(f"lr* falls with B above its peak at B ~ {self.peak:.0f}: a larger batch size needs "
+                         "a smaller lr here.")
+        elif self.trend == "falls":
+            notes.append("lr* falls with B across the measured batch sizes: a larger batch size needs a "
+                         "smaller lr.")
+        notes += self._measured_notes(batch_size, lr, momentum) + self._limit_notes(batch_size, lr)
         for f in fits.values():
             if f.form != form and f.delta < 2.0:
                 notes.append(f"The data support the {f.form} form almost as well (d{self.criterion}="
@@ -253,6 +289,37 @@ class Analysis:
                               effective_lr=lr / (1.0 - momentum), lr_interval=(lo * scale, hi * scale),
                               form=form, basis=self.basis,
                               extrapolated=extrapolated, above_critical=above, notes=notes)
+
+    def _measured(self, o: BatchOptimum) -> Recommendation:
+        """A measured batch size's own optimum, as a recommendation."""
+        assert o.lr is not None and o.momentum is not None and o.lr_interval is not None
+        notes = [f"B={o.batch_size} was measured: lr={format_number(o.lr)} and momentum {o.momentum:.3g} are its "
+                 f"own fitted optimum ({o.n_complete} completed trials)."]
+        if not o.bracketed:
+            notes.append(f"Its optimum is not bracketed ({o.status}): lr* is only a bound.")
+        if o.plateau is not None:
+            notes.append(f"Any {plateau_words(o.plateau)} (at this momentum) is expected within "
+                         f"{PLATEAU:.0%} of the optimum's {self.metric}.")
+        critical, name = self._critical()
+        return Recommendation(batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,
+                              effective_lr=o.lr / (1.0 - o.momentum), lr_interval=o.lr_interval, form="measured",
+                              basis=self.basis, extrapolated=False,
+                              above_critical=critical is not None and o.batch_size > critical,
+                              notes=notes + self._limit_notes(o.batch_size, o.lr), plateau=o.plateau)
+
+    def _limit_notes(self, batch_size: int, lr: float) -> list[str]:
+        """Warnings where B exceeds the training set or the lr the largest lr that stayed stable."""
+        notes = []
+        if self.n_train and batch_size > self.n_train:
+            notes.append(f"Careful: B={batch_size} is larger than the training set ({self.n_train} examples): "
+                         "a batch cannot hold more examples than there are.")
+        edges = [(o.max_stable_lr, o.batch_size) for o in self.per_batch if o.max_stable_lr is not None]
+        if edges:
+            edge, at = max(edges)
+            if lr > edge:
+                notes.append(f"Careful: lr={format_number(lr)} is above the largest lr that stayed stable in any "
+                             f"trial ({format_number(edge)}, at B={at}; larger ones diverged).")
+        return notes
 
     def _measured_notes(self, batch_size: int, lr: float, momentum: float) -> list[str]:
         """What the trials at ``batch_size`` itself say about the recommended lr, where it was measured."""
@@ -292,6 +359,18 @@ def _momentum_trend(used: list[BatchOptimum], batch_size: int) -> float:
     slope = float((w * (logb - xm) * (v - vm)).sum() / max(float((w * (logb - xm) ** 2).sum()), 1e-12))
     at = min(max(math.log2(batch_size), float(logb.min())), float(logb.max()))
     return float(1.0 - 2.0 ** (vm + slope * (at - xm)))
+
+
+def plateau_words(p: Interval) -> str:
+    """A plateau in words: 'lr from a to b', or open on a side ('lr up to b', 'lr from a up')."""
+    lo, hi = p
+    if lo <= 0.0 and not math.isfinite(hi):
+        return "every lr measured"
+    if lo <= 0.0:
+        return f"lr up to {format_number(hi)}"
+    if not math.isfinite(hi):
+        return f"lr from {format_number(lo)} up"
+    return f"lr from {format_number(lo)} to {format_number(hi)}"
 
 
 def quantile_interval(samples: np.ndarray) -> Interval:

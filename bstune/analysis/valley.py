@@ -16,15 +16,16 @@ from typing import Any
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
+from bstune.analysis.results import PLATEAU
 from bstune.trials import TrialRecord
 
 # The valley: completed trials whose value lies within this fraction of the way from the best values (the
 # mean of the best three) to the 90th percentile (in the joint fit, at least that of all batch sizes' trials),
-# and at least the best _MIN_POINTS_2D. Far from the optimum the objective flattens out ("no progress") or
+# and at least the best MIN_POINTS_2D. Far from the optimum the objective flattens out ("no progress") or
 # blows up; a quadratic through those points would say little about where the bottom is.
 _WINDOW_FRACTION = 0.4
 WINDOW_QUANTILE = 0.9
-_MIN_POINTS_2D = 10  # a 2-D quadratic has 6 coefficients
+MIN_POINTS_2D = 10  # a 2-D quadratic has 6 coefficients
 _MIN_MOMENTUM_SPAN = 1.0  # octaves of (1 - m) the valley must span for a 2-D fit
 _MAX_CONDITION = 1e3  # curvature ratio beyond which the 2-D fit cannot place the momentum
 
@@ -40,19 +41,25 @@ class Valley:
     n_window: int
     noise: float  # residual RMS of the fit over the valley
     tilt: float | None = None  # the pooled fit's floor: d log2 lr / d log2(1 - m) along it
+    plateau: np.ndarray | None = None  # (1 + n_boot, 2): log2 lr at the ends of the plateau (see PLATEAU)
 
 
 def valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int, rng: np.random.Generator,
-                  shared_high: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Completed trials as (log2 lr, log2(1 - m), sign * value), sorted by value, and their weights in the
     valley for the data (row 0) and every bootstrap resample."""
+    x, u, y = sorted_points(rs, sign)
+    counts = resample_counts(len(rs), n_boot, rng)
+    return x, u, y, window_weights(y, counts, min(len(rs), MIN_POINTS_2D))
+
+
+def sorted_points(rs: Sequence[TrialRecord], sign: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Completed trials as (log2 lr, log2(1 - m), sign * value), sorted by value."""
     y = sign * np.array([r.value for r in rs], dtype=float)
     order = np.argsort(y, kind="stable")
-    counts = _resample_counts(len(rs), n_boot, rng)
     x = np.log2([rs[i].lr for i in order])
     u = np.log2([1.0 - rs[i].momentum for i in order])
-    y = y[order]
-    return x, u, y, _window_weights(y, counts, min(len(rs), _MIN_POINTS_2D), shared_high)
+    return x, u, y[order]
 
 
 def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray) -> Valley:
@@ -73,7 +80,7 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
     momentum_fixed = float(np.ptp(u)) < 1e-9
     lu_1d = np.full(len(rows), u[0]) if momentum_fixed else weighted_median_rows(u, weights)
     kinds = ["1d-lr"] if momentum_fixed else ["1d-lr", "1d-effective"]
-    lx_c, lu_c, val_c, sse_c = [], [], [], []
+    lx_c, lu_c, val_c, sse_c, half_c = [], [], [], [], []
     for kind in kinds:
         z = x if kind == "1d-lr" else x - u
         sz = Scale(z, in0)
@@ -85,28 +92,39 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
         lu_c.append(lu_1d)
         val_c.append(coef[:, 0] + coef[:, 1] * bz + coef[:, 2] * bz**2)
         sse_c.append(sse)
+        half_c.append(_half_width(coef[:, 2], val_c[-1] + y0) * sz.scale)
     pick = np.argmin(np.stack(sse_c, axis=1), axis=1)
-    if not momentum_fixed and n_window >= _MIN_POINTS_2D and np.ptp(u[in0]) >= _MIN_MOMENTUM_SPAN:
-        two_d = _fit_2d(x, u, y, weights, in0)
+    if not momentum_fixed and n_window >= MIN_POINTS_2D and np.ptp(u[in0]) >= _MIN_MOMENTUM_SPAN:
+        two_d = _fit_2d(x, u, y, weights, in0, y0)
         if two_d is not None:
-            use_2d, lx2, lu2, val2, sse2 = two_d
+            use_2d, lx2, lu2, val2, sse2, half2 = two_d
             kinds.append("2d")
             lx_c.append(lx2)
             lu_c.append(lu2)
             val_c.append(val2)
             sse_c.append(sse2)
+            half_c.append(half2)
             pick = np.where(use_2d, len(kinds) - 1, pick)
     lx = np.stack(lx_c, axis=1)[rows, pick]
     lu = np.stack(lu_c, axis=1)[rows, pick]
     value = float(np.stack(val_c, axis=1)[0, pick[0]]) + y0
     noise = math.sqrt(float(np.stack(sse_c, axis=1)[0, pick[0]]))
-    return Valley(lx, lu, value, kinds[pick[0]], n_window, noise)
+    half = np.stack(half_c, axis=1)[rows, pick]
+    return Valley(lx, lu, value, kinds[pick[0]], n_window, noise, plateau=np.stack([lx - half, lx + half], axis=1))
 
 
-def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray,
-            in0: np.ndarray) -> tuple[np.ndarray, ...] | None:
+def _half_width(curvature: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Half the width (in the fit's scaled units) of the plateau of a parabola with this curvature about an
+    optimum of this (sign-adjusted) value; infinite where the parabola does not curve up."""
+    level = PLATEAU * np.abs(value)
+    return np.where(curvature > 0, np.sqrt(level / np.where(curvature > 0, curvature, 1.0)), np.inf)
+
+
+def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray, in0: np.ndarray,
+            y0: float) -> tuple[np.ndarray, ...] | None:
     """The 2-D quadratic in (log2 lr, log2(1 - m)) per row, minimised over the valley's convex hull: (which
-    rows may use it, log2 lr, log2(1 - m), value, residual); None where the trials lie on one line."""
+    rows may use it, log2 lr, log2(1 - m), value, residual, the plateau's half width in log2 lr at that
+    momentum); None where the trials lie on one line. ``y0``: what was taken off the values."""
     sx, su = Scale(x, in0), Scale(u, in0)
     xs, us = sx.apply(x), su.apply(u)
     # "the sampled range" in 2-D: the convex hull of the valley's trials. A box would admit corners far
@@ -123,12 +141,13 @@ def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray,
     low_eig, high_eig = (h11 + h22) / 2.0 - disc, (h11 + h22) / 2.0 + disc
     inside = weights > 0
     u_span = np.where(inside, u, -np.inf).max(axis=1) - np.where(inside, u, np.inf).min(axis=1)
-    use_2d = ((inside.sum(axis=1) >= _MIN_POINTS_2D) & (u_span >= _MIN_MOMENTUM_SPAN)
+    use_2d = ((inside.sum(axis=1) >= MIN_POINTS_2D) & (u_span >= _MIN_MOMENTUM_SPAN)
               & (low_eig > 0) & (high_eig <= _MAX_CONDITION * low_eig))
-    return use_2d, sx.undo(bx), su.undo(bu), _quad2(coef, bx, bu), sse
+    value = _quad2(coef, bx, bu)
+    return use_2d, sx.undo(bx), su.undo(bu), value, sse, _half_width(coef[:, 3], value + y0) * sx.scale
 
 
-def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """How often each of n trials is drawn: row 0 the data (all ones), then one row per bootstrap resample."""
     counts = np.ones((1 + n_boot, n))
     idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
@@ -136,13 +155,15 @@ def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarra
     return counts
 
 
-def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
-                    shared_high: float | None = None) -> np.ndarray:
+def window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
+                   shared_high: np.ndarray | None = None) -> np.ndarray:
     """Per resample (rows of ``counts`` over the trials, sorted by y): the weight of each trial in the valley.
 
     Inside: y at most 40% of the way from the best (mean of the best three draws) to the 90th percentile (or
-    to ``shared_high``, where that is higher), or among the k_min best distinct trials drawn. The weight
-    tapers from 1 at the bottom to 0.2 at the cut, so the fit follows the bottom more than the walls."""
+    to ``shared_high``, per row, where that is higher), or among the k_min best draws. Every rule counts
+    draws, not distinct trials, so that a resample (n draws, some repeated) is windowed as the data would be
+    were those its n trials. The weight tapers from 1 at the bottom to 0.2 at the cut, so the fit follows
+    the bottom more than the walls."""
     cum = np.cumsum(counts, axis=1)
     take = np.clip(np.minimum(cum, 3) - np.minimum(cum - counts, 3), 0, None)
     low = (take * y).sum(axis=1) / 3.0
@@ -151,7 +172,7 @@ def _window_weights(y: np.ndarray, counts: np.ndarray, k_min: int,
         high = np.maximum(high, shared_high)
     cut = low + _WINDOW_FRACTION * (high - low)
     present = counts > 0
-    inside = present & ((y[None, :] <= cut[:, None]) | (np.cumsum(present, axis=1) <= k_min))
+    inside = present & ((y[None, :] <= cut[:, None]) | (cum - counts < k_min))
     t = np.clip((y[None, :] - low[:, None]) / np.maximum(cut - low, 1e-12)[:, None], 0.0, 1.0)
     return np.where(inside, counts * (0.2 + 0.8 * (1.0 - t**3) ** 3), 0.0)
 

@@ -4,18 +4,20 @@
 plots (``plots``); ``write_report`` writes it as one self-contained HTML file, as Markdown with the PNG plots
 beside it, or as JSON (``render``; ``make_report`` does both); ``publish`` logs it under ``report/`` in the
 study's MLflow parent run. ``text`` is the one place the analysis is put into words: the terminal table of
-``bstune analyze`` (``format_analysis``), a recommendation (``format_recommendation``), and the report's
+``bstune analyze`` (``format_analysis``), which batch size to use (``answer_lines``), a recommendation
+(``format_recommendation``), and the report's
 sections about the analysis.
 """
 
 from bstune.report.build import Report, Row, build_report, report_batch_sizes
 from bstune.report.render import FORMATS, make_report, publish, to_html, to_markdown, write_report
-from bstune.report.text import format_analysis, format_recommendation
+from bstune.report.text import answer_lines, format_analysis, format_recommendation
 
 __all__ = [
     "FORMATS",
     "Report",
     "Row",
+    "answer_lines",
     "build_report",
     "format_analysis",
     "format_recommendation",

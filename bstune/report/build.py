@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bstune.analysis import Analysis, analyze, jsonable
+from bstune.analysis.answer import throughput
 from bstune.errors import BstuneError
 from bstune.report.plots import budget_and_curves, lr_vs_batch, objective_map, png, steps_tradeoff
 from bstune.report.text import law_verdict
@@ -110,7 +111,7 @@ def report_batch_sizes(measured: Sequence[int], requested: Sequence[int] = ()) -
 def _rows(table: TrialTable, a: Analysis, requested: list[int]) -> tuple[list[Row], str]:
     measured = [o.batch_size for o in a.per_batch]
     fitted = {o.batch_size: o.value for o in a.per_batch if o.fitted and o.value is not None}
-    rate = _throughput(table)
+    rate = throughput(table)
     effective = a.basis == "effective"
     fits, _ = a.fits_for(effective)
     rows = []
@@ -134,17 +135,6 @@ def _rows(table: TrialTable, a: Analysis, requested: list[int]) -> tuple[list[Ro
             notes=rec.notes,
         ))
     return rows, ""
-
-
-def _throughput(table: TrialTable) -> dict[int, float]:
-    """Examples per second per batch size: the median over its trials (one slow trial, e.g. on a shared
-    machine, would drag a sum down)."""
-    out = {}
-    for b, rs in table.by_batch_size().items():
-        rates = [r.examples_seen / r.train_seconds for r in rs if r.train_seconds > 0 and r.examples_seen > 0]
-        if rates:
-            out[b] = float(np.median(rates))
-    return out
 
 
 def _steps_to_target(a: Analysis, b: int) -> float | None:

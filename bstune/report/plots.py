@@ -22,7 +22,8 @@ from bstune.analysis import Analysis
 from bstune.trials import FAILED_STATES, State, TrialRecord, TrialTable, short_count
 
 DPI = 100
-_FORM_STYLE = {"power": "-.", "linear": "--", "sqrt": ":", "saturating": (0, (5, 1, 1, 1, 1, 1))}
+_FORM_STYLE = {"power": "-.", "linear": "--", "sqrt": ":", "saturating": (0, (5, 1, 1, 1, 1, 1)),
+               "saturating-sqrt": (0, (3, 1, 1, 1)), "surge": (0, (1, 1))}
 _FAILED = "failed"  # every state of FAILED_STATES, drawn alike
 _STATE_COLOURS = {State.COMPLETE: "#4c72b0", State.PRUNED: "#b0b0b0", State.DIVERGED: "#c44e52",
                   _FAILED: "#333333"}
@@ -114,8 +115,10 @@ def lr_vs_batch(analysis: Analysis, table: TrialTable, extra: Sequence[tuple[int
 
 
 def _form_label(form: str, params: dict[str, float]) -> str:
-    if form == "saturating":
-        return f"saturating, B_noise={params['b_noise']:.0f}"
+    if form == "surge":
+        return f"surge, peak at B={params['b_noise']:.0f}"
+    if form in ("saturating", "saturating-sqrt"):
+        return f"{form}, B_noise={params['b_noise']:.0f}"
     if form == "power":
         return f"power B^alpha, alpha={params['alpha']:.2f}"
     return {"linear": "linear rule (lr ~ B)", "sqrt": "sqrt rule (lr ~ sqrt B)"}[form]

@@ -17,6 +17,8 @@ from bstune.errors import BstuneError
 from bstune.report.build import Report, build_report
 from bstune.report.text import (
     Section,
+    answer_lines,
+    answer_section,
     cell,
     critical_section,
     duration,
@@ -141,7 +143,8 @@ def _intro(report: Report) -> str:
 def _sections(report: Report) -> list[Section]:
     """Every tabular section, in the report's order."""
     a = report.analysis
-    return [*_budget_sections(report), _recommendation_section(report), *law_sections(a, report.law),
+    return [*answer_section(a), *_budget_sections(report), _recommendation_section(report),
+            *law_sections(a, report.law),
             *critical_section(a), *_rules_section(report), optimum_section(a), *steps_section(a)]
 
 
@@ -164,8 +167,9 @@ def _recommendation_section(report: Report) -> Section:
     target = "" if a.steps is None else (f"; steps, examples and wall time are to reach {a.metric} "
                                          f"{'<=' if a.direction == 'minimize' else '>='} {a.steps.target:.4g}")
     what = "effective lr lr/(1 - m)" if a.basis == "effective" else "lr"
-    head = (f"From the {report.rows[0].form} fit of the {what}, at the measured batch sizes too (it pools "
-            "every batch size's trials; each one's own fitted optimum is under Optimum per batch size); "
+    form = a.fits_for()[1]
+    law = f"elsewhere from the {form} fit of the {what}" if form else "no fit of lr*(B) for the others"
+    head = (f"At a measured batch size its own fitted optimum (where bracketed), {law}; "
             f"expected {a.metric} at the end of the study's "
             f"training budget (the fitted optimum, interpolated between measured batch sizes){target}. "
             "Wall time uses the examples per second the trials reached at each batch size.")
@@ -237,8 +241,9 @@ def _run_description(report: Report, main: Path) -> str:
     """The parent run's description (Markdown, shown on the run's page in the MLflow UI)."""
     lines = [f"**bstune study `{report.name}`.** Report: artifact `report/{main.name}` of this run "
              f"(with its plots under `report/`); written to `{main.resolve()}` on {report.created}.", ""]
+    lines += [f"- {line}" for line in answer_lines(report.analysis, trend=False)] + [""]
     if report.rows:
-        lines.append(f"Recommendations ({report.rows[0].form} fit):")
+        lines.append("Recommendations:")
         lines += [f"- B={r.batch_size}: lr={cell(r.lr)}, momentum={r.momentum:.3f}" for r in report.rows
                   if r.source == "measured"]
     elif report.rows_error:

@@ -11,11 +11,79 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from bstune.analysis import LEVEL, Analysis, Interval, LawFit, Recommendation, format_number
+from bstune.analysis import (
+    LEVEL,
+    NOISE_FORMS,
+    Analysis,
+    Interval,
+    LawFit,
+    Recommendation,
+    format_number,
+    plateau_words,
+)
 
 # (title, a sentence, (column heads, rows) or None): one section of the report
 Table = tuple[list[str], list[list[str]]]
 Section = tuple[str, str, Table | None]
+
+
+# ------------------------------------------------------------------------------------------- the answer
+
+
+def answer_lines(a: Analysis, trend: bool = True) -> list[str]:
+    """Which batch size to use, one line each: best at the study's budget, fastest to the steps target, the
+    critical batch size (with the regime of each measured batch size); then how lr* moves with B."""
+    ans = a.answer
+    if ans is None:
+        return []
+    better = "lowest" if a.direction == "minimize" else "highest"
+    lines = []
+    if ans.best is not None:
+        c = ans.best
+        near = f"; within 1% of it: B={', '.join(map(str, c.near))}" if c.near else ""
+        lines.append(f"Best {a.metric} at the study's budget: B={c.batch_size} ({better} {a.metric} "
+                     f"{format_number(c.value)}) with {_use(c)}{near}")
+    else:
+        lines.append(f"Best {a.metric} at the study's budget: none ({ans.why_not.get('best', '')})")
+    if ans.fastest is not None and a.steps is not None:
+        c = ans.fastest
+        sign = "<=" if a.direction == "minimize" else ">="
+        lines.append(f"Fastest to {a.metric} {sign} {a.steps.target:.4g}: B={c.batch_size} (~{_seconds(c.seconds)} "
+                     f"at the {c.examples_per_second:,.0f} examples/s its trials ran at) with {_use(c)}")
+    else:
+        lines.append(f"Fastest to the target: not known ({ans.why_not.get('fastest', '')})")
+    if ans.critical is not None:
+        groups: dict[str, list[int]] = {}
+        for b, r in ans.regimes.items():
+            groups.setdefault(r, []).append(b)
+        regimes = "; ".join(f"{r}: B={', '.join(map(str, bs))}" for r, bs in groups.items())
+        lines.append(f"Critical batch size: ~{ans.critical:.0f} {bracketed_interval(ans.critical_interval, '.0f')} "
+                     f"(from the {ans.critical_source}); {regimes}")
+    else:
+        lines.append(f"Critical batch size: not located ({ans.why_not.get('critical', '')})")
+    if trend and a.peak is not None:
+        lines.append(f"lr* peaks at B ~ {a.peak:.0f} {bracketed_interval(a.peak_interval, '.0f')} and falls "
+                     "beyond it: above that batch size, a larger batch needs a smaller lr")
+    elif trend and a.trend == "falls":
+        lines.append("lr* falls with B across the measured batch sizes: a larger batch needs a smaller lr")
+    return lines
+
+
+def _use(c: Any) -> str:
+    plateau = f"; any {plateau_words(c.plateau)} is within 1%" if c.plateau is not None else ""
+    return f"lr={format_number(c.lr)}, momentum={c.momentum:.3g}{plateau}"
+
+
+def _seconds(s: float | None) -> str:
+    return "-" if s is None else f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def answer_section(a: Analysis) -> list[Section]:
+    """The report's opening section: the same answer as ``bstune recommend`` without -b."""
+    lines = answer_lines(a)
+    if not lines:
+        return []
+    return [("Which batch size to use", " ".join(f"{line}." for line in lines), None)]
 
 
 # ------------------------------------------------------------------------------------------- terminal
@@ -25,9 +93,10 @@ def format_recommendation(rec: Recommendation) -> str:
     """A recommendation in a line, with its notes below."""
     lo, hi = rec.lr_interval
     what = "effective lr" if rec.basis == "effective" else "lr"
+    source = "its own fitted optimum" if rec.form == "measured" else f"{rec.form} fit of the {what}"
     head = (f"B={rec.batch_size}: lr={format_number(rec.lr)} ({LEVEL:.0%} interval {format_number(lo)}-"
             f"{format_number(hi)}), momentum={rec.momentum:.3g}, effective lr={format_number(rec.effective_lr)}  "
-            f"[{rec.form} fit of the {what}")
+            f"[{source}")
     flags = [name for name, on in (("extrapolated", rec.extrapolated),
                                    ("above critical", rec.above_critical)) if on]
     head += (", " + ", ".join(flags) if flags else "") + "]"
@@ -35,8 +104,11 @@ def format_recommendation(rec: Recommendation) -> str:
 
 
 def format_analysis(a: Analysis) -> str:
-    """A terminal table: per-batch optima, the fits, B_noise, steps to target, warnings."""
-    lines = _optimum_lines(a)
+    """A terminal table: which batch size to use, per-batch optima, the fits, B_noise, steps to target,
+    warnings."""
+    answer = answer_lines(a)
+    lines = (["Which batch size to use:"] + [f"  {line}" for line in answer] + [""] if answer else [])
+    lines += _optimum_lines(a)
     for title, fits, preferred in (("lr*(B)", a.fits, a.preferred),
                                    ("effective lr*(B) = lr/(1-m)", a.effective_fits, a.effective_preferred)):
         lines.append("")
@@ -78,13 +150,13 @@ def _fit_lines(a: Analysis, title: str, fits: dict[str, LawFit], preferred: str 
     if not fits:
         return [f"Fits of {title}: none (fewer than 2 batch sizes with an optimum)"]
     lines = [f"Fits of {title} (log2 space, weighted by the interval widths; {a.criterion}, lower is better)",
-             f"  {'form':<11} {'parameters':<62} {'rms(oct)':>8} {a.criterion:>8} {'d' + a.criterion:>8} "
+             f"  {'form':<15} {'parameters':<62} {'rms(oct)':>8} {a.criterion:>8} {'d' + a.criterion:>8} "
              f"{'weight':>6}"]
     for f in fits.values():
         mark = "  <- preferred" if f.form == preferred else ""
         if f.form == preferred and (fits is a.effective_fits) == (a.basis == "effective"):
             mark += ", used by recommend()"
-        lines.append(f"  {f.form:<11} {_law_params(f):<62} {f.rms_log2:>8.3f} {format_number(f.aicc):>8} "
+        lines.append(f"  {f.form:<15} {_law_params(f):<62} {f.rms_log2:>8.3f} {format_number(f.aicc):>8} "
                      f"{f.delta:>8.1f} {f.weight:>6.2f}{mark}")
     return lines
 
@@ -111,17 +183,34 @@ def _steps_lines(a: Analysis) -> list[str]:
 
 
 def bracketed_interval(iv: Interval | None, fmt: str = ".3g") -> str:
-    """'[lo, hi]' ('-' for none)."""
+    """'[lo, hi]' ('-' for none); one unbounded on a side in words: '[above lo]', '[below hi]'."""
     if iv is None:
         return "-"
-    return "[" + ", ".join(format(v, fmt) if math.isfinite(v) else "inf" for v in iv) + "]"
+    words = open_interval(iv, fmt)
+    return f"[{words}]" if words else "[" + ", ".join(format(v, fmt) for v in iv) + "]"
+
+
+def open_interval(iv: Sequence[float], fmt: str = ".3g") -> str:
+    """An interval unbounded on a side, in words ('above 0.8', 'below 40', 'unbounded'); '' for a bounded one.
+    A lower end of 0 is unbounded too: the positive quantities' intervals (lr, B_noise) reach it only when
+    their log does minus infinity."""
+    lo, hi = iv
+    low_open, high_open = not math.isfinite(lo) or lo == 0.0, not math.isfinite(hi)
+    if low_open and high_open:
+        return "unbounded"
+    if high_open:
+        return f"above {format(lo, fmt)}"
+    if low_open:
+        return f"below {format(hi, fmt)}"
+    return ""
 
 
 def _law_params(f: LawFit) -> str:
     p, iv = f.params, f.intervals
-    if f.form == "saturating":
+    if f.form in NOISE_FORMS:
+        name = "peak B" if f.form == "surge" else "B_noise"
         text = (f"lr_max={format_number(p['lr_max'])} {bracketed_interval(iv['lr_max'])}  "
-                f"B_noise={p['b_noise']:.0f} {bracketed_interval(iv['b_noise'], '.0f')}")
+                f"{name}={p['b_noise']:.0f} {bracketed_interval(iv['b_noise'], '.0f')}")
         return text + ("  (edge)" if f.note else "")
     text = f"a={format_number(p['a'])} {bracketed_interval(iv['a'])}"
     if f.form == "power":
@@ -142,10 +231,10 @@ def cell(v: Any, fmt: str = ".3g") -> str:
 
 
 def interval_words(iv: Sequence[float] | None, fmt: str = ".3g") -> str:
-    """'lo to hi' ('-' for none)."""
+    """'lo to hi' ('-' for none; 'above lo' or 'below hi' for one unbounded on a side)."""
     if iv is None:
         return "-"
-    return " to ".join(format(v, fmt) if math.isfinite(v) else "inf" for v in iv)
+    return open_interval(iv, fmt) or " to ".join(format(v, fmt) for v in iv)
 
 
 def octaves(rule: float | None, lr: float) -> str:
@@ -176,9 +265,10 @@ def law_verdict(fits: dict[str, LawFit], preferred: str | None, criterion: str) 
 
 def _law_params_cell(f: LawFit) -> str:
     p, iv = f.params, f.intervals
-    if f.form == "saturating":
+    if f.form in NOISE_FORMS:
+        name = "peak at B" if f.form == "surge" else "B_noise"
         return (f"lr_max = {cell(p['lr_max'])} ({interval_words(iv['lr_max'])}), "
-                f"B_noise = {p['b_noise']:.0f} ({interval_words(iv['b_noise'], '.0f')})")
+                f"{name} = {p['b_noise']:.0f} ({interval_words(iv['b_noise'], '.0f')})")
     text = f"a = {cell(p['a'])} ({interval_words(iv['a'])})"
     if f.form == "power":
         text += f", alpha = {p['alpha']:.3f} ({interval_words(iv['alpha'], '.3f')})"
@@ -214,11 +304,12 @@ def critical_section(a: Analysis) -> list[Section]:
 def optimum_section(a: Analysis) -> Section:
     opt = [[str(o.batch_size), str(o.n_complete), str(o.n_pruned), str(o.n_diverged), cell(o.lr),
             interval_words(o.lr_interval), cell(o.momentum), cell(o.effective_lr), cell(o.value),
-            cell(o.max_stable_lr), o.status]
+            "-" if o.plateau is None else plateau_words(o.plateau), cell(o.max_stable_lr), o.status]
            for o in a.per_batch]
-    return ("Optimum per batch size", "The fitted optimum of each batch size's valley (not the best trial).",
+    return ("Optimum per batch size", "The fitted optimum of each batch size's valley (not the best trial); "
+            f"the plateau: the lrs (at m*) whose expected {a.metric} is within 1% of the optimum's.",
             (["B", "completed", "pruned", "diverged", "lr*", "lr* interval", "m*", "effective lr*",
-              f"fitted {a.metric} at optimum", "max stable lr", "status"], opt))
+              f"fitted {a.metric} at optimum", "plateau", "max stable lr", "status"], opt))
 
 
 def steps_section(a: Analysis) -> list[Section]:
