@@ -75,7 +75,9 @@ def _use(c: Any) -> str:
 
 
 def _seconds(s: float | None) -> str:
-    return "-" if s is None else f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+    if s is None:
+        return "-"
+    return f"{s:.2g} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
 def answer_section(a: Analysis) -> list[Section]:
