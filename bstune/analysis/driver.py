@@ -41,7 +41,7 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     to the median first-epoch value; e.g. loss 0.30 at the optimum and 2.0 after one epoch give 0.47.
     ``n_boot``: bootstrap resamples for every interval. ``min_trials``: completed trials a batch size needs
     to be fitted on its own; fitted with the others (the usual case), 2 suffice and fewer than
-    ``min_trials`` are said in its status.
+    ``min_trials`` are named in its status.
     """
     _check_arguments(table, target, n_boot, min_trials)
     sign = 1.0 if table.direction == "minimize" else -1.0
@@ -55,11 +55,11 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     nan_done = sum(1 for rs in groups.values() for r in rs if r.state == State.COMPLETE and not _is_complete(r))
     if nan_done:
         warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
-    said: dict[int, list[str]] = {b: [] for b in groups}
-    per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, said[b])
+    notes_by_batch: dict[int, list[str]] = {b: [] for b in groups}
+    per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, notes_by_batch[b])
                  for b, rs in groups.items()]
-    _prefer_pooled(per_batch, groups, done, said, sign, n_boot, rng, min_trials)
-    warnings += [w for b in groups for w in said[b]]
+    _prefer_pooled(per_batch, groups, done, notes_by_batch, sign, n_boot, rng, min_trials)
+    warnings += [w for b in groups for w in notes_by_batch[b]]
     if len(groups) == 1 and not per_batch[0].fitted:
         raise BstuneError(f"the trials cover one batch size (B={per_batch[0].batch_size}) with "
                           f"{per_batch[0].n_complete} completed trial(s); its optimum needs >= {min_trials}: run "
@@ -117,7 +117,7 @@ def _check_records(records: Sequence[TrialRecord]) -> None:
 
 
 def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
-                   done: dict[int, list[TrialRecord]], said: dict[int, list[str]], sign: float, n_boot: int,
+                   done: dict[int, list[TrialRecord]], notes_by_batch: dict[int, list[str]], sign: float, n_boot: int,
                    rng: np.random.Generator, min_trials: int) -> None:
     """Replace each batch size's own fit (in place, with what it says) by the joint one where there is one.
 
@@ -135,7 +135,7 @@ def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
         if joint.n_complete < min_trials:
             joint.status = joint.status.replace("fitted", f"fitted from {o.n_complete} completed trials and the "
                                                 "valley shape of the other batch sizes", 1)
-        per_batch[i], said[o.batch_size] = joint, notes
+        per_batch[i], notes_by_batch[o.batch_size] = joint, notes
 
 
 @dataclasses.dataclass
