@@ -185,12 +185,13 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
 
 def test_status_then_ctrl_c_stops_every_worker_cleanly(tmp_path: Path) -> None:
     stores = Stores(f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db")
-    # Long trials (an idle machine runs ~30 of these epochs a second), all interrupted before they end.
-    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 400,
+    # Long trials (an idle machine runs 30-70 of these epochs a second), all interrupted before they end; the
+    # workers start their trials apart, so each trial's window to be caught in must be long.
+    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 2000,
                                             "search.batch_sizes": [16], "search.pruner": "none",
                                             "budget.trials": 6})
     proc, head = _start(_cmd(stores, "study", str(path), "--workers", "2"), tmp_path)
-    _wait_for_running(spec, proc, n=2, to_go=300)  # seconds for `status` while both still train
+    _wait_for_running(spec, proc, n=2, to_go=1500)  # seconds for `status` while both still train
     live = _status(path, stores)
     assert "workers alive: 2" in live and live.count("training trial") == 2 and "2 RUNNING" in live, live
     assert "trials (2 running)" in live
