@@ -260,6 +260,13 @@ def _start(path: Path, sigint_ignored: bool = False) -> subprocess.Popen:
                             preexec_fn=_ignoring_sigint if sigint_ignored else None)
 
 
+def _rerun(path: Path) -> None:
+    """The same command again, in a process of its own, to its end: it must succeed."""
+    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+
+
 def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout: float = 120) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -287,9 +294,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     killed = [t for t in _study(spec).trials if t.state == TrialState.RUNNING]
     assert len(killed) == 1
     time.sleep(2 * spec.heartbeat_seconds + 1)  # the heartbeat goes stale
-    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
-                           text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    _rerun(path)
     trials = _study(spec).trials
     states = {t.number: trial_state(t) for t in trials}
     lost = [t for t in trials if states[t.number] == "LOST"]
@@ -314,9 +319,7 @@ def test_sigkill_mid_group_loses_every_member_and_each_runs_again(tmp_path: Path
     killed = sorted(t.number for t in _study(spec).trials if t.state == TrialState.RUNNING)
     assert len(killed) == 2, "the second group of two was training"
     time.sleep(2 * spec.heartbeat_seconds + 1)  # the heartbeats go stale
-    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
-                           text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    _rerun(path)
     trials = _study(spec).trials
     states = {t.number: trial_state(t) for t in trials}
     assert sorted(n for n, s in states.items() if s == "LOST") == killed
@@ -336,9 +339,7 @@ def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
     assert [trial_state(t) for t in _study(spec).trials if t.state.is_finished()] == ["INTERRUPTED"] * 2
     _, parents, children = _runs(spec)
     assert parents[0].info.status == "KILLED" and {r.info.status for r in children} == {"KILLED"}
-    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
-                           text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    _rerun(path)
     states = [trial_state(t) for t in _study(spec).trials]
     assert sorted(states) == ["COMPLETE"] * 4 + ["INTERRUPTED"] * 2
 
@@ -357,9 +358,7 @@ def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     assert [trial_state(t) for t in trials if t.state.is_finished()] == ["INTERRUPTED"]
     _, parents, children = _runs(spec)
     assert parents[0].info.status == "KILLED" and children[0].info.status == "KILLED"
-    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
-                           text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    _rerun(path)
     trials = _study(spec).trials
     assert [trial_state(t) for t in trials] == ["INTERRUPTED", "COMPLETE", "COMPLETE"]
     assert trials[1].user_attrs["bstune.retry_of"] == 0 and trials[1].params == trials[0].params
