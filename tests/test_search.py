@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from bstune.search._optuna import batch_size_view
+from bstune.search._optuna import PruneRound, batch_size_view
 from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
 from bstune.search.space import BatchSizeSampler, SearchSpace, make_pruner, make_sampler
 from bstune.spec import Pruner, Sampler, Search, load_spec
@@ -255,3 +255,69 @@ def test_the_per_batch_size_view_shows_one_batch_size_and_allows_only_what_it_li
         view._storage.delete_study(study._study_id)
     with pytest.raises(KeyError, match="writes only the asking trial"):
         view._storage.set_trial_system_attr(study.trials[1]._trial_id, "x", 1)
+
+
+class _CountingStorage:
+    """The study's real storage, counting how often its trials are read."""
+
+    def __init__(self, base: object) -> None:
+        self._base = base
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._base, name)
+
+    def get_all_trials(self, *args: object, **kwargs: object) -> object:
+        self.reads += 1
+        return self._base.get_all_trials(*args, **kwargs)
+
+
+@pytest.mark.parametrize("pruner", ["median", "percentile", "hyperband"])
+def test_a_group_asks_the_pruner_with_one_read_per_epoch_and_the_same_answers(tmp_path: Path, pruner: str) -> None:
+    search = Search(batch_sizes=SIZES, lr=(1e-3, 8.0), momentum=(0.0, 0.98),
+                    sampler=Sampler(name="random", seed=1, n_startup_trials=2),
+                    pruner=Pruner(name=pruner, n_startup_trials=2, n_warmup_epochs=1, percentile=25.0))
+
+    def curve(c: object, epoch: int) -> float:
+        return _loss(c.batch_size, c.lr, c.momentum) + 1.0 / epoch
+
+    def group_of_six(path: Path) -> tuple[optuna.Study, _CountingStorage, list[optuna.Trial], list[object]]:
+        """Twelve finished trials, then six running ones, the same in every call (seeded)."""
+        space = SearchSpace(search)
+        study = optuna.create_study(study_name="toy", storage=f"sqlite:///{path}",
+                                    sampler=make_sampler(search, space), pruner=make_pruner(search, lambda b: 6))
+
+        def finished(trial: optuna.Trial) -> float:
+            c = space.suggest(trial)
+            for epoch in range(1, 7):
+                trial.report(curve(c, epoch), epoch)
+            return curve(c, 6)
+
+        study.optimize(finished, n_trials=12)
+        for lr in (0.5, 0.35, 0.7, 0.002, 0.003, 0.004):  # three near the valley's floor, three far up its wall
+            study.enqueue_trial({BATCH_SIZE: 128, LR: lr, ONE_MINUS_M: 0.5})
+        counting = _CountingStorage(study._storage)
+        study._storage = counting
+        group = [study.ask() for _ in range(6)]
+        return study, counting, group, [space.suggest(t) for t in group]
+
+    _, _, alone_group, points = group_of_six(tmp_path / "alone.db")
+    study, counting, group, same_points = group_of_six(tmp_path / "round.db")
+    assert same_points == points
+    rounds = PruneRound(study)
+    alone, together = [], []
+    for epoch in range(1, 7):
+        before = counting.reads
+        for t, u, c in zip(alone_group, group, points, strict=True):
+            for trial, answers in ((t, alone), (u, together)):
+                if trial.number not in [n for n, pruned in answers if pruned]:  # a pruned trial is asked no more
+                    trial.report(curve(c, epoch), epoch)
+            if t.number not in [n for n, pruned in alone if pruned]:
+                alone.append((t.number, t.should_prune()))
+            if u.number not in [n for n, pruned in together if pruned]:
+                together.append((u.number, rounds.should_prune(u, epoch)))
+        if pruner != "hyperband":
+            assert counting.reads - before <= 1, "more than one read of the study per epoch"
+    assert together == alone
+    pruned = {n for n, p in alone if p}
+    assert {t.number for t in alone_group[3:]} <= pruned < {t.number for t in alone_group}, "not the test meant"

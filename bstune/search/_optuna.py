@@ -7,6 +7,7 @@ private `_BracketStudy`). bstune needs all three; if an Optuna release changes t
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
@@ -111,6 +112,49 @@ def batch_size_view(study: optuna.Study, batch_size: int, trial: FrozenTrial | N
         study_name=study.study_name, storage=storage,  # type: ignore[arg-type]
         sampler=sampler or optuna.samplers.RandomSampler(), pruner=pruner or optuna.pruners.NopPruner(),
     )
+
+
+class _OneRead:
+    """The storage with every trial list read once per round (`forget` starts the next): a group's members
+    ask the pruner one after another about the same epoch, and the study need not be read K times for it."""
+
+    def __init__(self, base: Any) -> None:
+        self._base = base
+        self._reads: dict[tuple[int, tuple[TrialState, ...] | None], list[FrozenTrial]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        key = (study_id, None if states is None else tuple(states))  # type: ignore[arg-type]
+        if key not in self._reads:
+            self._reads[key] = self._base.get_all_trials(study_id, deepcopy=False, states=states)
+        return copy.deepcopy(self._reads[key]) if deepcopy else list(self._reads[key])
+
+    def forget(self) -> None:
+        self._reads.clear()
+
+
+class PruneRound:
+    """The study's pruner asked about a group's trials with one read of the study per epoch, where that
+    changes nothing: each member's own reports are its own (the trial passed in), and pruners that compare
+    only finished trials (``pruner.finished_only``: median, percentile) see the same trials however often the
+    study is read within a group's epoch. Others (Hyperband's rungs are written by the running trials) read
+    it at every ask, as a lone trial does."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._storage = _OneRead(study._storage)
+        self._study = optuna.Study(study_name=study.study_name, storage=self._storage,  # type: ignore[arg-type]
+                                   sampler=study.sampler, pruner=study.pruner)
+        self._once = bool(getattr(study.pruner, "finished_only", False))
+        self._epoch: int | None = None
+
+    def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
+        if epoch != self._epoch or not self._once:
+            self._storage.forget()
+            self._epoch = epoch
+        return self._study.pruner.prune(self._study, trial._get_latest_trial())
 
 
 def ask(study: optuna.Study) -> optuna.Trial:

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bstune import signals
 from bstune.errors import redact
-from bstune.search._optuna import frozen, trial_id
+from bstune.search._optuna import PruneRound, frozen, trial_id
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
@@ -103,6 +103,9 @@ def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
     if not runs:
         return
     configs = [r.config for r in runs]
+    pruning = PruneRound(runs[0].study)
+    for r in runs:
+        r.pruning = pruning
 
     def on_epoch(i: int, stats: EpochStats) -> None:
         runs[i].on_epoch(stats)
@@ -153,6 +156,7 @@ class _TrialRun:
         self.config = train_config(ctx.spec.workload, point.batch_size, point.lr, point.momentum)
         self.epochs = plan(self.config, ctx.data.n_train)[2]
         self.run_id: str | None = None
+        self.pruning: PruneRound | None = None  # the group's, set when it trains
         self.ended = False
         self.told = False  # Optuna was told how it ended, by this worker
         self.restart()
@@ -207,7 +211,8 @@ class _TrialRun:
             self.saved = time.perf_counter()
         self.ctx.progress.epoch_done(self.trial.number, self.point, s.epoch, self.epochs, value)
         self.trial.report(value, s.epoch)
-        if self.trial.should_prune():  # recorded at once: the rest of its group may train on for a while
+        self.pruning = self.pruning or PruneRound(self.study)
+        if self.pruning.should_prune(self.trial, s.epoch):  # recorded at once: the group may train on a while
             reason = f"pruned at epoch {s.epoch} ({self.metric} {value:.4g})"
             self.end(State.PRUNED, reason)
             raise optuna.TrialPruned(reason)

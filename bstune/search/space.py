@@ -186,10 +186,11 @@ class WithinBatchSizePruner(BasePruner):
     batch size only. One each, not one shared: a run's length in epochs can differ between batch sizes
     (hold: steps), and Hyperband sizes its brackets by it."""
 
-    def __init__(self, make_inner: Callable[[int], BasePruner], warmup: int = 0) -> None:
+    def __init__(self, make_inner: Callable[[int], BasePruner], warmup: int = 0, finished_only: bool = False) -> None:
         self._make_inner = make_inner
         self._inner: dict[int, BasePruner] = {}
         self._warmup = warmup  # the inner pruner never prunes before this epoch: no need to read the trials
+        self.finished_only = finished_only  # it compares finished trials only (not running ones': see PruneRound)
 
     def inner(self, batch_size: int) -> BasePruner:
         if batch_size not in self._inner:
@@ -221,4 +222,5 @@ def make_pruner(search: Search, epochs_at: Callable[[int], int]) -> BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=p.min_resource, max_resource=epochs_at(batch_size), reduction_factor=p.reduction_factor)
 
-    return WithinBatchSizePruner(make_inner, warmup=0 if p.name == "hyperband" else p.n_warmup_epochs)
+    return WithinBatchSizePruner(make_inner, warmup=0 if p.name == "hyperband" else p.n_warmup_epochs,
+                                 finished_only=p.name in ("median", "percentile"))
