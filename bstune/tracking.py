@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,41 +195,59 @@ class Tracker:
 
     def start_trial(self, parent_id: str, study_name: str, number: int, trial_id: int,
                     params: dict[str, Any]) -> str:
+        """Open a trial's child run. Its params, metrics and histograms are written together, a few seconds
+        in and at the end (each write to a SQLite store costs ~10 ms; a short trial's are all one write)."""
         run = self.client.create_run(
             self.experiment_id, run_name=f"{study_name}-trial-{number:04d}",
             tags={"mlflow.parentRunId": parent_id, "bstune.study": study_name, "bstune.trial": str(number),
                   "bstune.state": State.RUNNING, "optuna.trial_id": str(trial_id), "bstune.kind": "trial"},
         )
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = run.info.run_id
+        self._pending[run_id] = _Pending(params=_params(params))
+        self._flushed[run_id] = time.monotonic()
+        return run_id
 
-    def log_epoch(self, run_id: str, epoch: int, values: dict[str, float | None]) -> None:
+    def log_epoch(self, run_id: str, epoch: int, values: dict[str, float | None],
+                  histogram: dict[str, Any] | None = None) -> None:
+        """The epoch's metrics, and its gradient histogram (an artifact under HISTOGRAM_ARTIFACT_DIR)."""
         from mlflow.entities import Metric
 
         ts = _now_ms()
-        pending = self._pending.setdefault(run_id, [])
-        pending += [Metric(k, float(v), ts, epoch) for k, v in values.items() if v is not None]
-        # Each write to a SQLite store costs ~20 ms: on short epochs, write every few seconds, not every epoch.
+        pending = self._pending.setdefault(run_id, _Pending())
+        pending.metrics += [Metric(k, float(v), ts, epoch) for k, v in values.items() if v is not None]
+        if histogram is not None:
+            pending.files[f"{HISTOGRAM_ARTIFACT_DIR}/epoch_{epoch:04d}.json"] = histogram
         if time.monotonic() - self._flushed.get(run_id, 0.0) > self.flush_seconds:
             self._flush(run_id)
 
-    def _flush(self, run_id: str) -> None:
-        pending = self._pending.pop(run_id, [])
-        for i in range(0, len(pending), 1000):
-            self.client.log_batch(run_id, metrics=pending[i:i + 1000])
+    def _flush(self, run_id: str, tags: Sequence[Any] = ()) -> None:
+        p = self._pending.pop(run_id, _Pending())
+        params, metrics, tags = p.params, p.metrics, list(tags)
+        while params or metrics or tags:  # MLflow takes at most 100 params and 1000 items in all per call
+            n_params = min(len(params), 100)
+            n_metrics = min(len(metrics), 1000 - n_params - len(tags))
+            self.client.log_batch(run_id, metrics=metrics[:n_metrics], params=params[:n_params], tags=tags)
+            params, metrics, tags = params[n_params:], metrics[n_metrics:], []
+        if p.files:
+            with tempfile.TemporaryDirectory() as folder:
+                for name, data in p.files.items():
+                    path = Path(folder, name)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(data))
+                self.client.log_artifacts(run_id, folder)
         self._flushed[run_id] = time.monotonic()
 
     def end_trial(self, run_id: str, state: str, reason: str = "", final: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        self._flush(run_id)
-        self._flushed.pop(run_id, None)
         tags = [RunTag("bstune.state", state)]
         if reason:
             tags.append(RunTag("bstune.reason", reason[:5000]))
         ts = _now_ms()
-        metrics = [Metric(k, float(v), ts, 0) for k, v in (final or {}).items() if v is not None]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        pending = self._pending.setdefault(run_id, _Pending())
+        pending.metrics += [Metric(k, float(v), ts, 0) for k, v in (final or {}).items() if v is not None]
+        self._flush(run_id, tags)
+        self._flushed.pop(run_id, None)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
     def close_if_running(self, run_id: str, state: str, reason: str) -> bool:
@@ -249,16 +267,25 @@ class Tracker:
             self.client.log_artifacts(run_id, str(folder), "report")
             self.client.set_tag(run_id, "mlflow.note.content", note)
 
-    def log_json(self, run_id: str, data: dict[str, Any], path: str) -> None:
-        """Save `data` as a JSON artifact of the run at `path` (e.g. grad_histograms/epoch_0001.json)."""
-        self.client.log_dict(run_id, data, path)
-
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if v is not None]
+        items = _params(params)
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
+
+
+@dataclass
+class _Pending:
+    """A trial run's writes not yet made."""
+
+    params: list[Any] = field(default_factory=list)
+    metrics: list[Any] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)  # artifact path -> JSON data
+
+
+def _params(params: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, redact(str(v))[:6000]) for k, v in params.items() if v is not None]
 
 
 def _now_ms() -> int:

@@ -29,7 +29,7 @@ from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
 from bstune.spec import StudySpec, Workload
-from bstune.tracking import EPOCH_METRICS, HISTOGRAM_ARTIFACT_DIR, Tracker
+from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import (
     Dataset,
     Diverged,
@@ -200,10 +200,7 @@ class _TrialRun:
         """Log the epoch, report it to Optuna, and stop this trial if the pruner says so."""
         value = getattr(s, self.metric)
         metrics = {k: getattr(s, k) for k in EPOCH_METRICS}
-        tracker = self.ctx.tracker
-        tracker.log_epoch(self.run_id, s.epoch, metrics | s.layer_metrics())
-        if s.grad_histogram is not None:
-            tracker.log_json(self.run_id, s.grad_histogram, f"{HISTOGRAM_ARTIFACT_DIR}/epoch_{s.epoch:04d}.json")
+        self.ctx.tracker.log_epoch(self.run_id, s.epoch, metrics | s.layer_metrics(), s.grad_histogram)
         self.curve.append(EpochPoint(s.epoch, value, s.optimizer_steps, s.examples_seen))
         self.last.update(metrics, value=value, examples_seen=s.examples_seen, train_seconds=s.train_seconds)
         if time.perf_counter() - self.saved > 5.0:  # spend is saved every few seconds, and at the end
