@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from bstune.search._optuna import PruneRound, batch_size_view
+from bstune.search._optuna import PruneRound, batch_size_view, set_user_attrs
 from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
 from bstune.search.space import BatchSizeSampler, SearchSpace, make_pruner, make_sampler
 from bstune.spec import Pruner, Sampler, Search, load_spec
@@ -321,3 +321,20 @@ def test_a_group_asks_the_pruner_with_one_read_per_epoch_and_the_same_answers(tm
     assert together == alone
     pruned = {n for n, p in alone if p}
     assert {t.number for t in alone_group[3:]} <= pruned < {t.number for t in alone_group}, "not the test meant"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "memory"])
+def test_user_attributes_written_at_once_reach_the_storage_and_the_trial(tmp_path: Path, kind: str) -> None:
+    storage = {"sqlite": f"sqlite:///{tmp_path}/optuna.db", "memory": None,
+               "journal": optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                   str(tmp_path / "journal.log")))}[kind]
+    study = optuna.create_study(study_name="toy", storage=storage)
+    trial = study.ask()
+    set_user_attrs(trial, {"a": 1, "b": [0.5, 2], "c": "x"})
+    set_user_attrs(trial, {"a": 2})
+    assert trial.user_attrs == {"a": 2, "b": [0.5, 2], "c": "x"}
+    again = optuna.load_study(study_name="toy", storage=storage) if storage else study
+    assert again.trials[0].user_attrs == {"a": 2, "b": [0.5, 2], "c": "x"}
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # as set_user_attr: the trial is done
+        set_user_attrs(trial, {"a": 3})

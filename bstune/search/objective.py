@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bstune import signals
 from bstune.errors import redact
-from bstune.search._optuna import PruneRound, frozen, trial_id
+from bstune.search._optuna import PruneRound, frozen, set_user_attrs, trial_id
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
@@ -180,12 +180,9 @@ class _TrialRun:
                                "heartbeat in time); dropped here, it runs again")
 
     def start(self) -> None:
-        """Record the point on the trial and open the trial's MLflow run."""
+        """Open the trial's MLflow run and record the point and the run on the trial."""
         ctx, trial, p = self.ctx, self.trial, self.point
         n = ctx.data.n_train
-        for k, v in ((Attr.LR, p.lr), (Attr.MOMENTUM, p.momentum), (Attr.EFFECTIVE_LR, p.effective_lr),
-                     (Attr.BATCH_SIZE, p.batch_size), (Attr.WORKER_PID, os.getpid()), (Attr.WORKER, worker_id())):
-            trial.set_user_attr(k, v)
         params = workload_params(ctx.spec.workload) | {
             "batch_size": p.batch_size, "lr": p.lr, "momentum": p.momentum, "epochs": self.epochs,
             "effective_lr": p.effective_lr, "noise_scale": p.lr * n / (p.batch_size * (1.0 - p.momentum)),
@@ -193,7 +190,9 @@ class _TrialRun:
             "retry_of": trial.user_attrs.get(Attr.RETRY_OF),
         }
         self.run_id = ctx.tracker.start_trial(ctx.parent, ctx.spec.name, trial.number, trial_id(trial), params)
-        trial.set_user_attr(Attr.RUN_ID, self.run_id)
+        set_user_attrs(trial, {Attr.LR: p.lr, Attr.MOMENTUM: p.momentum, Attr.EFFECTIVE_LR: p.effective_lr,
+                               Attr.BATCH_SIZE: p.batch_size, Attr.WORKER_PID: os.getpid(), Attr.WORKER: worker_id(),
+                               Attr.RUN_ID: self.run_id})
         ctx.progress.trial_started(trial.number, p)
 
     def on_epoch(self, s: EpochStats) -> None:
@@ -256,13 +255,12 @@ class _TrialRun:
     def _write_end(self, state: State, reason: str) -> None:
         trial, last = self.trial, self.last
         reason = redact(reason)  # an error's text may quote a URL with its password
-        self.save_spend()
-        trial.set_user_attr(Attr.STATE, state)
+        attrs = self.spend() | {Attr.STATE: state, Attr.CURVE: curve_to_json(self.curve)}
         if reason:
-            trial.set_user_attr(Attr.REASON, reason)
-        trial.set_user_attr(Attr.CURVE, curve_to_json(self.curve))
+            attrs[Attr.REASON] = reason
         if last.get("grad_noise_scale") is not None:
-            trial.set_user_attr(Attr.GRAD_NOISE_SCALE, last["grad_noise_scale"])
+            attrs[Attr.GRAD_NOISE_SCALE] = last["grad_noise_scale"]
+        set_user_attrs(trial, attrs)
         if self.run_id is not None:
             final = {f"final_{k}": last.get(k) for k in ("val_loss", "val_accuracy", "train_loss")}
             # one name for the objective across studies, and the time cost, for the UI's compare views
@@ -277,7 +275,11 @@ class _TrialRun:
         if self.end(State.INTERRUPTED, reason):
             requeue(self.study, frozen(self.trial))
 
+    def spend(self) -> dict[str, Any]:
+        """What the trial has spent so far, as its attributes (none before its first epoch)."""
+        if "examples_seen" not in self.last:
+            return {}
+        return {Attr.EXAMPLES: self.last["examples_seen"], Attr.SECONDS: self.last["train_seconds"]}
+
     def save_spend(self) -> None:
-        if "examples_seen" in self.last:
-            self.trial.set_user_attr(Attr.EXAMPLES, self.last["examples_seen"])
-            self.trial.set_user_attr(Attr.SECONDS, self.last["train_seconds"])
+        set_user_attrs(self.trial, self.spend())
