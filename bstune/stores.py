@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,11 +163,13 @@ def open_storage(url: str, heartbeat_seconds: int | None = None, on_lost: Any = 
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-        grace_period=grace_seconds(heartbeat_seconds) if heartbeat_seconds else None,
-        heartbeat_stale_trial_callback=on_lost,
-    )
+    with warnings.catch_warnings():  # Optuna calls its heartbeat arguments experimental: a script need not hear it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+            grace_period=grace_seconds(heartbeat_seconds) if heartbeat_seconds else None,
+            heartbeat_stale_trial_callback=on_lost,
+        )
     if writing:
         tune_sqlite(storage.engine)
     return storage

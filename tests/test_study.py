@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -44,7 +45,10 @@ def _study(spec) -> optuna.Study:
 
 def test_small_study_end_to_end(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path))
-    result = run_study(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as a script calling run_study sees them (the suite hides Optuna's)
+        result = run_study(spec)
+    assert not [str(w.message) for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
     assert result.spent.trials == 6 and not result.interrupted
     assert "trial limit" in result.stop_reason
     sizes = [r.batch_size for r in result.table.records]

@@ -181,6 +181,13 @@ def ask(study: optuna.Study) -> optuna.Trial:
         return study.ask()
 
 
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose worker stopped beating (Optuna marks the function experimental: quietly)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 @contextmanager
 def heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
     """Record each trial's heartbeat while the block runs (as `optimize` does for its one trial), so a worker

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial
 
 from bstune import signals
 from bstune.errors import BstuneError, redact
-from bstune.search._optuna import ask, heartbeats
+from bstune.search._optuna import ask, fail_stale, heartbeats
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
 from bstune.search.objective import TrialContext, interrupt_unstarted, requeue, run_group, workload_params
@@ -243,7 +243,7 @@ def _claim_group(opened: OpenStudy, group_size: int,
     """Under the claim lock: why the study must stop (then no trials), or the trials to run next, at most
     `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
     spec, study = opened.spec, opened.study
-    optuna.storages.fail_stale_trials(study)
+    fail_stale(study)
     spent = tally(study.get_trials(deepcopy=False))
     progress.budget_spent(spent)
     stop_reason = exhausted(spec.budget, spent) or ""
