@@ -453,7 +453,10 @@ def report(
         f"- **Budget**: every search {budget:g} full trials' worth of examples ({w.epochs} epochs x "
         f"{ref['n_train']} = {unit:,} examples a full trial; {budget * unit:,.0f} in all), the same for all, "
         "examples counted as processed (a pruned trial counts the epochs it ran). A search has the answer "
-        "only if it keeps it to the end of that budget.",
+        "only if it keeps it to the end of that budget. For the protocol that is "
+        f"{statistics.median(len(by[('protocol', x)]['trials']) for x in seeds):g} trials (median), about "
+        f"{statistics.median(len(by[('protocol', x)]['trials']) for x in seeds) / len(s.batch_sizes):.0f} per "
+        "batch size; one training seed's whole reference grid has about a hundred.",
         f"- **Seeds** {', '.join(map(str, seeds))}: seed k is the sampler seed of every search; every trial "
         f"trains at the spec's training seed ({spec.workload.seed}: initial weights, data order), which the "
         "reference does not use.",
@@ -594,8 +597,8 @@ def _summary(
     ]
     if median == (0.0, math.inf):
         words.append(
-            "The median time ratio is undefined: at too many seeds neither search got there, or one "
-            "did not and the other did the other way round, for the ratio's median to be bounded."
+            "The median time ratio is undefined: at too many seeds neither search got there within its "
+            "budget (or the bounds at the others point both ways) for the median to be bounded."
         )
     elif median[0] == median[1]:
         words.append(
