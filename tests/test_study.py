@@ -340,9 +340,12 @@ def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
-    assert [trial_state(t) for t in _study(spec).trials if t.state.is_finished()] == ["INTERRUPTED"] * 2
+    finished = [t for t in _study(spec).trials if t.state.is_finished()]  # the first group may be done already
+    assert [trial_state(t) for t in finished] in (["INTERRUPTED"] * 2, ["COMPLETE"] * 2 + ["INTERRUPTED"] * 2)
     _, parents, children = _runs(spec)
-    assert parents[0].info.status == "KILLED" and {r.info.status for r in children} == {"KILLED"}
+    cut = {str(t.number) for t in finished if trial_state(t) == "INTERRUPTED"}
+    assert parents[0].info.status == "KILLED"
+    assert {r.info.status for r in children if r.data.tags["bstune.trial"] in cut} == {"KILLED"}
     _rerun(path)
     states = [trial_state(t) for t in _study(spec).trials]
     assert sorted(states) == ["COMPLETE"] * 4 + ["INTERRUPTED"] * 2
@@ -358,14 +361,20 @@ def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 130, out
     assert "INTERRUPTED" in out and "Traceback" not in out
     assert " INFO mlflow" not in out, out  # MLflow's table creation on a fresh store: noise on a terminal
-    trials = _study(spec).trials
-    assert [trial_state(t) for t in trials if t.state.is_finished()] == ["INTERRUPTED"]
+    # The trial training when the signal came is INTERRUPTED (on a fast machine the first may be done by then).
+    trials = [t for t in _study(spec).trials if t.state.is_finished()]
+    states = [trial_state(t) for t in trials]
+    assert states[-1] == "INTERRUPTED" and states[:-1] == ["COMPLETE"] * (len(states) - 1) and len(states) <= 2
+    cut = trials[-1].number
     _, parents, children = _runs(spec)
-    assert parents[0].info.status == "KILLED" and children[0].info.status == "KILLED"
+    status = {r.data.tags["bstune.trial"]: r.info.status for r in children}
+    assert parents[0].info.status == "KILLED" and status[str(cut)] == "KILLED"
     _rerun(path)
     trials = _study(spec).trials
-    assert [trial_state(t) for t in trials] == ["INTERRUPTED", "COMPLETE", "COMPLETE"]
-    assert trials[1].user_attrs["bstune.retry_of"] == 0 and trials[1].params == trials[0].params
+    assert sorted(trial_state(t) for t in trials) == ["COMPLETE", "COMPLETE", "INTERRUPTED"]
+    retry = next(t for t in trials if t.user_attrs.get("bstune.retry_of") is not None)
+    assert retry.user_attrs["bstune.retry_of"] == cut and retry.params == trials[cut].params
+    assert trial_state(retry) == "COMPLETE"
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -380,11 +389,14 @@ def test_sigterm_ends_cleanly_as_ctrl_c_does(tmp_path: Path, sig: int, code: int
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == code, out
     assert "Traceback" not in out and "INTERRUPTED" in out, out
-    trials = _study(spec).trials
-    assert [(trial_state(t), t.state) for t in trials] == [("INTERRUPTED", TrialState.FAIL),
-                                                           ("WAITING", TrialState.WAITING)]
+    trials = _study(spec).trials  # the first may be done by the time the signal comes, on a fast machine
+    done, (cut, queued) = trials[:-2], trials[-2:]
+    assert [trial_state(t) for t in done] == ["COMPLETE"] * len(done) and len(done) <= 1
+    assert [(trial_state(t), t.state) for t in (cut, queued)] == [("INTERRUPTED", TrialState.FAIL),
+                                                                  ("WAITING", TrialState.WAITING)]
     _, parents, children = _runs(spec)
-    assert parents[0].info.status == "KILLED" and children[0].info.status == "KILLED"
+    status = {r.data.tags["bstune.trial"]: r.info.status for r in children}
+    assert parents[0].info.status == "KILLED" and status[str(cut.number)] == "KILLED"
 
 
 @pytest.mark.parametrize("where", ["start_trial", "end_trial"])
