@@ -487,11 +487,12 @@ def seed_limit(ref: dict[str, Any], spec: StudySpec) -> tuple[list[float], list[
 # ------------------------------------------------------------------------------------------ report
 
 
-def _at(points: Sequence[dict[str, Any]], compute: float, key: str) -> float:
-    """A run's value at `compute`: the one from its last evaluation at or before it (inf before the first)."""
+def _at(points: Sequence[dict[str, Any]], compute: float, key: str, axis: str = "compute") -> float:
+    """A run's value at `compute` (on `axis`): the one from its last evaluation at or before it (inf before the
+    first)."""
     value = math.inf
     for p in points:
-        if p["compute"] > compute + 1e-9:
+        if p[axis] > compute + 1e-9:
             break
         value = p[key]
     return value

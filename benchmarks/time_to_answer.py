@@ -375,12 +375,7 @@ def spread(values: Sequence[Bounds], nd: int = 1) -> str:
 
 def _at(points: Sequence[dict[str, Any]], t: float, key: str) -> float:
     """A row's score at time t: its last scoring at or before t (its final one after its end)."""
-    value = math.inf
-    for p in points:
-        if p["t"] > t + 1e-9:
-            break
-        value = p[key]
-    return value
+    return se._at(points, t, key, axis="t")
 
 
 def _fmt(v: float, nd: int) -> str:
