@@ -59,3 +59,15 @@ def test_a_live_line_never_wraps(monkeypatch: pytest.MonkeyPatch) -> None:
     p.budget_spent(Spent(trials=0, examples=0, seconds=0.0))
     p.epoch_done(0, Hyperparams(batch_size=32, lr=0.1, momentum=0.9), 1, 4, 0.5)
     assert [len(part) for part in out.getvalue().split("\r\033[K") if part] == [59]
+
+
+def test_a_resumed_study_shows_the_best_of_every_run_so_far(tmp_path: Path) -> None:
+    """The best so far is the study's (earlier runs' and other workers' trials too), not this process's only."""
+    path = write_spec(tmp_path, **{"budget.trials": 2})
+    first = run_study(load_spec(path))
+    spec = load_spec(write_spec(tmp_path, **{"budget.trials": 3}))
+    progress = ConsoleProgress("val_loss", io.StringIO(), live=False, budget=spec.budget)
+    progress.trial_started = lambda number, config: seen.append(progress.best)  # what it knew as each began
+    seen: list[float | None] = []
+    run_study(spec, progress=progress)
+    assert seen and seen[0] == first.table.best().value

@@ -21,7 +21,7 @@ class Progress(Protocol):
     def trial_finished(self, number: int, config: Hyperparams, state: str, value: float | None, seconds: float,
                        reason: str) -> None: ...
     def note(self, text: str) -> None: ...
-    def budget_spent(self, spent: Spent) -> None: ...
+    def budget_spent(self, spent: Spent, best: float | None = None) -> None: ...
 
 
 class SilentProgress:
@@ -38,7 +38,7 @@ class SilentProgress:
     def note(self, text: str) -> None:
         pass
 
-    def budget_spent(self, spent: Spent) -> None:
+    def budget_spent(self, spent: Spent, best: float | None = None) -> None:
         pass
 
 
@@ -85,9 +85,8 @@ class ConsoleProgress:
     def trial_finished(self, number: int, config: Hyperparams, state: str, value: float | None, seconds: float,
                        reason: str) -> None:
         self.count += 1
-        if state == State.COMPLETE and value is not None and (
-                self.best is None or (value > self.best if self.maximize else value < self.best)):
-            self.best = value
+        if state == State.COMPLETE:
+            self._better(value)
         if self.spent is not None:
             counted = state not in RETRIED_STATES
             self.spent = Spent(self.spent.trials + counted, self.spent.examples, self.spent.seconds + seconds)
@@ -101,9 +100,15 @@ class ConsoleProgress:
     def note(self, text: str) -> None:
         self._write(text, final=True)
 
-    def budget_spent(self, spent: Spent) -> None:
-        """The study's spend (all workers'), told before each trial."""
+    def _better(self, value: float | None) -> None:
+        if value is not None and (self.best is None or (value > self.best if self.maximize else value < self.best)):
+            self.best = value
+
+    def budget_spent(self, spent: Spent, best: float | None = None) -> None:
+        """The study's spend and its best completed value (all workers', earlier runs' too), told before each
+        group of trials."""
         self.spent = spent
+        self._better(best)
         if self.first is None and (f := self.fraction()) is not None:
             self.first = (time.perf_counter(), f)
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import FrozenTrial
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from bstune import signals
 from bstune.errors import BstuneError, redact
@@ -244,8 +245,10 @@ def _claim_group(opened: OpenStudy, group_size: int,
     `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
     spec, study = opened.spec, opened.study
     fail_stale(study)
-    spent = tally(study.get_trials(deepcopy=False))
-    progress.budget_spent(spent)
+    trials = study.get_trials(deepcopy=False)
+    spent = tally(trials)
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    progress.budget_spent(spent, (max if study.direction == StudyDirection.MAXIMIZE else min)(values, default=None))
     stop_reason = exhausted(spec.budget, spent) or ""
     if stop_reason and not spent.running:
         return stop_reason, []
