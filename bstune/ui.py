@@ -1,7 +1,8 @@
 """`bstune ui`: the MLflow UI over a study's tracking store, in a process group that stops with it.
 
 `mlflow server` starts uvicorn and its workers (a dozen processes); they run in their own process group, which
-is stopped whole (SIGTERM, then SIGKILL) when `bstune ui` gets Ctrl-C or SIGTERM, or ends any other way. A
+is stopped whole (SIGTERM, then SIGKILL) when `bstune ui` gets Ctrl-C or SIGTERM, or ends any other way; on
+Linux the server also gets SIGTERM when `bstune ui` is killed outright (SIGKILL, which it cannot handle). A
 server that cannot start (port taken, store unusable) ends `bstune ui` with one line and a non-zero exit code.
 """
 
@@ -51,7 +52,7 @@ def serve(tracking_uri: str, port: int, echo: Callable[[str], None]) -> None:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_terminated_with(os.getpid()))
         try:
             _wait_ready(proc, base, log)
             echo(f"MLflow UI on {base} (Ctrl-C to stop)")
@@ -86,6 +87,22 @@ def _last_line(log: IO[str]) -> str:
     log.seek(0)
     lines = [line.strip() for line in log.read().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "it printed nothing"
+
+
+def _terminated_with(parent: int) -> Callable[[], None] | None:
+    """Run in the server's process before it starts (Linux): SIGTERM it when `parent` dies, however it dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:

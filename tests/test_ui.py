@@ -106,6 +106,18 @@ def test_ui_links_the_study_and_a_signal_stops_every_process_it_started(store: s
     assert not _answers(port)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_ui_takes_its_server_with_it(store: str) -> None:
+    """SIGKILL cannot be handled: the server, in a process group of its own, is told by the kernel instead."""
+    port = _free_port()
+    proc, _ = _start_ui(store, port)
+    group = _group_of_child(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert _gone(group), f"left running: {_group_of_any(group)}"
+    assert not _answers(port)
+
+
 def test_ui_whose_server_dies_says_so_and_stops_the_rest(store: str) -> None:
     port = _free_port()
     proc, _ = _start_ui(store, port)
