@@ -86,7 +86,8 @@ def run_group(ctx: TrialContext, study: optuna.Study, trials: Sequence[optuna.Tr
     """Train the trials (all of one batch size) together and record each; how many were recorded here (a
     trial another worker took away is not). Ctrl-C records every unfinished one INTERRUPTED, re-queues it
     and propagates."""
-    runs = [_TrialRun(ctx, study, t, p, len(trials)) for t, p in zip(trials, points, strict=True)]
+    pruning = PruneRound(study)  # one for the group: its members' asks share a read of the study per epoch
+    runs = [_TrialRun(ctx, study, t, p, len(trials), pruning) for t, p in zip(trials, points, strict=True)]
     try:
         for run in runs:
             run.guarded(run.start)
@@ -103,9 +104,6 @@ def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
     if not runs:
         return
     configs = [r.config for r in runs]
-    pruning = PruneRound(runs[0].study)
-    for r in runs:
-        r.pruning = pruning
 
     def on_epoch(i: int, stats: EpochStats) -> None:
         runs[i].on_epoch(stats)
@@ -149,14 +147,14 @@ class _TrialRun:
     """One trial while it runs: its MLflow run, its learning curve, its last numbers."""
 
     def __init__(self, ctx: TrialContext, study: optuna.Study, trial: optuna.Trial, point: Hyperparams,
-                 group_size: int) -> None:
+                 group_size: int, pruning: PruneRound) -> None:
         self.ctx, self.study, self.trial, self.point = ctx, study, trial, point
         self.share = 1.0 / group_size  # of the group's wall time that is this trial's
         self.metric = ctx.spec.search.objective
         self.config = train_config(ctx.spec.workload, point.batch_size, point.lr, point.momentum)
         self.epochs = plan(self.config, ctx.data.n_train)[2]
         self.run_id: str | None = None
-        self.pruning: PruneRound | None = None  # the group's, set when it trains
+        self.pruning = pruning
         self.ended = False
         self.told = False  # Optuna was told how it ended, by this worker
         self.restart()
@@ -207,7 +205,6 @@ class _TrialRun:
             self.saved = time.perf_counter()
         self.ctx.progress.epoch_done(self.trial.number, self.point, s.epoch, self.epochs, value)
         self.trial.report(value, s.epoch)
-        self.pruning = self.pruning or PruneRound(self.study)
         if self.pruning.should_prune(self.trial, s.epoch):  # recorded at once: the group may train on a while
             reason = f"pruned at epoch {s.epoch} ({self.metric} {value:.4g})"
             self.end(State.PRUNED, reason)
