@@ -25,7 +25,7 @@ from torch import nn
 
 from bstune.train.config import TrainConfig, plan
 from bstune.train.data import Dataset
-from bstune.train.loop import Diverged, EpochStats, InputPipeline, device_guard, lr_factor
+from bstune.train.loop import Diverged, EpochStats, InputPipeline, backward_step, device_guard, lr_factor
 from bstune.train.models import build_model
 from bstune.train.probes import Layers, NoiseScale
 from bstune.train.stacked import keep_members, member_losses, stack_model
@@ -164,7 +164,7 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
             break
         idx = perm[i * b:(i + 1) * b]
         probe = MemberGradientProbe(g.params, g.k, len(idx)) if every > 0 and g.step % every == 0 else None
-        _backward(g, idx, probe)
+        backward_step(g, idx, probe, member_losses, g.loss_sum, g.correct)
         if every > 0 and (probe is not None or i == 0):
             g.grad_stats.add(probe.finish(g.noise) if probe is not None else member_grad_norms(g.params, g.k))
         g.opt.step(lr_factor(cfg.lr_schedule, g.step, g.total_steps, g.warmup))
@@ -177,24 +177,6 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
             finite = torch.isfinite(g.loss_sum).tolist()  # the step loop's only sync
             _leave(g, {j: Diverged(epoch, g.step, "became non-finite") for j, ok in enumerate(finite) if not ok})
     return seen
-
-
-def _backward(g: _Group, idx: torch.Tensor, probe: MemberGradientProbe | None) -> None:
-    """Forward and backward of one optimizer step's examples `idx`, in accumulation_steps micro-batches. The
-    members' losses are summed, so each member's gradient is its own."""
-    k = g.cfg.accumulation_steps
-    for part in idx.chunk(k):
-        x = g.inputs(g.data.train_x[part], train=True, generator=g.gen)
-        y = g.data.train_y[part]
-        with g.autocast:
-            out = g.forward(x)
-            losses = member_losses(out.float(), y)  # (K, examples)
-        if probe is None:
-            (losses.sum() / len(idx)).backward()
-        else:
-            probe.backward(losses, parts=2 if k == 1 else 1)
-        g.loss_sum += losses.detach().sum(1)
-        g.correct += (out.detach().argmax(-1) == y).sum(1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch._dynamo  # noqa: F401 - see below
@@ -250,7 +251,7 @@ def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, 
         # The noise scale costs a second backward pass, so it is measured on every `every`-th step only;
         # the cheap gradient statistics also on each epoch's first step, so that every epoch has them.
         probe = GradientProbe(run.params, len(idx)) if every > 0 and run.step % every == 0 else None
-        _backward(run, idx, probe, loss_sum, correct)
+        backward_step(run, idx, probe, _cross_entropy, loss_sum, correct)
         if every > 0 and (probe is not None or i == 0):
             run.grad_stats.add(probe.finish(run.noise) if probe is not None else param_norms(run.params))
         run.opt.step()
@@ -262,23 +263,45 @@ def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, 
     return loss_sum, correct, seen
 
 
-def _backward(run: _Run, idx: torch.Tensor, probe: GradientProbe | None, loss_sum: torch.Tensor,
-              correct: torch.Tensor) -> None:
+class StepProbe(Protocol):
+    def backward(self, losses: torch.Tensor, parts: int = 1) -> None: ...
+
+
+class StepRun(Protocol):
+    """What one optimizer step's forward and backward need of a run: a lone `_Run` or a fused group."""
+
+    cfg: TrainConfig
+    data: Dataset
+    inputs: InputPipeline
+    forward: Callable[..., torch.Tensor]
+    autocast: AbstractContextManager
+    gen: torch.Generator
+
+
+def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None,
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss_sum: torch.Tensor,
+                  correct: torch.Tensor) -> None:
     """Forward and backward of one optimizer step's examples `idx`, in accumulation_steps micro-batches;
-    adds their losses and correct predictions to `loss_sum` and `correct` in place."""
+    `loss_fn(logits, y)` gives the per-example losses (a fused group's: per member, (K, N), summed, so each
+    member's gradient is its own). Adds their losses and correct predictions to `loss_sum` and `correct` in
+    place (per member for a group)."""
     k = run.cfg.accumulation_steps
     for part in idx.chunk(k):
         x = run.inputs(run.data.train_x[part], train=True, generator=run.gen)
         y = run.data.train_y[part]
         with run.autocast:
             out = run.forward(x)
-            losses = F.cross_entropy(out.float(), y, reduction="none")
+            losses = loss_fn(out.float(), y)
         if probe is None:
             (losses.sum() / len(idx)).backward()
         else:  # without micro-batches, the noise scale needs the gradients of two halves
             probe.backward(losses, parts=2 if k == 1 else 1)
-        loss_sum += losses.detach().sum()
-        correct += (out.detach().argmax(1) == y).sum()
+        loss_sum += losses.detach().sum(-1)
+        correct += (out.detach().argmax(-1) == y).sum(-1)
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 # --------------------------------------------------------------------------------------------------
