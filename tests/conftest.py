@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,23 @@ def write_spec(tmp_path: Path, **overrides: Any) -> Path:
 @pytest.fixture
 def spec_file(tmp_path: Path) -> Path:
     return write_spec(tmp_path)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models on 2 shared cores: a second intra-op thread only waits for the first (~10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(name="one_thread")
+def _one_thread_fixture() -> Iterator[None]:
+    """`one_thread` for a whole test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with one_thread():
+        yield

@@ -28,14 +28,7 @@ from bstune.train import (
 )
 from tests.conftest import small_spec, write_spec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: on 2 shared cores, a second intra-op thread only waits for the first."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # --------------------------------------------------------------------------------------------------

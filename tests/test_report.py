@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 from click.testing import CliRunner
 from matplotlib.image import imread
 from mlflow import MlflowClient
@@ -26,7 +25,7 @@ from bstune.report import Report, build_report, format_analysis, report_batch_si
 from bstune.search import run_study
 from bstune.spec import StudySpec, load_spec
 from bstune.trials import TrialTable, from_study
-from tests.conftest import write_spec
+from tests.conftest import one_thread, write_spec
 
 NAME = "rptstudy"  # distinctive, so finding it in a page means finding the study
 # 3 batch sizes x 5 trials of the digits data, momentum fixed (1-D valleys), lr spread evenly by QMC:
@@ -57,13 +56,8 @@ def _report_study(base: Path) -> ReportStudy:
     folder.mkdir()
     spec_file = write_spec(folder, **STUDY)
     spec = load_spec(spec_file)
-    threads = torch.get_num_threads()
-    # Two intra-op threads fighting over two shared cores make tiny models ~10x slower.
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         result = run_study(spec)
-    finally:
-        torch.set_num_threads(threads)
     table = from_study(optuna.load_study(study_name=NAME, storage=spec.storage))
     return ReportStudy(spec=spec, spec_file=spec_file, table=table, analysis=analyze(table),
                        report=build_report(table, batch_sizes=[REQUESTED]), parent_run_id=result.parent_run_id)
