@@ -288,6 +288,21 @@ def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout
     raise AssertionError("no trial started in time")
 
 
+def _stopped_mid_trial(path: Path, sig: int = signal.SIGINT, sigint_ignored: bool = False) -> tuple[int, str]:
+    """Start the study, send `sig` while a trial trains, and wait for the process: its exit code and output."""
+    proc = _start(path, sigint_ignored)
+    _wait_for_running_trial(load_spec(path), proc, min_done=0)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
+def _statuses(spec) -> tuple[str, dict[int, str]]:
+    """The MLflow status of the study's parent run, and of each trial's run by trial number."""
+    _, parents, children = _runs(spec)
+    return parents[0].info.status, {int(r.data.tags["bstune.trial"]): r.info.status for r in children}
+
+
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path)
     spec = load_spec(path)
@@ -335,17 +350,13 @@ def test_sigkill_mid_group_loses_every_member_and_each_runs_again(tmp_path: Path
 def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path, trials=4, fuse=2)  # groups of two: at most half the batch size's share at once
     spec = load_spec(path)
-    proc = _start(path)
-    _wait_for_running_trial(spec, proc, min_done=0)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    code, out = _stopped_mid_trial(path)
+    assert code == 130, out
     finished = [t for t in _study(spec).trials if t.state.is_finished()]  # the first group may be done already
     assert [trial_state(t) for t in finished] in (["INTERRUPTED"] * 2, ["COMPLETE"] * 2 + ["INTERRUPTED"] * 2)
-    _, parents, children = _runs(spec)
-    cut = {str(t.number) for t in finished if trial_state(t) == "INTERRUPTED"}
-    assert parents[0].info.status == "KILLED"
-    assert {r.info.status for r in children if r.data.tags["bstune.trial"] in cut} == {"KILLED"}
+    parent, status = _statuses(spec)
+    assert parent == "KILLED"
+    assert {status[t.number] for t in finished if trial_state(t) == "INTERRUPTED"} == {"KILLED"}
     _rerun(path)
     states = [trial_state(t) for t in _study(spec).trials]
     assert sorted(states) == ["COMPLETE"] * 4 + ["INTERRUPTED"] * 2
@@ -354,11 +365,8 @@ def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
 def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path, trials=2)
     spec = load_spec(path)
-    proc = _start(path)
-    _wait_for_running_trial(spec, proc, min_done=0)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    code, out = _stopped_mid_trial(path)
+    assert code == 130, out
     assert "INTERRUPTED" in out and "Traceback" not in out
     assert " INFO mlflow" not in out, out  # MLflow's table creation on a fresh store: noise on a terminal
     # The trial training when the signal came is INTERRUPTED (on a fast machine the first may be done by then).
@@ -366,9 +374,8 @@ def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     states = [trial_state(t) for t in trials]
     assert states[-1] == "INTERRUPTED" and states[:-1] == ["COMPLETE"] * (len(states) - 1) and len(states) <= 2
     cut = trials[-1].number
-    _, parents, children = _runs(spec)
-    status = {r.data.tags["bstune.trial"]: r.info.status for r in children}
-    assert parents[0].info.status == "KILLED" and status[str(cut)] == "KILLED"
+    parent, status = _statuses(spec)
+    assert parent == "KILLED" and status[cut] == "KILLED"
     _rerun(path)
     trials = _study(spec).trials
     assert sorted(trial_state(t) for t in trials) == ["COMPLETE", "COMPLETE", "INTERRUPTED"]
@@ -383,20 +390,16 @@ def test_sigterm_ends_cleanly_as_ctrl_c_does(tmp_path: Path, sig: int, code: int
     Ctrl-C works on a study started with SIGINT ignored (a script's `bstune study ... &`)."""
     path = _slow_spec(tmp_path, trials=2)
     spec = load_spec(path)
-    proc = _start(path, sigint_ignored=True)
-    _wait_for_running_trial(spec, proc, min_done=0)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == code, out
+    exit_code, out = _stopped_mid_trial(path, sig, sigint_ignored=True)
+    assert exit_code == code, out
     assert "Traceback" not in out and "INTERRUPTED" in out, out
     trials = _study(spec).trials  # the first may be done by the time the signal comes, on a fast machine
     done, (cut, queued) = trials[:-2], trials[-2:]
     assert [trial_state(t) for t in done] == ["COMPLETE"] * len(done) and len(done) <= 1
     assert [(trial_state(t), t.state) for t in (cut, queued)] == [("INTERRUPTED", TrialState.FAIL),
                                                                   ("WAITING", TrialState.WAITING)]
-    _, parents, children = _runs(spec)
-    status = {r.data.tags["bstune.trial"]: r.info.status for r in children}
-    assert parents[0].info.status == "KILLED" and status[str(cut.number)] == "KILLED"
+    parent, status = _statuses(spec)
+    assert parent == "KILLED" and status[cut.number] == "KILLED"
 
 
 @pytest.mark.parametrize("where", ["start_trial", "end_trial"])
