@@ -344,6 +344,23 @@ def needed(
     return (run["seconds"], math.inf), (spent, math.inf)
 
 
+def needs_at(
+    scored: dict, by: dict, seeds: Sequence[int], unit: float, targets: tuple[float, float] = TARGETS
+) -> dict[tuple[str, int], tuple[Bounds, Bounds]]:
+    """What every row needed at every seed to have the answer at `targets` (`needed`)."""
+    return {(row, x): needed(by[(src, x)], scored[(row, x)], unit, targets) for row, src, _ in ROWS for x in seeds}
+
+
+def median_ratio(need: dict, a: str, b: str, seeds: Sequence[int], k: int = 0) -> Bounds:
+    """The median over seeds of row a's need over row b's: seconds (k 0) or examples (k 1)."""
+    return median_bounds([ratio(need[(a, x)][k], need[(b, x)][k]) for x in seeds])
+
+
+def got_there(need: dict, row: str, seeds: Sequence[int]) -> int:
+    """At how many seeds the row had the answer within its budget (its need is known, not a bound)."""
+    return sum(need[(row, x)][0][0] == need[(row, x)][0][1] for x in seeds)
+
+
 def ratio(a: Bounds, b: Bounds) -> Bounds:
     """a / b for two quantities known within bounds."""
     low = a[0] / b[1] if b[1] > 0 else math.inf
@@ -417,7 +434,8 @@ def report(
         for row, src, answer in ROWS
         for seed in seeds
     }
-    need = {(row, seed): needed(by[(src, seed)], scored[(row, seed)], unit) for row, src, _ in ROWS for seed in seeds}
+    need = needs_at(scored, by, seeds, unit)
+    others = {t: needs_at(scored, by, seeds, unit, t) for t in OTHER_TARGETS}
     fuse = next(r["fuse"] for r in runs if r["label"] == "bstune")
     w, s = spec.workload, spec.search
     total = sum(r["seconds"] for r in runs)
@@ -488,21 +506,21 @@ def report(
         f"{same} of {len(runs)} searches.",
     ]
     lines += _summary(need, seeds, spec, ref, surface)
-    lines[-1] += " " + loosest_defined(scored, by, seeds, unit)
+    lines[-1] += " " + loosest_defined(others, seeds)
     lines += _headline(need, seeds)
     lines += _per_seed(need, seeds)
     lines += _components(need, seeds, fuse)
     lines += _curves(scored, by, seeds)
-    lines += _other_targets(scored, by, seeds, unit)
+    lines += _other_targets(others, seeds)
     lines += _one_seed(spec, ref, surface)
     lines += _where_time_goes(by, seeds, unit)
     lines += _interpolation(surface)
-    median = median_bounds([ratio(need[("protocol", x)][0], need[("bstune", x)][0]) for x in seeds])
+    median = median_ratio(need, "protocol", "bstune", seeds)
     lines += ["", f"time ratio (protocol / bstune): {show(median) if median != (0.0, math.inf) else 'undefined'}"]
     return lines
 
 
-def _other_targets(scored: dict, by: dict, seeds: Sequence[int], unit: float) -> list[str]:
+def _other_targets(others: dict[tuple[float, float], dict], seeds: Sequence[int]) -> list[str]:
     rows = [r for r, _, _ in ROWS]
     lines = [
         "",
@@ -515,14 +533,13 @@ def _other_targets(scored: dict, by: dict, seeds: Sequence[int], unit: float) ->
         "| error <= | regret <= | " + " | ".join(rows) + " | time ratio protocol / bstune | examples ratio |",
         "|---:|---:|" + "---:|" * (len(rows) + 2),
     ]
-    for targets in OTHER_TARGETS:
-        need = {(row, x): needed(by[(src, x)], scored[(row, x)], unit, targets) for row, src, _ in ROWS for x in seeds}
+    for targets, need in others.items():
         cells = []
         for row in rows:
-            secs = [need[(row, x)][0] for x in seeds]
-            cells.append(f"{show(median_bounds(secs), 1)} ({sum(v[0] == v[1] for v in secs)}/{len(seeds)})")
-        tr = median_bounds([ratio(need[("protocol", x)][0], need[("bstune", x)][0]) for x in seeds])
-        er = median_bounds([ratio(need[("protocol", x)][1], need[("bstune", x)][1]) for x in seeds])
+            secs = median_bounds([need[(row, x)][0] for x in seeds])
+            cells.append(f"{show(secs, 1)} ({got_there(need, row, seeds)}/{len(seeds)})")
+        tr = median_ratio(need, "protocol", "bstune", seeds)
+        er = median_ratio(need, "protocol", "bstune", seeds, k=1)
         lines.append(f"| {targets[0]:g} | {targets[1]:g} | " + " | ".join(cells) + f" | {show(tr)} | {show(er)} |")
     lines += [
         "",
@@ -532,15 +549,11 @@ def _other_targets(scored: dict, by: dict, seeds: Sequence[int], unit: float) ->
         "| part | ratio | " + " | ".join(f"{e:g} / {r:g}" for e, r in OTHER_TARGETS) + " |",
         "|---|---|" + "---:|" * len(OTHER_TARGETS),
     ]
-    needs = [
-        {(row, x): needed(by[(src, x)], scored[(row, x)], unit, t) for row, src, _ in ROWS for x in seeds}
-        for t in OTHER_TARGETS
-    ]
     notes = []
     for a, b, what in COMPONENTS:
-        ratios = [median_bounds([ratio(n[(a, x)][0], n[(b, x)][0]) for x in seeds]) for n in needs]
-        lines.append(f"| {what.split(':')[0]} | {a} / {b} | " + " | ".join(show(r) for r in ratios) + " |")
-        losing = [f"{e:g} / {r:g}" for (e, r), tr in zip(OTHER_TARGETS, ratios, strict=True) if tr[1] <= 1.0]
+        ratios = {t: median_ratio(need, a, b, seeds) for t, need in others.items()}
+        lines.append(f"| {what.split(':')[0]} | {a} / {b} | " + " | ".join(show(r) for r in ratios.values()) + " |")
+        losing = [f"{e:g} / {r:g}" for (e, r), tr in ratios.items() if tr[1] <= 1.0]
         if losing:
             notes.append(f"{what.split(':')[0]} does not pay at {', '.join(losing)} ({a} / {b} <= 1)")
     if notes:
@@ -548,14 +561,13 @@ def _other_targets(scored: dict, by: dict, seeds: Sequence[int], unit: float) ->
     return lines
 
 
-def loosest_defined(scored: dict, by: dict, seeds: Sequence[int], unit: float) -> str:
-    """In words: the strictest of OTHER_TARGETS at which the headline ratio is bounded, and what it is."""
-    for targets in OTHER_TARGETS:
-        need = {(row, x): needed(by[(src, x)], scored[(row, x)], unit, targets) for row, src, _ in ROWS for x in seeds}
-        tr = median_bounds([ratio(need[("protocol", x)][0], need[("bstune", x)][0]) for x in seeds])
+def loosest_defined(others: dict[tuple[float, float], dict], seeds: Sequence[int]) -> str:
+    """In words: the strictest of the other targets at which the headline ratio is bounded, and what it is."""
+    for targets, need in others.items():
+        tr = median_ratio(need, "protocol", "bstune", seeds)
         if tr == (0.0, math.inf):
             continue
-        got = {row: sum(need[(row, x)][0][0] == need[(row, x)][0][1] for x in seeds) for row in ("protocol", "bstune")}
+        got = {row: got_there(need, row, seeds) for row in ("protocol", "bstune")}
         secs = median_bounds([need[("bstune", x)][0] for x in seeds])
         return (
             f"The strictest of the other targets below at which the ratio is bounded is error <= {targets[0]:g} "
@@ -623,9 +635,8 @@ def _summary(
 ) -> list[str]:
     """The result in words: who got there, the ratio, and whether it is a bound."""
     n = len(seeds)
-    per_seed = [ratio(need[("protocol", x)][0], need[("bstune", x)][0]) for x in seeds]
-    median = median_bounds(per_seed)
-    got = {row: sum(need[(row, x)][0][0] == need[(row, x)][0][1] for x in seeds) for row in ("protocol", "bstune")}
+    median = median_ratio(need, "protocol", "bstune", seeds)
+    got = {row: got_there(need, row, seeds) for row in ("protocol", "bstune")}
     words = [
         f"At error <= {ERROR_TARGET:g} octave and regret <= {REGRET_TARGET:g}, bstune had the answer within "
         f"its budget at {got['bstune']} of {n} seeds, the protocol at {got['protocol']} of {n}."
@@ -678,9 +689,9 @@ def _headline(need: dict, seeds: Sequence[int]) -> list[str]:
     for row, _, _ in ROWS:
         secs = [need[(row, x)][0] for x in seeds]
         exs = [need[(row, x)][1] for x in seeds]
-        got = sum(v[0] == v[1] for v in secs)
-        tr = median_bounds([ratio(need[("protocol", x)][0], need[(row, x)][0]) for x in seeds])
-        er = median_bounds([ratio(need[("protocol", x)][1], need[(row, x)][1]) for x in seeds])
+        got = got_there(need, row, seeds)
+        tr = median_ratio(need, "protocol", row, seeds)
+        er = median_ratio(need, "protocol", row, seeds, k=1)
         lines.append(f"| {row} | {spread(secs)} | {spread(exs)} | {got}/{len(seeds)} | {show(tr)} | {show(er)} |")
     return lines
 
@@ -718,8 +729,8 @@ def _components(need: dict, seeds: Sequence[int], fuse: int) -> list[str]:
     ]
     notes = []
     for a, b, what in COMPONENTS:
-        tr = median_bounds([ratio(need[(a, x)][0], need[(b, x)][0]) for x in seeds])
-        er = median_bounds([ratio(need[(a, x)][1], need[(b, x)][1]) for x in seeds])
+        tr = median_ratio(need, a, b, seeds)
+        er = median_ratio(need, a, b, seeds, k=1)
         what = what.format(fuse=fuse)
         lines.append(f"| {what} | {a} / {b} | {show(tr)} | {show(er)} |")
         if tr[1] <= 1.0:
