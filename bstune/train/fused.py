@@ -25,7 +25,15 @@ from torch import nn
 
 from bstune.train.config import TrainConfig, plan
 from bstune.train.data import Dataset
-from bstune.train.loop import Diverged, EpochStats, InputPipeline, backward_step, device_guard, lr_factor
+from bstune.train.loop import (
+    Diverged,
+    EpochStats,
+    InputPipeline,
+    backward_step,
+    device_guard,
+    lr_factor,
+    summed_over_val,
+)
 from bstune.train.models import build_model
 from bstune.train.probes import Layers, NoiseScale
 from bstune.train.stacked import keep_members, member_losses, stack_model
@@ -183,21 +191,12 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
 # Evaluation
 
 
-@torch.no_grad()
 def evaluate_members(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
                      autocast: AbstractContextManager) -> tuple[list[float], list[float]]:
     """Each member's validation loss and accuracy, in batches of `batch_size` examples per member."""
-    model.eval()
-    loss = correct = None
+    loss, correct = summed_over_val(model, data, inputs, batch_size, autocast,
+                                    lambda out, y: member_losses(out, y).sum(1))
     n = data.val_x.shape[0]
-    for i in range(0, n, batch_size):
-        x = inputs(data.val_x[i:i + batch_size], train=False)
-        y = data.val_y[i:i + batch_size]
-        with autocast:
-            out = model(x).float()
-        batch_loss, batch_correct = member_losses(out, y).sum(1), (out.argmax(-1) == y).sum(1)
-        loss = batch_loss if loss is None else loss + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
     return (loss / n).tolist(), (correct.double() / n).tolist()
 
 

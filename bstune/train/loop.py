@@ -309,20 +309,30 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
-             autocast: object = nullcontext()) -> tuple[float, float]:
-    """Validation loss and accuracy, in large batches, with one host sync at the end."""
+def summed_over_val(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
+                    autocast: AbstractContextManager,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation set's summed loss (`loss_fn(logits, y)` sums a batch's) and correct predictions, in
+    batches of `batch_size`, still on the device (per member for a fused model, whose logits are (K, N, C))."""
     model.eval()
     loss = torch.zeros((), device=inputs.device)
     correct = torch.zeros((), device=inputs.device, dtype=torch.long)
-    n = data.val_x.shape[0]
-    for i in range(0, n, batch_size):
+    for i in range(0, data.val_x.shape[0], batch_size):
         x = inputs(data.val_x[i:i + batch_size], train=False)
         y = data.val_y[i:i + batch_size]
         with autocast:
             out = model(x).float()
-        loss += F.cross_entropy(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
+        loss = loss + loss_fn(out, y)
+        correct = correct + (out.argmax(-1) == y).sum(-1)
+    return loss, correct
+
+
+def evaluate(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
+             autocast: AbstractContextManager | None = None) -> tuple[float, float]:
+    """Validation loss and accuracy, in large batches, with one host sync at the end."""
+    loss, correct = summed_over_val(model, data, inputs, batch_size, autocast or nullcontext(),
+                                    lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+    n = data.val_x.shape[0]
     return float(loss) / n, float(correct) / n
 
 
