@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bstune import entry, registry
 from bstune.errors import BstuneError
 from bstune.spec_yaml import Refused, read_yaml
 
-DATASETS = ("digits", "cifar10", "synthetic")
-MODELS = ("linear", "mlp", "cnn", "resnet")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+DATASETS = tuple(registry.DATASETS)
+MODELS = tuple(registry.MODELS)
+OPTIMIZERS = tuple(registry.OPTIMIZERS)
 SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("tpe", "random", "qmc", "gp", "law")  # law: bstune.lawsampler, pooled across batch sizes
 PRUNERS = ("none", "median", "percentile", "hyperband")
@@ -48,15 +49,19 @@ class SpecError(BstuneError):
 
 @dataclass(frozen=True)
 class Workload:
-    """What each trial trains: data set, model, optimizer and how long."""
+    """What each trial trains: data set, model, optimizer and how long. The data set, the model, the loss and
+    the trainer may be entry points (``FILE.py:FUNC``, ``package.module:FUNC``) or, from Python, callables
+    (docs/own-model.md)."""
 
-    dataset: str = "digits"
+    dataset: Any = "digits"  # a built-in's name or an entry point; "" with a trainer of one's own: none
     data_dir: str = "data"
     download: bool = False
     n_train: int | None = None  # use only the first n training examples (None: all)
     val_fraction: float = 0.2  # for data sets without a test split (digits, synthetic)
     augment: bool | None = None  # None: on for cifar10, off otherwise
-    model: str = "mlp"
+    model: Any = "mlp"  # a built-in's name or an entry point ("" with a trainer of one's own)
+    loss: Any = None  # an entry point: (outputs, targets) -> mean loss; None: cross-entropy
+    trainer: Any = None  # an entry point: FUNC(trial) trains as the user likes (bstune.own_loop)
     width: int = 128
     optimizer: str = "sgd"
     epochs: int = 10
@@ -138,6 +143,9 @@ class StudySpec:
         """The spec as plain data (what `load_spec` would read back), for artifacts and reports."""
         d = asdict(self)
         d.pop("source")
+        for key in ("dataset", "model", "loss", "trainer"):  # a callable (Python API) as module.qualname
+            if d["workload"][key] is not None:
+                d["workload"][key] = entry.name_of(d["workload"][key])
         d["search"]["batch_sizes"] = list(self.search.batch_sizes)
         d["workload"]["grad_histogram_epochs"] = list(self.workload.grad_histogram_epochs)
         d["search"]["lr"] = {"low": self.search.lr[0], "high": self.search.lr[1]}
@@ -177,7 +185,7 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
     name = root.str("name", default_name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         root.fail("name", f"must be letters, digits, '_', '.' or '-', got {name!r}")
-    workload = _workload(root.section("workload"))
+    workload = _workload(root.section("workload"), Path(source).parent if source != "<spec>" else None)
     search = _search(root.section("search"), workload)
     budget = _budget(root.section("budget"))
     execution = _execution(root.section("execution"))
@@ -197,16 +205,20 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
     return spec
 
 
-def _workload(s: _Section) -> Workload:
+def _workload(s: _Section, folder: Path | None) -> Workload:
     d = Workload()
+    trainer = s.entry("trainer", None, (), folder)
+    own = trainer is not None  # with a trainer of one's own, data set and model are optional
     w = Workload(
-        dataset=s.choice("dataset", d.dataset, DATASETS),
+        dataset=s.entry("dataset", "" if own else d.dataset, DATASETS, folder),
+        model=s.entry("model", "" if own else d.model, MODELS, folder),
+        loss=s.entry("loss", None, (), folder),
+        trainer=trainer,
         data_dir=s.str("data_dir", d.data_dir),
         download=s.bool("download", d.download),
         n_train=s.int("n_train", None, minimum=1),
         val_fraction=s.float("val_fraction", d.val_fraction, minimum=0.01, maximum=0.9),
         augment=s.bool("augment", None),
-        model=s.choice("model", d.model, MODELS),
         width=s.int("width", d.width, minimum=1, maximum=WIDTH_MAX),
         optimizer=s.choice("optimizer", d.optimizer, OPTIMIZERS),
         epochs=s.int("epochs", d.epochs, minimum=1, maximum=EPOCHS_MAX),
@@ -391,6 +403,27 @@ class _Section:
         if v not in choices:
             hint = _did_you_mean(str(v), choices)
             self.fail(key, f"unknown value {_show(v)}{hint}; choose one of {', '.join(choices)}")
+        return v
+
+    def entry(self, key: str, default: Any, choices: tuple[str, ...], folder: Path | None) -> Any:
+        """A built-in's name (one of `choices`), an entry point FILE.py:FUNC / package.module:FUNC (a relative
+        FILE made absolute against `folder`, the spec's), or a Python callable."""
+        v = self.raw(key, default)
+        if v is None or callable(v) or (v == "" and default == ""):
+            return v
+        if not isinstance(v, str) or ":" not in v:
+            if v in choices:
+                return v
+            hint = _did_you_mean(str(v), choices)
+            builtins = f"one of {', '.join(choices)}, or " if choices else ""
+            self.fail(key, f"unknown value {_show(v)}{hint}; give {builtins}FILE.py:FUNC or package.module:FUNC")
+        where, func = entry.split(v)
+        if not where or not func.isidentifier():
+            self.fail(key, f"{_show(v)} is not an entry point; give FILE.py:FUNC or package.module:FUNC")
+        v = entry.resolve_path(v, folder)
+        where = entry.split(v)[0]
+        if where.endswith(".py") and not Path(where).is_file():
+            self.fail(key, f"no such file {where} (a relative FILE is read from the spec file's folder)")
         return v
 
     def int(self, key: str, default: int | None, minimum: int | None = None,

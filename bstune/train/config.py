@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 from bstune.spec import Workload
 
@@ -25,7 +26,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     accumulation_steps: int = 1
     seed: int = 0
-    model: str = "mlp"
+    model: Any = "mlp"  # a built-in's name, or an entry point / callable (models.build_model)
+    loss: Any = None  # an entry point / callable (outputs, targets) -> mean loss; None: cross-entropy
     width: int = 128
     compile: str = "off"  # torch.compile mode: off | default | reduce-overhead (CUDA graphs) | max-autotune
     diagnostics_every: int = 16  # noise scale every this-many-th step, gradient statistics too (0: all off)
@@ -45,6 +47,7 @@ def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
     many epochs they take."""
     per_epoch = n_train // cfg.batch_size if cfg.compile != "off" and n_train >= cfg.batch_size \
         else steps_per_epoch(n_train, cfg.batch_size)
+    per_epoch = max(per_epoch, 1)  # no data of bstune's (a trainer of one's own): epochs are the user's
     total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
     return per_epoch, total, math.ceil(total / per_epoch)
 

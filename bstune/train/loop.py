@@ -23,10 +23,13 @@ import torch._dynamo  # noqa: F401 - see below
 import torch.nn.functional as F
 from torch import nn
 
+from bstune import entry, registry
 from bstune.train.config import TrainConfig, plan
 from bstune.train.data import Dataset
 from bstune.train.models import build_model
+from bstune.train.optimizers import make_optimizer
 from bstune.train.probes import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
+from bstune.train.user import Loss
 
 # torch.optim imports torch._dynamo (a second or two) when the first optimizer is built; importing it above
 # keeps that out of the first trial. A Ctrl-C landing in that import, inside a namedtuple's eval(), makes a
@@ -153,16 +156,6 @@ def _model(cfg: TrainConfig, data: Dataset, device: torch.device) -> tuple[nn.Mo
 # The optimizer and its schedule
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """SGD / Nesterov / Adam / AdamW. For the Adam family, momentum is beta1."""
-    if name in ("sgd", "nesterov"):
-        nesterov = name == "nesterov" and momentum > 0
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
-
-
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     """Multiplier on the base lr at optimizer step `step` (0-based) of `total`."""
     if warmup > 0 and step < warmup:
@@ -201,6 +194,7 @@ class _Run:
     layers: Layers
     grad_stats: GradientStats
     noise: NoiseScale
+    loss: Loss
     step: int = 0  # optimizer steps taken
     examples: int = 0  # examples trained on
     train_seconds: float = 0.0  # without evaluation
@@ -229,7 +223,21 @@ def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
         # Noise scale averaged over about an epoch's measured steps, and at least 20 of them.
         noise=NoiseScale(window=max(20, math.ceil(per_epoch / max(every, 1))),
                          population=None if inputs.augment else data.n_train),
+        loss=make_loss(cfg, fused=False),
     )
+
+
+def make_loss(cfg: TrainConfig, fused: bool) -> Loss:
+    """The run's training loss: cross-entropy, or the workload's own (an entry point)."""
+    return Loss(None if cfg.loss is None else entry.load(cfg.loss, "workload.loss"), fused)
+
+
+def blowup_threshold(data: Dataset, cfg: TrainConfig) -> float:
+    """An epoch's training loss above which a run has diverged: far above chance level for cross-entropy on
+    classes; a user's loss has no known scale, so only a non-finite one counts."""
+    if cfg.loss is None and data.num_classes > 0:
+        return 10.0 * math.log(data.num_classes) + 10.0
+    return math.inf
 
 
 def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -251,7 +259,7 @@ def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, 
         # The noise scale costs a second backward pass, so it is measured on every `every`-th step only;
         # the cheap gradient statistics also on each epoch's first step, so that every epoch has them.
         probe = GradientProbe(run.params, len(idx)) if every > 0 and run.step % every == 0 else None
-        backward_step(run, idx, probe, _cross_entropy, loss_sum, correct)
+        backward_step(run, idx, probe, run.loss, loss_sum, correct)
         if every > 0 and (probe is not None or i == 0):
             run.grad_stats.add(probe.finish(run.noise) if probe is not None else param_norms(run.params))
         run.opt.step()
@@ -278,30 +286,36 @@ class StepRun(Protocol):
     gen: torch.Generator
 
 
-def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None,
-                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss_sum: torch.Tensor,
+def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None, loss: Loss, loss_sum: torch.Tensor,
                   correct: torch.Tensor) -> None:
     """Forward and backward of one optimizer step's examples `idx`, in accumulation_steps micro-batches;
-    `loss_fn(logits, y)` gives the per-example losses (a fused group's: per member, (K, N), summed, so each
-    member's gradient is its own). Adds their losses and correct predictions to `loss_sum` and `correct` in
-    place (per member for a group)."""
+    `loss.pieces` gives the summed losses of pieces of the batch, per example for cross-entropy (a fused
+    group's: per member, (K, N), summed, so each member's gradient is its own). Adds their losses and correct
+    predictions to `loss_sum` and `correct` in place (per member for a group)."""
     k = run.cfg.accumulation_steps
     for part in idx.chunk(k):
         x = run.inputs(run.data.train_x[part], train=True, generator=run.gen)
         y = run.data.train_y[part]
         with run.autocast:
-            out = run.forward(x)
-            losses = loss_fn(out.float(), y)
+            out = _full_precision(run.forward(x))
+            losses = loss.pieces(out, y, 2 if probe is not None and k == 1 else 1)
         if probe is None:
             (losses.sum() / len(idx)).backward()
         else:  # without micro-batches, the noise scale needs the gradients of two halves
             probe.backward(losses, parts=2 if k == 1 else 1)
         loss_sum += losses.detach().sum(-1)
-        correct += (out.detach().argmax(-1) == y).sum(-1)
+        correct += count_correct(out.detach(), y, run.data.num_classes)
 
 
-def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+def _full_precision(out: torch.Tensor) -> torch.Tensor:
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def count_correct(out: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor | int:
+    """Correct class predictions (per member for stacked outputs); 0 when the targets are not classes."""
+    if num_classes == 0 or out.dim() - y.dim() not in (1, 2):  # (N, C) lone, (K, N, C) stacked
+        return 0
+    return (out.argmax(-1) == y).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,25 +335,26 @@ def summed_over_val(model: nn.Module, data: Dataset, inputs: InputPipeline, batc
         x = inputs(data.val_x[i:i + batch_size], train=False)
         y = data.val_y[i:i + batch_size]
         with autocast:
-            out = model(x).float()
+            out = _full_precision(model(x))
         loss = loss + loss_fn(out, y)
-        correct = correct + (out.argmax(-1) == y).sum(-1)
+        correct = correct + count_correct(out, y, data.num_classes)
     return loss, correct
 
 
 def evaluate(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
-             autocast: AbstractContextManager | None = None) -> tuple[float, float]:
-    """Validation loss and accuracy, in large batches, with one host sync at the end."""
-    loss, correct = summed_over_val(model, data, inputs, batch_size, autocast or nullcontext(),
-                                    lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+             autocast: AbstractContextManager | None = None, loss: Loss | None = None) -> tuple[float, float]:
+    """Validation loss and accuracy (NaN when the targets are not classes), in large batches, with one host
+    sync at the end."""
+    loss = loss or Loss(None, fused=False)
+    total, correct = summed_over_val(model, data, inputs, batch_size, autocast or nullcontext(), loss.summed)
     n = data.val_x.shape[0]
-    return float(loss) / n, float(correct) / n
+    return float(total) / n, float(correct) / n if data.num_classes else math.nan
 
 
 def _epoch_stats(run: _Run, epoch: int, train_loss: float, correct: torch.Tensor, seen: int,
                  seconds: float) -> EpochStats:
     """The epoch's numbers: validation, the weights' distance from their start, the gradient statistics."""
-    val_loss, val_acc = evaluate(run.model, run.data, run.inputs, run.cfg.eval_batch_size, run.autocast)
+    val_loss, val_acc = evaluate(run.model, run.data, run.inputs, run.cfg.eval_batch_size, run.autocast, run.loss)
     with torch.no_grad():
         moved = run.layers.norms(torch._foreach_sub(run.params, run.initial)).tolist()
     layer = dict(zip(run.layers.names, moved, strict=True))
@@ -347,7 +362,8 @@ def _epoch_stats(run: _Run, epoch: int, train_loss: float, correct: torch.Tensor
     if grads.histogram is not None:
         grads.histogram.update(epoch=epoch, batch_size=run.cfg.batch_size)
     return EpochStats(
-        epoch=epoch, train_loss=train_loss, train_accuracy=float(correct) / max(seen, 1),
+        epoch=epoch, train_loss=train_loss,
+        train_accuracy=float(correct) / max(seen, 1) if run.data.num_classes else math.nan,
         val_loss=val_loss, val_accuracy=val_acc, examples_seen=run.examples, optimizer_steps=run.step,
         train_seconds=run.train_seconds, examples_per_second=seen / seconds if seconds > 0 else 0.0,
         weight_distance=math.sqrt(sum(v * v for v in layer.values())), grad_noise_scale=run.noise.value(),
@@ -379,7 +395,7 @@ def device_guard(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     and the device's out-of-memory errors raised as OutOfMemory."""
     threads = torch.get_num_threads()
     cpu = device.type == "cpu"
-    if cpu and cfg.model in ("linear", "mlp"):
+    if cpu and isinstance(cfg.model, str) and cfg.model in registry.MODELS and registry.MODELS[cfg.model].dense:
         # A small dense model's ops are too small to split: extra threads only spin, and on a busy machine
         # (parallel workers, a test suite) they made epochs 30x slower than one thread.
         torch.set_num_threads(1)
@@ -406,7 +422,7 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accumulation_steps "
                          f"{cfg.accumulation_steps}")
     run = _start(cfg, data, device)
-    blowup = 10.0 * math.log(data.num_classes) + 10.0  # a loss this far above chance level has diverged
+    blowup = blowup_threshold(data, cfg)
     histogram_epochs = {run.epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
     history: list[EpochStats] = []
     for epoch in range(1, run.epochs + 1):
