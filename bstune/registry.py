@@ -50,7 +50,11 @@ OPTIMIZERS: dict[str, str] = {
 USER_MODEL_FUSE = {"cpu": 4, "cuda": 8}
 
 
+def is_builtin_model(model: object) -> bool:
+    return isinstance(model, str) and model in MODELS
+
+
 def default_fuse(device_type: str, model: object) -> int:
     """How many trials of one batch size train together by default, for the device and the workload's model."""
-    fuse = MODELS[model].fuse if isinstance(model, str) and model in MODELS else USER_MODEL_FUSE
+    fuse = MODELS[model].fuse if is_builtin_model(model) else USER_MODEL_FUSE
     return fuse.get(device_type, fuse.get("cpu", 1))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bstune import entry, registry
+from bstune.errors import BstuneError
 
 
 def build_model(name: Any, input_shape: tuple[int, ...], num_classes: int, width: int = 128) -> nn.Module:
@@ -25,8 +26,8 @@ def build_model(name: Any, input_shape: tuple[int, ...], num_classes: int, width
     fn = entry.load(target, "workload.model")
     model = entry.call(fn, {"input_shape": input_shape, "num_classes": num_classes, "width": width})
     if not isinstance(model, nn.Module):
-        raise ValueError(f"workload.model: {entry.name_of(name)} returned {type(model).__name__}, not a "
-                         f"torch.nn.Module; return the freshly built model")
+        raise BstuneError(f"workload.model: {entry.name_of(name)} returned {type(model).__name__}, not a "
+                          f"torch.nn.Module; return the freshly built model")
     return model
 
 
