@@ -128,7 +128,7 @@ class InputPipeline:
     def __call__(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Model inputs from stored examples `x`; `train` augments them, drawing from `generator`."""
         if self.mean is not None:
-            x = (x.float() - self.mean) / self.std
+            x = (x.to(self.mean.dtype) - self.mean) / self.std
         if train and self.augment:
             x = augment_images(x, self.pad, generator)
         if self.channels_last and x.dim() == 4:
@@ -297,7 +297,7 @@ def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None, loss
         x = run.inputs(run.data.train_x[part], train=True, generator=run.gen)
         y = run.data.train_y[part]
         with run.autocast:
-            out = _full_precision(run.forward(x))
+            out = full_precision(run.forward(x))
             losses = loss.pieces(out, y, 2 if probe is not None and k == 1 else 1)
         if probe is None:
             (losses.sum() / len(idx)).backward()
@@ -307,8 +307,9 @@ def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None, loss
         correct += count_correct(out.detach(), y, run.data.num_classes)
 
 
-def _full_precision(out: torch.Tensor) -> torch.Tensor:
-    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if autocast made it half or bfloat16; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def count_correct(out: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor | int:
@@ -335,7 +336,7 @@ def summed_over_val(model: nn.Module, data: Dataset, inputs: InputPipeline, batc
         x = inputs(data.val_x[i:i + batch_size], train=False)
         y = data.val_y[i:i + batch_size]
         with autocast:
-            out = _full_precision(model(x))
+            out = full_precision(model(x))
         loss = loss + loss_fn(out, y)
         correct = correct + count_correct(out, y, data.num_classes)
     return loss, correct
