@@ -7,6 +7,7 @@ module that raises on import, a missing function.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -40,9 +41,31 @@ def resolve_path(value: str, folder: Path | None) -> str:
     return f"{(folder / where).resolve()}:{func}"
 
 
-def name_of(value: object) -> str:
+def checked(value: Any, choices: tuple[str, ...], folder: Path | None) -> tuple[Any, str]:
+    """(the value, "") for a built-in's name (one of `choices`); (the entry with a relative FILE made absolute,
+    "") for a well-formed entry point whose file exists; else (value, the problem in words)."""
+    if not isinstance(value, str):
+        return value, f"must be a name or FILE.py:FUNC, got {type(value).__name__}"
+    if ":" not in value:
+        if value in choices:
+            return value, ""
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        names = f"{', '.join(choices)}, or " if choices else ""
+        return value, f"unknown value {value[:60]!r}{hint}; give {names}FILE.py:FUNC or package.module:FUNC"
+    where, func = split(value)
+    if not where or not func.isidentifier():
+        return value, f"{value!r} is not an entry point; give FILE.py:FUNC or package.module:FUNC"
+    value = resolve_path(value, folder)
+    where = split(value)[0]
+    if where.endswith(".py") and not Path(where).is_file():
+        return value, f"no such file {where} (a relative FILE is read from the spec file's folder)"
+    return value, ""
+
+
+def name_of(value: object) -> str | None:
     """How an entry is shown and stored: the string itself, or ``python:module.qualname`` of a callable."""
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return value
     module = getattr(value, "__module__", None) or "?"
     return f"python:{module}.{getattr(value, '__qualname__', type(value).__name__)}"

@@ -49,9 +49,7 @@ class SpecError(BstuneError):
 
 @dataclass(frozen=True)
 class Workload:
-    """What each trial trains: data set, model, optimizer and how long. The data set, the model, the loss and
-    the trainer may be entry points (``FILE.py:FUNC``, ``package.module:FUNC``) or, from Python, callables
-    (docs/own-model.md)."""
+    """What each trial trains: data set, model, optimizer and how long (entry points: docs/own-model.md)."""
 
     dataset: Any = "digits"  # a built-in's name or an entry point; "" with a trainer of one's own: none
     data_dir: str = "data"
@@ -143,9 +141,7 @@ class StudySpec:
         """The spec as plain data (what `load_spec` would read back), for artifacts and reports."""
         d = asdict(self)
         d.pop("source")
-        for key in ("dataset", "model", "loss", "trainer"):  # a callable (Python API) as module.qualname
-            if d["workload"][key] is not None:
-                d["workload"][key] = entry.name_of(d["workload"][key])
+        d["workload"].update({k: entry.name_of(d["workload"][k]) for k in ("dataset", "model", "loss", "trainer")})
         d["search"]["batch_sizes"] = list(self.search.batch_sizes)
         d["workload"]["grad_histogram_epochs"] = list(self.workload.grad_histogram_epochs)
         d["search"]["lr"] = {"low": self.search.lr[0], "high": self.search.lr[1]}
@@ -207,8 +203,7 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
 
 def _workload(s: _Section, folder: Path | None) -> Workload:
     d = Workload()
-    trainer = s.entry("trainer", None, (), folder)
-    own = trainer is not None  # with a trainer of one's own, data set and model are optional
+    own = (trainer := s.entry("trainer", None, (), folder)) is not None  # then data set and model are optional
     w = Workload(
         dataset=s.entry("dataset", "" if own else d.dataset, DATASETS, folder),
         model=s.entry("model", "" if own else d.model, MODELS, folder),
@@ -406,25 +401,12 @@ class _Section:
         return v
 
     def entry(self, key: str, default: Any, choices: tuple[str, ...], folder: Path | None) -> Any:
-        """A built-in's name (one of `choices`), an entry point FILE.py:FUNC / package.module:FUNC (a relative
-        FILE made absolute against `folder`, the spec's), or a Python callable."""
+        """A built-in's name (one of `choices`), FILE.py:FUNC, package.module:FUNC, or a callable (bstune.entry)."""
         v = self.raw(key, default)
-        if v is None or callable(v) or (v == "" and default == ""):
+        if v is None or callable(v) or v == default == "":
             return v
-        if not isinstance(v, str) or ":" not in v:
-            if v in choices:
-                return v
-            hint = _did_you_mean(str(v), choices)
-            builtins = f"one of {', '.join(choices)}, or " if choices else ""
-            self.fail(key, f"unknown value {_show(v)}{hint}; give {builtins}FILE.py:FUNC or package.module:FUNC")
-        where, func = entry.split(v)
-        if not where or not func.isidentifier():
-            self.fail(key, f"{_show(v)} is not an entry point; give FILE.py:FUNC or package.module:FUNC")
-        v = entry.resolve_path(v, folder)
-        where = entry.split(v)[0]
-        if where.endswith(".py") and not Path(where).is_file():
-            self.fail(key, f"no such file {where} (a relative FILE is read from the spec file's folder)")
-        return v
+        value, problem = entry.checked(v, choices, folder)
+        return value if not problem else self.fail(key, problem)
 
     def int(self, key: str, default: int | None, minimum: int | None = None,
             maximum: int | None = None) -> int | None:

@@ -36,6 +36,7 @@ from bstune.train.loop import (
     device_guard,
     lr_factor,
     make_loss,
+    small_on_cpu,
     summed_over_val,
 )
 from bstune.train.models import build_model
@@ -116,6 +117,7 @@ def _start(configs: Sequence[TrainConfig], data: Dataset, device: torch.device) 
     inputs = InputPipeline(data, device, channels_last=cuda)
     torch.manual_seed(cfg.seed)  # the initial weights of a lone run with this seed
     alone = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width)
+    small_on_cpu(cfg, alone, device)
     # the built-ins stack by hand (faster); any other model by torch.func
     builtin = isinstance(cfg.model, str) and cfg.model in registry.MODELS
     model = (stack_model(alone, len(configs)) if builtin else FuncStacked(alone, len(configs))).to(device)

@@ -206,6 +206,7 @@ def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
     data = data.to(device)
     inputs = InputPipeline(data, device, channels_last=cuda)
     model, forward = _model(cfg, data, device)
+    small_on_cpu(cfg, model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     per_epoch, total_steps, epochs = plan(cfg, data.n_train)
@@ -390,13 +391,23 @@ def train(
         return _train(cfg, data, device, on_epoch)
 
 
+SMALL_MODEL = 200_000  # parameters: a user's model this small runs on one CPU thread, as the dense built-ins
+
+
+def small_on_cpu(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
+    """One CPU thread for a user's small model (its ops too small to split; device_guard restores the count)."""
+    if device.type == "cpu" and not registry.is_builtin_model(cfg.model) \
+            and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        torch.set_num_threads(1)
+
+
 @contextmanager
 def device_guard(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     """Around a run: one thread for a small dense model on the CPU, denormal floats flushed to zero on the CPU,
     and the device's out-of-memory errors raised as OutOfMemory."""
     threads = torch.get_num_threads()
     cpu = device.type == "cpu"
-    if cpu and isinstance(cfg.model, str) and cfg.model in registry.MODELS and registry.MODELS[cfg.model].dense:
+    if cpu and registry.is_builtin_model(cfg.model) and registry.MODELS[cfg.model].dense:
         # A small dense model's ops are too small to split: extra threads only spin, and on a busy machine
         # (parallel workers, a test suite) they made epochs 30x slower than one thread.
         torch.set_num_threads(1)
