@@ -71,6 +71,14 @@ def name_of(value: object) -> str | None:
     return f"python:{module}.{getattr(value, '__qualname__', type(value).__name__)}"
 
 
+def short(value: object) -> str | None:
+    """An entry as a line shows it: a file by its name (``net.py:build``), anything else as `name_of`."""
+    name = name_of(value)
+    if isinstance(value, str) and ":" in value and split(value)[0].endswith(".py"):
+        return f"{Path(split(value)[0]).name}:{split(value)[1]}"
+    return name
+
+
 def load(value: object, field: str) -> Callable[..., Any]:
     """The callable an entry names. BstuneError naming `field` (e.g. workload.model) if it cannot be had."""
     if callable(value):

@@ -43,10 +43,10 @@ def validate(spec: StudySpec) -> list[str]:
 def _what(spec: StudySpec, n_train: int) -> str:
     w = spec.workload
     if w.trainer is not None:
-        data = f", data {entry.name_of(w.dataset)} ({n_train} training examples)" if n_train else ""
-        return f"trainer {entry.name_of(w.trainer)}{data}"
-    loss = f", loss {entry.name_of(w.loss)}" if w.loss is not None else ""
-    return f"{entry.name_of(w.dataset)}/{entry.name_of(w.model)}{loss} ({n_train} training examples)"
+        data = f", data {entry.short(w.dataset)} ({n_train} training examples)" if n_train else ""
+        return f"trainer {entry.short(w.trainer)}{data}"
+    loss = f", loss {entry.short(w.loss)}" if w.loss is not None else ""
+    return f"{entry.short(w.dataset)}/{entry.short(w.model)}{loss} ({n_train} training examples)"
 
 
 def _range(r: tuple[float, float]) -> str:

@@ -43,10 +43,10 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
     """(optimizer steps per epoch, steps in all, epochs) of a run. Compiled runs drop the last, smaller
-    batch (it would record a second CUDA graph); with ``steps`` set the run lasts that many steps, however
-    many epochs they take."""
-    per_epoch = n_train // cfg.batch_size if cfg.compile != "off" and n_train >= cfg.batch_size \
-        else steps_per_epoch(n_train, cfg.batch_size)
+    batch (it would record a second CUDA graph), any run a last batch of one example (batch norm cannot
+    train on one); with ``steps`` set the run lasts that many steps, however many epochs they take."""
+    drop = n_train >= cfg.batch_size and (cfg.compile != "off" or n_train % cfg.batch_size == 1)
+    per_epoch = n_train // cfg.batch_size if drop else steps_per_epoch(n_train, cfg.batch_size)
     per_epoch = max(per_epoch, 1)  # no data of bstune's (a trainer of one's own): epochs are the user's
     total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
     return per_epoch, total, math.ceil(total / per_epoch)

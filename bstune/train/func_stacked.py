@@ -95,6 +95,6 @@ def why_not_fusable(model: nn.Module, x: torch.Tensor) -> str | None:
             with torch.no_grad():
                 stacked.eval()(x)
     except Exception as e:  # noqa: BLE001 - whatever vmap refuses, said in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
         return f"{type(e).__name__}: {first[:200]}"
     return None
