@@ -34,7 +34,8 @@ def _example(name: str, tmp_path: Path, **changes: Any) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", [pytest.param("mnist1d", marks=pytest.mark.slow),  # generating it: seconds
+                                  "torchvision", "own_loop"])
 def test_each_example_validates(name: str, tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     spec = _example(name, tmp_path)
