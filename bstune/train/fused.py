@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from bstune import registry
-from bstune.train.config import TrainConfig, plan
+from bstune.train.config import TrainConfig
 from bstune.train.data import Dataset
 from bstune.train.func_stacked import FuncStacked
 from bstune.train.loop import (
@@ -34,8 +34,11 @@ from bstune.train.loop import (
     backward_step,
     blowup_threshold,
     device_guard,
+    histogram_epochs,
     lr_factor,
     make_loss,
+    new_noise_scale,
+    shared_setup,
     small_on_cpu,
     summed_over_val,
 )
@@ -111,36 +114,27 @@ class _Group:
 
 
 def _start(configs: Sequence[TrainConfig], data: Dataset, device: torch.device) -> _Group:
-    """Move the data to the device, build the stacked model and optimizer, set up the probes."""
-    cfg, cuda = configs[0], device.type == "cuda"
-    data = data.to(device)
-    inputs = InputPipeline(data, device, channels_last=cuda)
+    """Move the data to the device, build the stacked model and optimizer, set up the probes (as a lone run's:
+    `loop.shared_setup`)."""
+    cfg = configs[0]
+    shared = shared_setup(cfg, data, device)
     torch.manual_seed(cfg.seed)  # the initial weights of a lone run with this seed
     alone = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width)
     small_on_cpu(cfg, alone, device)
     # the built-ins stack by hand (faster); any other model by torch.func
-    builtin = isinstance(cfg.model, str) and cfg.model in registry.MODELS
-    model = (stack_model(alone, len(configs)) if builtin else FuncStacked(alone, len(configs))).to(device)
-    forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
+    stacked = stack_model if registry.is_builtin_model(cfg.model) else FuncStacked
+    model = stacked(alone, len(configs)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     layers = Layers([n for n, p in model.named_parameters() if p.requires_grad], device)
-    per_epoch, total_steps, epochs = plan(cfg, data.n_train)
-    window = max(20, math.ceil(per_epoch / max(cfg.diagnostics_every, 1)))
-    population = None if inputs.augment else data.n_train
     return _Group(
         cfg=cfg, members=list(range(len(configs))), results=[MemberResult(i) for i in range(len(configs))],
-        device=device, data=data, inputs=inputs, model=model, forward=forward, params=params,
-        initial=[p.detach()[:1].clone() for p in params],
+        model=model, forward=model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile),
+        params=params, initial=[p.detach()[:1].clone() for p in params],
         opt=StackedOptimizer(cfg.optimizer, params, [c.lr for c in configs], [c.momentum for c in configs],
                              [c.weight_decay for c in configs]),
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext(),
-        gen=torch.Generator(device=device).manual_seed(cfg.seed),
-        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs,
-        warmup=int(round(cfg.warmup_epochs * per_epoch)),
         layers=layers, grad_stats=MemberGradientStats(params, layers),
-        noise=[NoiseScale(window=window, population=population) for _ in configs],
-        loss=make_loss(cfg, fused=True),
-        seconds=dict.fromkeys(range(len(configs)), 0.0),
+        noise=[new_noise_scale(cfg, shared) for _ in configs], loss=make_loss(cfg, fused=True),
+        seconds=dict.fromkeys(range(len(configs)), 0.0), **shared,
     )
 
 
@@ -268,12 +262,12 @@ def _train_fused(configs: Sequence[TrainConfig], data: Dataset, device: torch.de
     g = _start(configs, data, device)
     cfg = g.cfg
     blowup = blowup_threshold(data, cfg)  # as `train`
-    histogram_epochs = {g.epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+    histograms = histogram_epochs(cfg, g.epochs)
     for epoch in range(1, g.epochs + 1):
         if not g.members:
             break
         t0, first_step = time.perf_counter(), g.step
-        seen = _train_epoch(g, epoch, cfg.diagnostics_every > 0 and epoch in histogram_epochs)
+        seen = _train_epoch(g, epoch, cfg.diagnostics_every > 0 and epoch in histograms)
         if not g.members:
             break
         losses = (g.loss_sum / max(seen, 1)).tolist()  # the epoch's one host sync outside the checks

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch._dynamo  # noqa: F401 - see below
@@ -200,31 +200,43 @@ class _Run:
     train_seconds: float = 0.0  # without evaluation
 
 
-def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
-    """Move the data to the device, build the model and optimizer, and set up the probes."""
+def shared_setup(cfg: TrainConfig, data: Dataset, device: torch.device) -> dict[str, Any]:
+    """What a lone run and a fused group set up alike: the data on the device and its input pipeline, autocast,
+    the generator of batch order and augmentation (seeded as every trial of the study), and the run's length."""
     cuda = device.type == "cuda"
     data = data.to(device)
-    inputs = InputPipeline(data, device, channels_last=cuda)
-    model, forward = _model(cfg, data, device)
-    small_on_cpu(cfg, model, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     per_epoch, total_steps, epochs = plan(cfg, data.n_train)
-    every = cfg.diagnostics_every
-    layers = Layers(names, device)
-    return _Run(
-        cfg=cfg, device=device, data=data, inputs=inputs, model=model, forward=forward, params=params,
-        initial=[p.detach().clone() for p in params],
-        opt=make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay),
+    return dict(
+        device=device, data=data, inputs=InputPipeline(data, device, channels_last=cuda),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext(),
         gen=torch.Generator(device=device).manual_seed(cfg.seed),
-        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs,
-        warmup=int(round(cfg.warmup_epochs * per_epoch)),
-        layers=layers, grad_stats=GradientStats(params, layers),
-        # Noise scale averaged over about an epoch's measured steps, and at least 20 of them.
-        noise=NoiseScale(window=max(20, math.ceil(per_epoch / max(every, 1))),
-                         population=None if inputs.augment else data.n_train),
-        loss=make_loss(cfg, fused=False),
+        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs, warmup=int(round(cfg.warmup_epochs * per_epoch)),
+    )
+
+
+def new_noise_scale(cfg: TrainConfig, shared: dict[str, Any]) -> NoiseScale:
+    """A run's noise-scale estimate, averaged over about an epoch's measured steps, and at least 20 of them."""
+    window = max(20, math.ceil(shared["per_epoch"] / max(cfg.diagnostics_every, 1)))
+    return NoiseScale(window=window, population=None if shared["inputs"].augment else shared["data"].n_train)
+
+
+def histogram_epochs(cfg: TrainConfig, epochs: int) -> set[int]:
+    """The epochs whose gradient histograms are kept ("last": the run's last)."""
+    return {epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+
+
+def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
+    """Move the data to the device, build the model and optimizer, and set up the probes."""
+    shared = shared_setup(cfg, data, device)
+    model, forward = _model(cfg, shared["data"], device)
+    small_on_cpu(cfg, model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    layers = Layers([n for n, p in model.named_parameters() if p.requires_grad], device)
+    return _Run(
+        cfg=cfg, model=model, forward=forward, params=params, initial=[p.detach().clone() for p in params],
+        opt=make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay),
+        layers=layers, grad_stats=GradientStats(params, layers), noise=new_noise_scale(cfg, shared),
+        loss=make_loss(cfg, fused=False), **shared,
     )
 
 
@@ -435,11 +447,11 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
                          f"{cfg.accumulation_steps}")
     run = _start(cfg, data, device)
     blowup = blowup_threshold(data, cfg)
-    histogram_epochs = {run.epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+    histograms = histogram_epochs(cfg, run.epochs)
     history: list[EpochStats] = []
     for epoch in range(1, run.epochs + 1):
         t0 = time.perf_counter()
-        histogram = cfg.diagnostics_every > 0 and epoch in histogram_epochs
+        histogram = cfg.diagnostics_every > 0 and epoch in histograms
         loss_sum, correct, seen = _train_epoch(run, epoch, histogram)
         epoch_loss = float(loss_sum) / max(seen, 1)  # the epoch's one host sync outside the divergence checks
         if device.type == "cuda":
