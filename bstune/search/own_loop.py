@@ -54,6 +54,7 @@ class OwnTrial:
         if data is not None and data.n_train:
             self.train, self.val = (data.train_x, data.train_y), (data.val_x, data.val_y)
         self._run = run
+        self._n_train = data.n_train if data is not None else 0
         self._last: float | None = None
         self._epoch = 0
         self._diverged: Diverged | None = None
@@ -66,7 +67,8 @@ class OwnTrial:
             return
         value = float(value)
         self._epoch = int(epoch)
-        seen = int(examples) if examples is not None else 0
+        # not told: whole epochs of the spec's data set, if it names one
+        seen = int(examples) if examples is not None else self._epoch * self._n_train
         if not math.isfinite(value):
             steps = max(1, seen // max(self.batch_size, 1))
             self._diverged = Diverged(self._epoch, steps, f"reported as {value}")

@@ -285,7 +285,7 @@ def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> 
         # ones ended (a group's members are all proposed before any has trained)
         share = math.ceil(budget.trials / len(opened.space.batch_sizes))
         k = min(k, budget.trials - spent.trials - spent.running, max(1, min(share - has, math.ceil(share / 2))))
-    if budget.examples is not None:
+    if budget.examples is not None and n:  # n = 0: a trainer of one's own, its examples known as it reports
         per_epoch, total, _ = plan(train_config(opened.spec.workload, batch_size, 1.0, 0.0), n)
         per_trial = total * n / per_epoch
         k = min(k, math.ceil((budget.examples - spent.examples) / per_trial - spent.running))

@@ -56,6 +56,8 @@ def _split(part: Any, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(torch.get_default_dtype())
     if y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
         y = y.long()
+    if not y.is_floating_point() and y.dim() == 2 and y.shape[1] == 1:
+        y = y.view(-1)  # class labels as a column
     elif y.is_floating_point():
         y = y.to(torch.get_default_dtype())
     return x.contiguous(), y.contiguous()
