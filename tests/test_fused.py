@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -260,3 +263,14 @@ def test_configs_that_differ_beyond_the_update_are_refused() -> None:
         train_fused([cfg, replace(cfg, seed=1)], _digits(64))
     with pytest.raises(ValueError, match="at least one"):
         train_fused([], _digits(64))
+
+
+@pytest.mark.slow
+def test_the_fused_checks_hold_with_another_cpu_s_kernels() -> None:
+    """The checks above again, with torch's plain kernels instead of this CPU's vector ones (AVX2, AVX-512):
+    what they compare must not depend on which kernels a machine picks."""
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
