@@ -112,3 +112,34 @@ def test_the_python_api_example_in_the_docs_runs(tmp_path: Path, monkeypatch: py
     assert result.spent.trials == 8 and not result.interrupted
     assert {o.batch_size for o in analysis.per_batch if o.lr is not None} == {16, 64}
     assert (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_sigterm_interrupts_a_loop_of_ones_own_and_the_study_resumes(tmp_path: Path) -> None:
+    import signal
+
+    from bstune.spec import load_spec
+    from tests.test_study import _rerun, _start, _statuses, _study, _wait_for_running_trial
+
+    (tmp_path / "sleepy.py").write_text(
+        "import time\n"
+        "def trainer(trial):\n"
+        "    for epoch in range(1, trial.epochs + 1):\n"
+        "        time.sleep(0.3)  # an epoch of training\n"
+        "        trial.report(epoch, 1.0 / epoch + trial.lr, examples=100 * epoch)\n"
+        "        if trial.should_stop():\n"
+        "            break\n")
+    path = _spec(tmp_path, "sleepy", {"trainer": "sleepy.py:trainer", "epochs": 20}, trials=2, pruner="none",
+                 batch_sizes=(8,))
+    spec = load_spec(path)
+    proc = _start(path)
+    _wait_for_running_trial(spec, proc, min_done=0)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    interrupted = [t for t in _study(spec).trials if t.user_attrs.get("bstune.state") == State.INTERRUPTED]
+    assert len(interrupted) == 1
+    assert _statuses(spec)[1][interrupted[0].number] == "KILLED"
+    _rerun(path)
+    retry = [t for t in _study(spec).trials if t.user_attrs.get("bstune.retry_of") == interrupted[0].number]
+    assert len(retry) == 1 and retry[0].user_attrs["bstune.state"] == State.COMPLETE
+    assert retry[0].params == interrupted[0].params
