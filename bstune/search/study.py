@@ -244,9 +244,9 @@ def _group_size(spec: StudySpec, device_type: str, data: Dataset, progress: Prog
         return 1
     size = spec.execution.fuse or default_fuse(device_type, spec.workload.model)
     if size > 1 and not registry.is_builtin_model(spec.workload.model):
-        why = fusable(spec.workload, data)
+        why = fusable(spec.workload, data, device_type, asked=spec.execution.fuse is not None)
         if why is not None:
-            progress.note(f"trials run one at a time: the model cannot be fused ({why})")
+            progress.note(f"trials run one at a time: {why}")
             return 1
     return size
 

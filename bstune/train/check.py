@@ -49,11 +49,17 @@ def check_model(w: Workload, data: Dataset) -> torch.nn.Module:
     return model
 
 
-def fusable(w: Workload, data: Dataset) -> str | None:
-    """None if the workload's model can train several trials as one; else why not, in one line."""
+def fusable(w: Workload, data: Dataset, device_type: str = "cpu", asked: bool = False) -> str | None:
+    """None if the workload's model should train several trials as one; else why not, in one line. On a CPU a
+    convolutional model is not fused unless `asked` (execution.fuse): its members measured no faster there
+    (benchmarks/own_model_fused.py, MNIST-1D's CNN: 0.8-1.0x)."""
     torch.manual_seed(w.seed)
     model = build_model(w.model, data.input_shape, data.num_classes, w.width)
-    return why_not_fusable(model, _batch(data)[0])
+    conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    if device_type == "cpu" and not asked and conv:
+        return "a convolutional model on a CPU, where fused members measured no faster; execution.fuse: K fuses it"
+    why = why_not_fusable(model, _batch(data)[0])
+    return None if why is None else f"the model cannot be fused ({why})"
 
 
 def _batch(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
