@@ -34,8 +34,8 @@ from bstune.trials import State
 
 # MLflow's run statuses (its own vocabulary, which shares a word with bstune's states)
 RUN_RUNNING, RUN_FINISHED, RUN_FAILED, RUN_KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
-RUN_STATUS = {  # a trial's state -> its MLflow run's status
-    State.COMPLETE: RUN_FINISHED, State.PRUNED: RUN_FINISHED, State.DIVERGED: RUN_FAILED, State.OOM: RUN_FAILED,
+RUN_STATUS = {  # a trial's state -> its MLflow run's status (a divergence is a measurement, not an error)
+    State.COMPLETE: RUN_FINISHED, State.PRUNED: RUN_FINISHED, State.DIVERGED: RUN_FINISHED, State.OOM: RUN_FAILED,
     State.FAILED: RUN_FAILED, State.INTERRUPTED: RUN_KILLED, State.LOST: RUN_KILLED,
 }
 
