@@ -66,6 +66,19 @@ def test_a_bad_entry_point_is_one_line_naming_the_field_exit_2(tmp_path: Path, w
     assert not (tmp_path / "optuna.db").exists()  # nothing created
 
 
+def test_a_missing_function_is_named_before_what_the_data_would_tell(tmp_path: Path) -> None:
+    """The entry points are found before the data is loaded: batch sizes larger than the data set, which
+    loading it would find, do not hide a misspelt function."""
+    path = _spec_file(tmp_path, model=f"{OWN}:no_such", dataset=f"{OWN}:data")
+    spec = yaml.safe_load(path.read_text())
+    spec["search"]["batch_sizes"] = [16, 10**6]
+    path.write_text(yaml.safe_dump(spec))
+    for command in ("validate", "study"):
+        r = CliRunner().invoke(main, [command, str(path)])
+        assert r.exit_code == 2 and "workload.model: " in r.output and "no_such" in r.output, r.output
+        assert r.output.count("\n") == 1
+
+
 def test_validate_builds_the_users_model_and_says_what_it_runs(tmp_path: Path) -> None:
     path = _spec_file(tmp_path, model=f"{OWN}:model", dataset=f"{OWN}:data", loss=f"{OWN}:smooth_loss")
     r = CliRunner().invoke(main, ["validate", str(path)])

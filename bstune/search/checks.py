@@ -57,6 +57,7 @@ def check_input(spec: StudySpec, data: Dataset | None = None) -> Dataset:
     """Fail with one line if the spec's data or batch sizes cannot be trained on; returns the data (loaded
     unless given). Creates nothing."""
     if data is None:
+        check_entries(spec)
         check_batch_sizes(spec, None)  # before a long load
         try:
             data = load_dataset(spec.workload)
@@ -65,6 +66,18 @@ def check_input(spec: StudySpec, data: Dataset | None = None) -> Dataset:
     check_batch_sizes(spec, data.n_train)
     check_workload(spec, data)
     return data
+
+
+def check_entries(spec: StudySpec) -> None:
+    """Every function of the user's the workload names can be imported (before its data is loaded, and before
+    anything that loading would tell)."""
+    for name in ("dataset", "model", "loss", "trainer"):
+        value = getattr(spec.workload, name)
+        if value is not None and not _builtin(value):
+            try:
+                entry.load(value, f"workload.{name}")
+            except BstuneError as e:
+                raise BstuneError(f"{_where(spec)}{e}") from None
 
 
 def check_workload(spec: StudySpec, data: Dataset) -> None:
