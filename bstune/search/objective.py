@@ -22,9 +22,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune import signals
+from bstune import entry, signals
 from bstune.errors import redact
 from bstune.search._optuna import PruneRound, frozen, set_user_attrs, trial_id
+from bstune.search.own_loop import run_own
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
@@ -66,7 +67,8 @@ def interrupt_unstarted(study: optuna.Study, trial: optuna.Trial, requeue_it: bo
 
 def workload_params(w: Workload) -> dict[str, Any]:
     """The workload's settings as MLflow params, every one of them (so a new setting shows without an edit)."""
-    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in asdict(w).items()}
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else entry.name_of(v) if callable(v) else v
+            for k, v in asdict(w).items()}
 
 
 @dataclass
@@ -102,6 +104,10 @@ def run_group(ctx: TrialContext, study: optuna.Study, trials: Sequence[optuna.Tr
 
 def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
     if not runs:
+        return
+    if ctx.spec.workload.trainer is not None:  # the user's own training loop, one trial at a time
+        for run in runs:
+            run_own(run, ctx.spec.workload, ctx.device, run.epochs, ctx.data, run.trial.number)
         return
     configs = [r.config for r in runs]
 
