@@ -27,7 +27,7 @@ class Choice:
     batch_size: int
     lr: float
     momentum: float
-    plateau: Interval | None  # any lr in it (at this momentum) is within 1% of the optimum's objective
+    plateau: Interval | None  # any lr in it (at this momentum) is within one run's noise of the optimum's
     value: float | None  # the objective expected at the study's budget
     seconds: float | None = None  # wall time to the steps-to-target goal on the trials' hardware
     examples_per_second: float | None = None

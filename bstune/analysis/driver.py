@@ -264,6 +264,9 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
         if math.isfinite(v.plateau[0, 0]) and math.isfinite(v.plateau[0, 1]):
             lo, hi = out.lr_interval
             out.lr_interval = (min(lo, out.plateau[0]), max(hi, out.plateau[1]))
+            scale = 2.0 ** -float(lu[0])  # the same stretch in the effective lr, at m*
+            lo, hi = out.effective_lr_interval
+            out.effective_lr_interval = (min(lo, out.plateau[0] * scale), max(hi, out.plateau[1] * scale))
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff

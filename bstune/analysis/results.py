@@ -173,7 +173,7 @@ class Recommendation:
     extrapolated: bool
     above_critical: bool
     notes: list[str]
-    plateau: Interval | None = None  # measured batch sizes: lrs within 1% of the optimum's objective
+    plateau: Interval | None = None  # measured batch sizes: lrs within one run's noise of the optimum's
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self)

@@ -70,7 +70,9 @@ def answer_lines(a: Analysis, trend: bool = True) -> list[str]:
 
 
 def _use(c: Any) -> str:
-    plateau = f"; any {plateau_words(c.plateau)} is within 1%" if c.plateau is not None else ""
+    if c.plateau is None:
+        return f"lr={format_number(c.lr)}, momentum={c.momentum:.3g}"
+    plateau = f"; any {plateau_words(c.plateau)} is within one run's seed noise of the best"
     return f"lr={format_number(c.lr)}, momentum={c.momentum:.3g}{plateau}"
 
 
@@ -338,7 +340,7 @@ def optimum_section(a: Analysis) -> Section:
             "-" if o.plateau is None else plateau_words(o.plateau), cell(o.max_stable_lr), o.status]
            for o in a.per_batch]
     return ("Optimum per batch size", "The fitted optimum of each batch size's valley (not the best trial); "
-            f"the plateau: the lrs (at m*) whose expected {a.metric} is within 1% of the optimum's.",
+            f"the plateau: the lrs (at m*) whose expected {a.metric} is within one run's seed noise of the optimum's.",
             (["B", "completed", "pruned", "diverged", "lr*", "lr* interval", "m*", "effective lr*",
               f"fitted {a.metric} at optimum", "plateau", "max stable lr", "status"], opt))
 
