@@ -97,7 +97,12 @@ def smooth_valley(x: np.ndarray, y: np.ndarray, walls: np.ndarray, counts: np.nd
     masked = np.where(ok, curve, np.inf)
     best = masked.argmin(axis=1)
     fmin = masked[rows, best]
+    if not math.isfinite(float(fmin[0])):  # the fit is evaluable nowhere in the trials' range
+        return None
     x_best = grid[best] + BIN * _refine(masked, best)
+    # a resample whose fit is evaluable nowhere (rare: it drew a few lrs many times) keeps the data's optimum
+    lost = ~np.isfinite(fmin)
+    x_best, fmin, best = np.where(lost, x_best[0], x_best), np.where(lost, fmin[0], fmin), np.where(lost, best[0], best)
     noise = _noise(curve, ok, lever, fmin, c, s1, s2, log_scale)
     ends = _plateau(grid, masked, best, fmin + PLATEAU_NOISE * noise)
     value0 = float(math.exp(fmin[0]) if log_scale else fmin[0])  # sign-adjusted, as Valley.value
