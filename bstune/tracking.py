@@ -250,16 +250,33 @@ class Tracker:
         self._flushed.pop(run_id, None)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
-    def close_if_running(self, run_id: str, state: str, reason: str) -> bool:
-        """Close a run that a dead worker left RUNNING. Returns True if it had to."""
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - the run is gone: nothing to close
-            return False
-        if run.info.status != RUN_RUNNING:
-            return False
-        self.end_trial(run_id, state, reason)
-        return True
+    def trial_runs(self, parent_id: str, trial_id: int | None = None, running: bool = False) -> list[Any]:
+        """The study's trial runs (of one Optuna trial, or those still RUNNING), oldest first."""
+        where = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`bstune.kind` = 'trial'"
+        if trial_id is not None:
+            where += f" and tags.`optuna.trial_id` = '{trial_id}'"
+        if running:
+            where += f" and attributes.status = '{RUN_RUNNING}'"
+        return self.client.search_runs([self.experiment_id], where, max_results=50_000,
+                                       order_by=["attributes.start_time ASC"])
+
+    def settle_trial(self, parent_id: str, study_name: str, number: int, trial_id: int, state: str,
+                     reason: str) -> None:
+        """Make an ended trial's MLflow side agree with its final `state`, whatever a dead worker left: its one
+        run closed with that state (made, closed, if the worker died before making it; a second run, made
+        by a worker that found its trial taken away, deleted). Idempotent."""
+        runs = self.trial_runs(parent_id, trial_id)
+        if not runs:
+            runs = [self.client.create_run(self.experiment_id, run_name=f"{study_name}-trial-{number:04d}", tags={
+                "mlflow.parentRunId": parent_id, "bstune.study": study_name, "bstune.trial": str(number),
+                "bstune.state": State.RUNNING, "optuna.trial_id": str(trial_id), "bstune.kind": "trial"})]
+        for extra in runs[1:]:
+            self._pending.pop(extra.info.run_id, None)
+            self.client.delete_run(extra.info.run_id)
+        run = runs[0]
+        self._pending.pop(run.info.run_id, None)  # metrics this process had not written: of a trial that is over
+        if run.info.status != RUN_STATUS[state] or run.data.tags.get("bstune.state") != state:
+            self.end_trial(run.info.run_id, state, reason)
 
     def attach_report(self, run_id: str, folder: str | Path, note: str) -> None:
         """Log a report's files under report/ in the study's parent run; ``note`` becomes its description."""

@@ -200,17 +200,25 @@ class Spent:
         return {"trials": self.trials, "examples": self.examples, "seconds": round(self.seconds, 3)}
 
 
+# The Optuna state each end state is told as (`study.tell`).
+TOLD_AS = {State.COMPLETE: "COMPLETE", State.PRUNED: "PRUNED", State.DIVERGED: "PRUNED", State.OOM: "FAIL",
+           State.FAILED: "FAIL", State.INTERRUPTED: "FAIL", State.LOST: "FAIL"}
+
+
 def trial_state(t: Any) -> State:
-    """bstune's state of an Optuna FrozenTrial."""
+    """bstune's state of an Optuna FrozenTrial. Optuna's own final state decides where the two could disagree:
+    `bstune.state` is written before the trial is told, so a worker killed between the two leaves a state that
+    Optuna never heard, and the heartbeat check then fails the trial: LOST, whatever the attribute says (a
+    FAIL-type end, FAILED/OOM/INTERRUPTED, is the same in both and stands; docs/scale-out.md)."""
     optuna_state = t.state.name
     if optuna_state in ("RUNNING", "WAITING"):
         return State(optuna_state)
     recorded = t.user_attrs.get(Attr.STATE)
-    if recorded:
+    if recorded in TOLD_AS and TOLD_AS[State(recorded)] == optuna_state:
         return State(recorded)
     if optuna_state in ("COMPLETE", "PRUNED"):
         return State(optuna_state)
-    # FAIL without our own record: the worker died mid-trial and the heartbeat check failed it.
+    # FAIL without a FAIL-type record of ours: the worker died mid-trial and the heartbeat check failed it.
     return State.LOST
 
 

@@ -8,9 +8,10 @@ private `_BracketStudy`). bstune needs all three; if an Optuna release changes t
 from __future__ import annotations
 
 import copy
+import threading
+import time
 import warnings
-from collections.abc import Container, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Container, Sequence
 from typing import Any
 
 import optuna
@@ -175,7 +176,7 @@ class PruneRound:
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
-    """A new trial; its heartbeat is recorded by `heartbeats` (Optuna warns that only `optimize` does that)."""
+    """A new trial; its heartbeat is recorded by `Heartbeats` (Optuna warns that only `optimize` does that)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         return study.ask()
@@ -188,17 +189,122 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-@contextmanager
-def heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
-    """Record each trial's heartbeat while the block runs (as `optimize` does for its one trial), so a worker
-    that dies mid-group has every trial of its group found stale and re-queued."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
+class Heartbeats:
+    """Context manager: the heartbeat of each trial this worker claims, from its ask until it lets it go. The
+    first beat is written at once, in the claim (`add`); then one thread beats for all of them every interval
+    (as `optimize` does for its one trial), so a worker that dies at any point after the first beat has every
+    trial of its group found stale and re-queued. Before the first beat, see `StaleTrials`."""
 
-    threads = [get_heartbeat_thread(trial._trial_id, study._storage) for trial in trials]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        for t in threads:
-            t.join()
+    def __init__(self, study: optuna.Study) -> None:
+        self._storage = study._storage
+        self._interval = self._storage.get_heartbeat_interval() or 0
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bstune-trial-beats", daemon=True)
+
+    def __enter__(self) -> Heartbeats:
+        if self._interval:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def add(self, trial: optuna.Trial) -> None:
+        """The trial's first beat, now (a storage error propagates: the trial is then left to `StaleTrials`)."""
+        if self._interval:
+            self._storage.record_heartbeat(trial._trial_id)
+        with self._lock:
+            self._ids.add(trial._trial_id)
+
+    def drop(self, trials: Sequence[optuna.Trial]) -> None:
+        with self._lock:
+            self._ids.difference_update(t._trial_id for t in trials)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = sorted(self._ids)
+            for trial_id in ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat: the next may pass; if none does, the trial goes stale
+                    pass
+
+
+class StaleTrials:
+    """Fails the RUNNING trials whose worker is gone, and runs the storage's stale-trial callback on each:
+    Optuna's check for trials whose heartbeat is older than the grace period, and the same for trials with
+    no heartbeat at all (asked by a worker that died before its first beat), which Optuna's check never looks
+    at. Those are failed once this process has seen them without a beat for the grace period (the trial's
+    own start time is another machine's clock)."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self._grace = grace_seconds
+        self._unbeaten: dict[int, float] = {}  # trial id -> when first seen RUNNING without a heartbeat
+
+    def fail(self, study: optuna.Study) -> None:
+        fail_stale(study)
+        now = time.monotonic()
+        ids = running_without_heartbeat(study)
+        self._unbeaten = {i: self._unbeaten.get(i, now) for i in ids}
+        storage = study._storage
+        callback = storage.get_heartbeat_stale_trial_callback()
+        for trial_id, seen in list(self._unbeaten.items()):
+            if now - seen <= self._grace:
+                continue
+            del self._unbeaten[trial_id]
+            try:
+                if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # it ended meanwhile, or another worker failed it
+                continue
+            if callback is not None:
+                callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
+def _rdb(study: optuna.Study) -> Any:
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps an RDBStorage in a cache
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def running_without_heartbeat(study: optuna.Study) -> list[int]:
+    """Ids of the study's RUNNING trials that have no heartbeat row."""
+    rdb = _rdb(study)
+    if rdb is None:
+        return []
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        rows = (session.query(models.TrialModel.trial_id)
+                .outerjoin(models.TrialHeartbeatModel,
+                           models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study._study_id,
+                        models.TrialModel.state == TrialState.RUNNING,
+                        models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+                .all())
+    return [r[0] for r in rows]
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since each RUNNING trial's last heartbeat, by trial id, on the database's clock (the one the
+    beats are written with); a trial with no heartbeat is absent. Reads only."""
+    rdb = _rdb(study)
+    if rdb is None:
+        return {}
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        rows = (session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
+                .join(models.TrialModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study._study_id,
+                        models.TrialModel.state == TrialState.RUNNING)
+                .all())
+    return {trial_id: (now - beat.replace(tzinfo=None)).total_seconds() for trial_id, beat in rows}

@@ -2,8 +2,9 @@
 
 `run_study(spec)` checks everything that can be wrong before it creates anything (the data set loads, the
 storage and tracking store answer, a resumed study matches its spec), then asks Optuna for trials until the
-budget is spent. Each trial is one call of `objective.TrialObjective`, which records how it ended; a trial
-whose worker died is failed by Optuna's heartbeat check, marked LOST, its MLflow run closed, and re-queued.
+budget is spent. Each group of trials claimed is trained and recorded by `objective.run_group`; a trial
+whose worker died is failed by the heartbeat check (`_optuna.StaleTrials`) and settled by `lost.Settler`:
+marked LOST, its MLflow run closed, its point re-queued.
 """
 
 from __future__ import annotations
@@ -16,22 +17,23 @@ from typing import Any
 import optuna
 import yaml
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from bstune import signals
 from bstune.errors import BstuneError, redact
-from bstune.search._optuna import ask, fail_stale, heartbeats
+from bstune.search._optuna import Heartbeats, StaleTrials, ask
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
-from bstune.search.objective import TrialContext, interrupt_unstarted, requeue, run_group, workload_params
+from bstune.search.lost import Settler
+from bstune.search.objective import TrialContext, interrupt_unstarted, run_group, workload_params
 from bstune.search.progress import Progress, SilentProgress
 from bstune.search.space import BatchSizeSampler, Hyperparams, SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
 from bstune.spec import StudySpec
-from bstune.stores import check_storage, creating, load_study, make_default_folder, open_storage
+from bstune.stores import check_storage, creating, grace_seconds, load_study, make_default_folder, open_storage
 from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri
 from bstune.train import Dataset, pick_device, plan, train_config
-from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
+from bstune.trials import Spent, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
@@ -93,6 +95,7 @@ class OpenStudy:
     parent_run_id: str
     data: Dataset
     space: SearchSpace
+    settler: Settler
 
 
 def open_study(
@@ -122,17 +125,10 @@ def open_study(
     # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
     space = SearchSpace(spec.search)
 
-    def on_lost(study: optuna.Study, trial: FrozenTrial) -> None:
-        reason = "worker stopped sending heartbeats (killed or lost) during the trial; re-queued"
-        run_id = trial.user_attrs.get(Attr.RUN_ID)
-        if run_id:
-            tracker.close_if_running(run_id, State.LOST, reason)
-        requeue(study, trial)
-        progress.note(f"trial {trial.number} was lost with its worker; re-queued")
-
+    settler = Settler(tracker, progress)  # settles the trials of workers that died
     with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
         tracker.check()
-        storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost, writing=True)
+        storage = open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True)
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -158,7 +154,9 @@ def open_study(
     else:
         with signals.held():  # a run made and not recorded in the study would be left RUNNING
             parent = _open_parent_run(spec, study, tracker, data, progress)
-    return OpenStudy(spec, study, tracker, parent, data, space)
+    settler.parent = parent
+    settler.sweep(study)  # whatever a killed worker, or an older bstune, left half-settled
+    return OpenStudy(spec, study, tracker, parent, data, space, settler)
 
 
 def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset,
@@ -205,13 +203,15 @@ def run_study(
         claim = ClaimLock(spec.storage, spec.name)
         # on the device once for the whole study, not once per trial
         ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
-        with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
+        stale = StaleTrials(grace_seconds(spec.heartbeat_seconds))
+        with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds), Heartbeats(study) as beats:
             while True:
-                # Held from the budget check until the new trials have their batch size: so workers never claim
-                # the same free trial, re-queued trial or lost trial twice, and the trial limit holds exactly.
+                # Held from the budget check until the new trials have their batch size and first heartbeat: so
+                # workers never claim the same free, re-queued or lost trial twice, the trial limit holds
+                # exactly, and a trial is never RUNNING unseen by the stale-trial check.
                 claim.acquire()
                 try:
-                    stop_reason, asked = _claim_group(opened, group_size, progress)
+                    stop_reason, asked = _claim_group(opened, group_size, progress, beats, stale)
                 finally:
                     claim.release()
                 if stop_reason:
@@ -221,9 +221,11 @@ def run_study(
                     # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
                     time.sleep(min(spec.heartbeat_seconds, 5))
                     continue
-                for trials, points in _by_batch_size(asked):
-                    with heartbeats(study, trials):
+                try:
+                    for trials, points in _by_batch_size(asked):
                         run += run_group(ctx, study, trials, points)
+                finally:
+                    beats.drop([t for t, _ in asked])
     except KeyboardInterrupt:
         interrupted = True
         stop_reason = INTERRUPTED
@@ -239,13 +241,14 @@ def default_fuse(device_type: str, model: str) -> int:
     return DEFAULT_FUSE.get(device_type, DEFAULT_FUSE["cpu"]).get(model, 1)
 
 
-def _claim_group(opened: OpenStudy, group_size: int,
-                 progress: Progress) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
+def _claim_group(opened: OpenStudy, group_size: int, progress: Progress, beats: Heartbeats,
+                 stale: StaleTrials) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
     """Under the claim lock: why the study must stop (then no trials), or the trials to run next, at most
     `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
     spec, study = opened.spec, opened.study
-    fail_stale(study)
+    stale.fail(study)  # trials of dead workers: failed, settled, re-queued
     trials = study.get_trials(deepcopy=False)
+    opened.settler.sweep_unqueued(study, trials)
     spent = tally(trials)
     values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     progress.budget_spent(spent, (max if study.direction == StudyDirection.MAXIMIZE else min)(values, default=None))
@@ -258,7 +261,7 @@ def _claim_group(opened: OpenStudy, group_size: int,
     assert isinstance(sampler, BatchSizeSampler)
     batch_size, has = sampler.least_covered(study)
     k = min(group_size, _fits_budget(opened, spent, batch_size, has))
-    return "", _ask_group(study, opened.space, batch_size, k) if k else []
+    return "", _ask_group(study, opened.space, batch_size, k, beats) if k else []
 
 
 def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> int:
@@ -286,10 +289,10 @@ def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> 
     return max(0, int(min(k, 1 << 30)))
 
 
-def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int,
-               k: int) -> list[tuple[optuna.Trial, Hyperparams]]:
-    """Ask Optuna for `k` trials at `batch_size` (re-queued trials come first and keep their own batch size).
-    Ctrl-C meanwhile leaves no trial unrecorded."""
+def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int,
+               beats: Heartbeats) -> list[tuple[optuna.Trial, Hyperparams]]:
+    """Ask Optuna for `k` trials at `batch_size` (re-queued trials come first and keep their own batch size),
+    each beating from its ask on. Ctrl-C meanwhile leaves no trial unrecorded."""
     asked: list[tuple[optuna.Trial, Hyperparams | None]] = []
     sampler = study.sampler
     assert isinstance(sampler, BatchSizeSampler)
@@ -298,6 +301,7 @@ def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int,
         for _ in range(k):
             trial = ask(study)
             asked.append((trial, None))
+            beats.add(trial)
             asked[-1] = (trial, space.suggest(trial))
     except KeyboardInterrupt:
         for trial, point in asked:
@@ -321,6 +325,7 @@ def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = Fal
                  close: bool = True, status: str | None = None) -> StudyResult:
     """The study's result now. With `close`, its summary goes to the MLflow parent run, which is closed with
     `status` (default: KILLED if interrupted, else FINISHED)."""
+    opened.settler.sweep(opened.study)  # MLflow runs a worker killed after telling Optuna left RUNNING
     table = from_study(opened.study, n_train=opened.data.n_train)
     spent = tally(opened.study.get_trials(deepcopy=False))
     summary = summarize(table, spent, stop_reason)
