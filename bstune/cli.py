@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from bstune.errors import BstuneError
+from bstune.errors import BstuneError, write_output
 from bstune.spec import DEFAULT_TRACKING_URI, Execution, StudySpec, load_spec
 
 if TYPE_CHECKING:
@@ -340,13 +340,14 @@ def analyze(spec_file: str | None, storage: str | None, study_name: str | None, 
     spec, table, result = _analysis(spec_file, storage, study_name, csv, direction, target)
     run_id = table.meta.get("mlflow_parent_run_id")
     log_to = (tracking_uri or _stored_tracking_uri(spec, table)) if log_mlflow and spec is not None and run_id else ""
-    click.echo(format_analysis(result))
     payload = result.to_dict()
-    if json_path != "-":
+    path = None
+    if json_path != "-":  # written before anything is printed: a folder that cannot take it fails in one line
         name = table.study_name or Path(csv or "trials").stem
         path = Path(json_path) if json_path else Path("reports") / name / "analysis.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
+        write_output(path, json.dumps(payload, indent=2))
+    click.echo(format_analysis(result))
+    if path is not None:
         click.echo(f"wrote {path}")
     if log_to:
         from bstune.tracking import Tracker

@@ -39,6 +39,13 @@ RUN_STATUS = {  # a trial's state -> its MLflow run's status
 }
 
 
+def tracking_errors() -> tuple[type[Exception], ...]:
+    """What MLflow raises when its store fails (gone, full, read-only)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException,)
+
+
 def mlflow_client(tracking_uri: str) -> Any:
     """An MLflow client for the store, with bstune's settings for MLflow's HTTP calls (a user's own win)."""
     # Fail fast instead of retrying for minutes when a tracking server does not answer.

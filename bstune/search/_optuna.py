@@ -11,7 +11,7 @@ import copy
 import threading
 import time
 import warnings
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import optuna
@@ -19,6 +19,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from bstune.signals import kill_point
 from bstune.trials import BATCH_SIZE
 
 
@@ -40,18 +41,23 @@ def frozen(trial: optuna.Trial) -> FrozenTrial:
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """Several user attributes written at once: one transaction where the storage is a database (a trial's
     start and end write six or more, and each commit costs a few ms), one write each elsewhere."""
-    backend = getattr(trial.study._storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
+    set_trial_user_attrs(trial.study._storage, trial._trial_id, attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def set_trial_user_attrs(storage: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+    """`set_user_attrs` by the trial's id (UpdateFinishedTrialError if it has ended)."""
+    backend = getattr(storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
     if not isinstance(backend, optuna.storages.RDBStorage):
         for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+            storage.set_trial_user_attr(trial_id, k, v)
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
     with _create_scoped_session(backend.scoped_session, True) as session:
         for k, v in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, k, v)
-    trial._cached_frozen_trial.user_attrs.update(attrs)
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
 
 
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
@@ -182,13 +188,6 @@ def ask(study: optuna.Study) -> optuna.Trial:
         return study.ask()
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail the trials whose worker stopped beating (Optuna marks the function experimental: quietly)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
 class Heartbeats:
     """Context manager: the heartbeat of each trial this worker claims, from its ask until it lets it go. The
     first beat is written at once, in the claim (`add`); then one thread beats for all of them every interval
@@ -236,32 +235,33 @@ class Heartbeats:
 
 
 class StaleTrials:
-    """Fails the RUNNING trials whose worker is gone, and runs the storage's stale-trial callback on each:
-    Optuna's check for trials whose heartbeat is older than the grace period, and the same for trials with
-    no heartbeat at all (asked by a worker that died before its first beat), which Optuna's check never looks
-    at. Those are failed once this process has seen them without a beat for the grace period (the trial's
-    own start time is another machine's clock)."""
+    """Fails the RUNNING trials whose worker is gone, then runs the storage's stale-trial callback on each:
+    those whose heartbeat is older than the grace period (Optuna's check), and those with no heartbeat at all
+    (asked by a worker that died before its first beat), which Optuna's check never looks at: failed once this
+    process has seen them without a beat for the grace period (their start time is another machine's clock).
+    `mark(trial)` gives attributes written on each before it is failed (while it may still be written), so
+    that they say what it ends as."""
 
-    def __init__(self, grace_seconds: float) -> None:
-        self._grace = grace_seconds
+    def __init__(self, grace_seconds: float, mark: Callable[[FrozenTrial], dict[str, Any]]) -> None:
+        self._grace, self._mark = grace_seconds, mark
         self._unbeaten: dict[int, float] = {}  # trial id -> when first seen RUNNING without a heartbeat
 
     def fail(self, study: optuna.Study) -> None:
-        fail_stale(study)
-        now = time.monotonic()
-        ids = running_without_heartbeat(study)
-        self._unbeaten = {i: self._unbeaten.get(i, now) for i in ids}
         storage = study._storage
+        stale = storage._get_stale_trial_ids(study._study_id) if storage.get_heartbeat_interval() else []
+        now = time.monotonic()
+        self._unbeaten = {i: self._unbeaten.get(i, now) for i in running_without_heartbeat(study)}
+        stale += [i for i, seen in self._unbeaten.items() if now - seen > self._grace]
         callback = storage.get_heartbeat_stale_trial_callback()
-        for trial_id, seen in list(self._unbeaten.items()):
-            if now - seen <= self._grace:
-                continue
-            del self._unbeaten[trial_id]
+        for trial_id in stale:
+            self._unbeaten.pop(trial_id, None)
             try:
+                set_trial_user_attrs(storage, trial_id, self._mark(storage.get_trial(trial_id)))
                 if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:  # it ended meanwhile, or another worker failed it
                 continue
+            kill_point("stale_failed")
             if callback is not None:
                 callback(study, copy.deepcopy(storage.get_trial(trial_id)))
 

@@ -24,10 +24,20 @@ from optuna.trial import FrozenTrial
 
 from bstune.search._optuna import fresh_trials, trial_id
 from bstune.search.progress import Progress
+from bstune.signals import kill_point
 from bstune.tracking import Tracker
 from bstune.trials import RETRIED_STATES, TOLD_AS, Attr, State, trial_state
 
 LOST_REASON = "worker stopped sending heartbeats (killed or lost) during the trial; re-queued"
+
+
+def lost_marks(trial: FrozenTrial) -> dict[str, str]:
+    """What a stale trial's attributes say as it is failed (`StaleTrials`): LOST, unless its worker had
+    recorded a FAIL-type end, which stands. So `bstune.state` agrees with Optuna's state."""
+    recorded = trial.user_attrs.get(Attr.STATE)
+    if recorded in TOLD_AS and TOLD_AS[State(recorded)] == "FAIL":
+        return {}
+    return {Attr.STATE: State.LOST, Attr.REASON: LOST_REASON}
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -48,20 +58,22 @@ class Settler:
         self.parent: str | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """The stale-trial callback: `trial` was just failed in Optuna."""
+        """The stale-trial callback (under the claim lock): `trial` was just failed in Optuna."""
         self.settle(study, trial)
         state = trial_state(trial)
         what = "re-queued" if state in RETRIED_STATES else f"its worker had recorded it {state}"
         self.progress.note(f"trial {trial.number} was lost with its worker; {what}")
 
-    def settle(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Make an ended trial whole (idempotent): its MLflow run first, then its retry (so a retry queued
-        means the run was settled too)."""
+    def settle(self, study: optuna.Study, trial: FrozenTrial, requeue_it: bool = True) -> None:
+        """Make an ended trial whole (idempotent): its MLflow run first, then its retry, so a retry queued
+        means the run was settled too. Re-queue only under the claim lock (two workers might both find the
+        retry missing)."""
         state = trial_state(trial)
         reason = LOST_REASON if state == State.LOST else trial.user_attrs.get(Attr.REASON, "")
         if self.parent is not None:
             self.tracker.settle_trial(self.parent, study.study_name, trial.number, trial_id(trial), state, reason)
-        if state in RETRIED_STATES:
+        kill_point("settled_run")
+        if requeue_it and state in RETRIED_STATES:
             requeue(study, trial)
 
     def sweep_unqueued(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
@@ -82,9 +94,9 @@ class Settler:
         for t in trials:
             recorded = t.user_attrs.get(Attr.STATE)
             if t.state.is_finished() and recorded in TOLD_AS and TOLD_AS[State(recorded)] != t.state.name:
-                self.settle(study, t)
+                self.settle(study, t, requeue_it=False)  # a missing retry is queued by the next claim
         by_id = {trial_id(t): t for t in trials}
         for run in self.tracker.trial_runs(self.parent, running=True):
             t = by_id.get(int(run.data.tags.get("optuna.trial_id", -1)))
             if t is not None and t.state.is_finished():
-                self.settle(study, t)
+                self.settle(study, t, requeue_it=False)

@@ -39,6 +39,7 @@ from bstune.search.lost import requeue
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
+from bstune.signals import kill_point
 from bstune.spec import StudySpec, Workload
 from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import (
@@ -245,6 +246,7 @@ class _TrialRun:
             set_user_attrs(trial, {Attr.LR: p.lr, Attr.MOMENTUM: p.momentum, Attr.EFFECTIVE_LR: p.effective_lr,
                                    Attr.BATCH_SIZE: p.batch_size, Attr.WORKER_PID: os.getpid(),
                                    Attr.WORKER: worker_id()})
+        kill_point("point")
         if self.ended:
             return
         n = ctx.data.n_train
@@ -256,8 +258,10 @@ class _TrialRun:
         }
         with self._writing(TRACKING):
             self.run_id = ctx.tracker.start_trial(ctx.parent, ctx.spec.name, trial.number, trial_id(trial), params)
+        kill_point("run_started")
         with self._writing(STORAGE):
             set_user_attrs(trial, {Attr.RUN_ID: self.run_id})
+        kill_point("run_recorded")
         if not self.ended:
             ctx.progress.trial_started(trial.number, p)
 
@@ -277,6 +281,7 @@ class _TrialRun:
                 self.saved = time.perf_counter()
             self.trial.report(value, s.epoch)
             prune = self.pruning.should_prune(self.trial, s.epoch)
+        kill_point("epoch")
         if self.ended:
             return True
         if prune:
@@ -310,6 +315,7 @@ class _TrialRun:
             set_user_attrs(trial, attrs)
             if e.state == State.INTERRUPTED:
                 requeue(self.study, frozen(trial))
+        kill_point("end_state")
         if self.ended:
             return
         if self.run_id is not None:
@@ -319,12 +325,14 @@ class _TrialRun:
                       "train_seconds": last.get("train_seconds")}
             with self._writing(TRACKING):
                 self.ctx.tracker.end_trial(self.run_id, e.state, reason, final)
+        kill_point("end_run")
         with self._writing(STORAGE):
             state = TrialState[TOLD_AS[e.state]]
             told = self.study.tell(trial, e.value if state == TrialState.COMPLETE else None,
                                    state=state, skip_if_finished=True)
             if told.state != state:  # another worker failed it first (skip_if_finished returned its state)
                 raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is {told.state.name}")
+        kill_point("told")
         if self.ended:
             return
         self.ended = self.told = True

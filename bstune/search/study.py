@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,18 +22,19 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from bstune import signals
-from bstune.errors import BstuneError, redact
+from bstune.errors import BstuneError, first_line, redact
 from bstune.search._optuna import Heartbeats, StaleTrials, ask
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
-from bstune.search.lost import Settler
+from bstune.search.lost import Settler, lost_marks
 from bstune.search.objective import TrialContext, interrupt_unstarted, run_group, workload_params
 from bstune.search.progress import Progress, SilentProgress
 from bstune.search.space import BatchSizeSampler, Hyperparams, SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
+from bstune.signals import kill_point
 from bstune.spec import StudySpec
 from bstune.stores import check_storage, creating, grace_seconds, load_study, make_default_folder, open_storage
-from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri
+from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri, tracking_errors
 from bstune.train import Dataset, pick_device, plan, train_config
 from bstune.trials import Spent, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
@@ -190,7 +193,29 @@ def run_study(
     of them, else `default_fuse` for the device and model. Several workers (processes, machines) may
     run one study: `worker` (distinct per worker) seeds the samplers apart, and `join` makes this one a worker
     of a study another process started (`open_study`)."""
-    progress = progress or SilentProgress()
+    with stores_failing(spec):
+        return _run_study(spec, device, progress or SilentProgress(), data, worker, join)
+
+
+@contextmanager
+def stores_failing(spec: StudySpec) -> Iterator[None]:
+    """A store that fails mid-study (gone, full, read-only) ends the command with one line naming the stores and
+    the cause (exit 2), not a traceback; the study resumes once that is fixed, re-running the trials in flight."""
+    import sqlalchemy
+
+    try:
+        yield
+    except BstuneError:
+        raise
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError,
+            *tracking_errors()) as e:
+        raise BstuneError(f"storage {redact(spec.storage)} or tracking_uri {redact(spec.tracking_uri)} failed "
+                          f"mid-study ({first_line(e)}); fix that (free space, restart the database), then run "
+                          "the same command again: the study resumes") from None
+
+
+def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Dataset | None, worker: int,
+               join: bool) -> StudyResult:
     dev = pick_device(device)
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
@@ -203,7 +228,7 @@ def run_study(
         claim = ClaimLock(spec.storage, spec.name)
         # on the device once for the whole study, not once per trial
         ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
-        stale = StaleTrials(grace_seconds(spec.heartbeat_seconds))
+        stale = StaleTrials(grace_seconds(spec.heartbeat_seconds), lost_marks)
         with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds), Heartbeats(study) as beats:
             while True:
                 # Held from the budget check until the new trials have their batch size and first heartbeat: so
@@ -301,8 +326,11 @@ def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int,
         for _ in range(k):
             trial = ask(study)
             asked.append((trial, None))
+            kill_point("asked")
             beats.add(trial)
+            kill_point("beat")
             asked[-1] = (trial, space.suggest(trial))
+            kill_point("suggested")
     except KeyboardInterrupt:
         for trial, point in asked:
             interrupt_unstarted(study, trial, requeue_it=point is not None)
