@@ -146,18 +146,28 @@ class Tracker:
     # ---- the study's parent run
 
     def open_study_run(self, study_name: str, run_id: str | None, params: dict[str, Any],
-                       spec_yaml: str) -> str:
-        """Reopen the study's parent run (on resume) or create it; returns its id."""
+                       spec_yaml: str, key: str = "") -> str:
+        """Reopen the study's parent run (on resume) or create it; returns its id. `key` names the study
+        uniquely (storage and study id): a run made for it by a process killed before the study recorded the
+        run is found by it and taken up, not left RUNNING beside a second one."""
+        taken_up = None
+        if run_id is None and key:
+            made = self.client.search_runs([self.experiment_id], f"tags.`bstune.kind` = 'study' and "
+                                           f"tags.`bstune.study_key` = '{key}'", max_results=1)
+            run_id = taken_up = made[0].info.run_id if made else None
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
                 self.client.update_run(run_id, status=RUN_RUNNING)
+                if taken_up:  # its params and spec may not have been written
+                    self.log_params(run_id, params)
+                    self.client.log_text(run_id, spec_yaml, "spec.yaml")
                 return run_id
             except Exception:  # noqa: BLE001 - deleted run: make a new one
                 pass
         run = self.client.create_run(
             self.experiment_id, run_name=study_name,
-            tags={"bstune.study": study_name, "bstune.kind": "study"},
+            tags={"bstune.study": study_name, "bstune.kind": "study", "bstune.study_key": key},
         )
         run_id = run.info.run_id
         self.log_params(run_id, params)

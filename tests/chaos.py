@@ -31,8 +31,8 @@ from bstune.tracking import RUN_STATUS
 from bstune.trials import RETRIED_STATES, TOLD_AS, counts_as_trial, trial_state
 
 # Every named point of a trial's life at which BSTUNE_KILL_AT can SIGKILL a worker (bstune.signals.kill_point).
-POINTS = ("asked", "beat", "suggested", "point", "run_started", "run_recorded", "epoch", "end_state", "end_run",
-          "told", "stale_failed", "settled_run")
+POINTS = ("parent_run", "asked", "beat", "suggested", "point", "run_started", "run_recorded", "epoch", "end_state",
+          "end_run", "told", "stale_failed", "settled_run")
 
 
 def check_consistent(spec: StudySpec, budget: int) -> dict[str, int]:
@@ -59,6 +59,9 @@ def check_consistent(spec: StudySpec, budget: int) -> dict[str, int]:
     exp = client.get_experiment_by_name(spec.experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
     assert client.get_run(parent).info.status != "RUNNING", "the study's parent run closed"
+    studies = client.search_runs([exp.experiment_id], f"tags.`bstune.study` = '{spec.name}' and "
+                                 "tags.`bstune.kind` = 'study'")
+    assert [r.info.run_id for r in studies] == [parent], "one parent run"
     by_trial = Counter(r.data.tags["optuna.trial_id"] for r in runs)
     assert by_trial == Counter(str(t._trial_id) for t in ended), "one MLflow run per ended trial, and no other"
     ids = {str(t._trial_id): t for t in ended}

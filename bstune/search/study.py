@@ -167,7 +167,9 @@ def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, dat
     """The study's MLflow parent run: created with the spec and its params, or reopened on resume."""
     spec_yaml = yaml.safe_dump(_public_spec(spec), sort_keys=False)
     recorded = study.user_attrs.get(StudyAttr.PARENT_RUN)
-    parent = tracker.open_study_run(spec.name, recorded, _study_params(spec, data), spec_yaml)
+    key = f"{redact(spec.storage)}#{study._study_id}".replace("'", "")
+    parent = tracker.open_study_run(spec.name, recorded, _study_params(spec, data), spec_yaml, key)
+    kill_point("parent_run")
     if recorded != parent:
         if recorded:
             n = sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
