@@ -248,7 +248,7 @@ def _study_spec(spec_file: str | None, storage: str | None, study_name: str | No
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), default="html", show_default=True,
               help="html: one self-contained file; md: Markdown with the PNG plots beside it; json: every number.")
 @click.option("--out", "out_dir", metavar="DIR", help="Folder for the report (default: reports/<study name>).")
-@click.option("--batch-size", "batch_sizes", type=int, multiple=True, metavar="B",
+@click.option("--batch-size", "batch_sizes", multiple=True, metavar="B", callback=lambda c, p, v: _batch_sizes(v),
               help="Also recommend for this batch size (repeatable).")
 @_target_opt
 @_storage_opt
@@ -278,6 +278,25 @@ def report(spec_file: str | None, fmt: str, out_dir: str | None, batch_sizes: tu
     if log_to:
         run_id = publish(rep, files, log_to)
         click.echo(f"logged under report/ in MLflow run {run_id}")
+
+
+def _batch_sizes(values: tuple[str, ...]) -> tuple[int, ...]:
+    """--batch-size values: whole numbers (256, or 2.56e2) from 1 to 2^24; anything else one line."""
+    from bstune.trials import MAX_BATCH_SIZE
+
+    out = []
+    for text in values:
+        try:
+            b = float(text)
+        except ValueError:
+            raise BstuneError(f"--batch-size: {text!r} is not a number; give a whole number such as 256") from None
+        if not (b >= 1 and b == int(b)):
+            raise BstuneError(f"--batch-size: must be a whole number >= 1, got {text}")
+        if b > MAX_BATCH_SIZE:
+            raise BstuneError(f"--batch-size: {text} is beyond any batch size trained with (at most 2^24 = "
+                              f"{MAX_BATCH_SIZE:,}); give the batch size you will train with")
+        out.append(int(b))
+    return tuple(out)
 
 
 def _table(spec: StudySpec | None, csv: str | None = None, direction: str = "minimize") -> TrialTable:
@@ -390,7 +409,8 @@ def _headline(a: Analysis) -> dict[str, float | None]:
 
 
 @main.command()
-@click.option("--batch-size", "-b", "batch_size", type=int, metavar="B",
+@click.option("--batch-size", "-b", "batch_size", metavar="B",
+              callback=lambda c, p, v: None if v is None else _batch_sizes((v,))[0],
               help="The batch size you will train with (default: say which batch size to use).")
 @_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
@@ -417,6 +437,10 @@ def recommend(batch_size: int | None, spec_file: str | None, storage: str | None
         click.echo(json.dumps(payload, indent=2) if as_json else "\n".join(answer_lines(result)))
         return
     rec = result.recommend(batch_size)
+    measured = [o.batch_size for o in result.per_batch]
+    if measured and not min(measured) / 100 <= batch_size <= max(measured) * 100:
+        click.echo(f"warning: B={batch_size:,} is more than 100x outside the measured batch sizes "
+                   f"({min(measured)} to {max(measured)}): a guess, not a recommendation", err=True)
     click.echo(json.dumps(rec.to_dict(), indent=2) if as_json else format_recommendation(rec))
 
 

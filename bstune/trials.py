@@ -43,6 +43,9 @@ CSV_STATES = (*ENDED, State.RUNNING)  # what a CSV of trials may say
 FAILED_STATES = (State.OOM, State.FAILED, State.INTERRUPTED, State.LOST)  # say nothing about the lr
 RETRIED_STATES = (State.INTERRUPTED, State.LOST)  # run again by the study: the compute counts, the trial does not
 
+# No batch size one trains with is larger (16.8M examples a step): a number beyond it is a typo or a unit slip.
+MAX_BATCH_SIZE = 2**24
+
 # The search space's Optuna parameters. Momentum is searched on log(1 - m): 0.9 -> 0.99 is as far as 0 -> 0.9.
 BATCH_SIZE = "batch_size"
 LR = "lr"
@@ -424,6 +427,9 @@ def _config(cols: _Columns, row: list[str], source: str, line: int) -> tuple[int
     b = _num(text, "batch_size", source, line)
     if not (b >= 1 and b == int(b)):  # also refuses nan
         raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, got {text!r}")
+    if b > MAX_BATCH_SIZE:
+        raise BstuneError(f"{source}: line {line}: batch_size {text} is beyond any batch size trained with (at most "
+                          f"2^24 = {MAX_BATCH_SIZE:,}); check the column's values and units")
     lr = _num(cols.get(row, "lr"), "lr", source, line)
     if not lr > 0:
         raise BstuneError(f"{source}: line {line}: lr must be > 0, got {cols.get(row, 'lr')}")
