@@ -75,6 +75,16 @@ def _cmd(spec_file: Path, workers: int) -> list[str]:
     return [sys.executable, "-m", "bstune.cli", "study", str(spec_file), "--workers", str(workers)]
 
 
+def _training(spec_file: Path) -> set[int]:
+    """The pids of the workers with a trial RUNNING now."""
+    spec = load_spec(spec_file)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    except Exception:  # noqa: BLE001 - not created yet
+        return set()
+    return {t.user_attrs.get("worker_pid") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -83,33 +93,49 @@ def _children(pid: int) -> list[int]:
 
 
 def soak(spec_file: Path, workers: int, seconds: float, seed: int = 0, log: Any = None,
-         peace_runs: int = 10) -> dict[str, int]:
-    """SIGKILLs for `seconds`, then re-runs without them until the command succeeds. Counts of what was done."""
+         peace_runs: int = 10, min_kills: int = 5) -> dict[str, int]:
+    """SIGKILLs for `seconds` (longer, up to 4x, until `min_kills` landed mid-trial), then re-runs without them
+    until the command succeeds. Counts of what was done."""
     rng = random.Random(seed)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = Counter()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        point = f"{rng.choice(POINTS)}:{rng.randint(1, 6)}" if rng.random() < 0.5 else ""
+    done = Counter({"runs": 0, "worker killed": 0, "killed mid-trial": 0, "launcher killed": 0,
+                    "killed at a point": 0, "peace runs": 0})
+    start = time.monotonic()
+
+    def chaos() -> bool:
+        t = time.monotonic() - start
+        return t < seconds or (done["killed mid-trial"] < min_kills and t < 4 * seconds)
+
+    while chaos():
+        point = f"{rng.choice(POINTS)}:{rng.randint(1, 4)}" if rng.random() < 0.5 else ""
         proc = subprocess.Popen(_cmd(spec_file, workers), env={**env, "BSTUNE_KILL_AT": point},
                                 stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
         done["runs"] += 1
-        while proc.poll() is None and time.monotonic() < end:
-            time.sleep(rng.uniform(2.0, 8.0))
+        while proc.poll() is None and chaos():
+            time.sleep(rng.uniform(1.0, 5.0))
             victims = _children(proc.pid)
-            if proc.poll() is None and (rng.random() < 0.1 or not victims):
+            if not victims or proc.poll() is not None:  # still opening the study, or done
+                continue
+            if rng.random() < 0.1:
                 proc.kill()
                 done["launcher killed"] += 1
-            elif victims and proc.poll() is None:
-                try:
-                    os.kill(rng.choice(victims), signal.SIGKILL)
-                    done["worker killed"] += 1
-                except ProcessLookupError:
-                    pass
+                continue
+            busy = _training(spec_file)
+            training = [v for v in victims if v in busy]
+            if not training and rng.random() > 0.15:  # mostly mid-trial: a worker still starting costs no trial
+                continue
+            victim = rng.choice(training or victims)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            done["worker killed"] += 1
+            done["killed mid-trial"] += victim in busy
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if proc.returncode == 0 and not point:
+        done["killed at a point"] += bool(point) and proc.returncode != 0  # or by us
+        if proc.returncode == 0 and not point and not chaos():
             break
     for _ in range(peace_runs):  # the workers of a killed launcher interrupt themselves within a few seconds
         time.sleep(3)
