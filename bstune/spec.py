@@ -22,7 +22,7 @@ DATASETS = ("digits", "cifar10", "synthetic")
 MODELS = ("linear", "mlp", "cnn", "resnet")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
-SAMPLERS = ("tpe", "random", "qmc", "gp", "law")  # law: bstune.search.law_sampler, pooled across batch sizes
+SAMPLERS = ("law", "tpe", "random", "qmc", "gp")  # law: bstune.search.law_sampler, pooled across batch sizes
 PRUNERS = ("none", "median", "percentile", "hyperband")
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
 HOLD = ("epochs", "steps")
@@ -59,7 +59,7 @@ class Workload:
     model: str = "mlp"
     width: int = 128
     optimizer: str = "sgd"
-    epochs: int = 10
+    epochs: int = 12
     hold: str = "epochs"  # compare trials at equal epochs, or at equal optimizer steps
     steps: int | None = None  # with hold: steps, the optimizer steps every trial takes
     lr_schedule: str = "cosine"
@@ -74,16 +74,16 @@ class Workload:
 
 @dataclass(frozen=True)
 class Sampler:
-    name: str = "tpe"
+    name: str = "law"
     seed: int | None = 0
-    n_startup_trials: int = 4  # per batch size: random trials before the model-based sampler takes over
+    n_startup_trials: int = 2  # per batch size: random trials before the model-based sampler takes over
 
 
 @dataclass(frozen=True)
 class Pruner:
     name: str = "median"
     n_startup_trials: int = 3  # completed trials of the same batch size before pruning starts
-    n_warmup_epochs: int = 2  # never prune before this many epochs
+    n_warmup_epochs: int = 4  # never prune before this many epochs
     percentile: float = 75.0  # percentile: keep the best 75% of the batch size's trials at each epoch
     min_resource: int = 1  # hyperband: epochs of the first rung
     reduction_factor: int = 3  # hyperband
@@ -93,8 +93,8 @@ class Pruner:
 class Search:
     """The joint space: batch sizes x log-uniform lr x momentum (searched on log(1 - m))."""
 
-    batch_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
-    lr: tuple[float, float] = (1e-3, 3.0)
+    batch_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    lr: tuple[float, float] = (1e-3, 8.0)
     momentum: tuple[float, float] = (0.0, 0.98)
     objective: str = "val_loss"
     sampler: Sampler = field(default_factory=Sampler)

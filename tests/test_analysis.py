@@ -40,6 +40,7 @@ def _octaves(a: float, b: float) -> float:
     (1.0, range(8), {"linear", "power"}),
     (0.5, range(100, 108), {"sqrt", "power"}),
 ])
+@pytest.mark.slow
 def test_power_law_alpha_is_recovered_and_its_interval_covers_it(alpha, seeds, allowed):
     covered = 0
     for seed in seeds:
@@ -69,6 +70,7 @@ def test_plain_lr_fit_with_fixed_momentum_recovers_alpha():
         assert a.effective_fits["power"].alpha == pytest.approx(a.fits["power"].alpha)
 
 
+@pytest.mark.slow
 def test_saturating_law_b_noise_is_recovered_covered_and_preferred():
     errors, covered = [], 0
     for seed in range(8):
@@ -83,6 +85,7 @@ def test_saturating_law_b_noise_is_recovered_covered_and_preferred():
     assert covered >= 6
 
 
+@pytest.mark.slow
 def test_fitted_optimum_beats_the_best_trial_and_its_interval_covers_the_truth():
     fitted, best, covered, n = [], [], 0, 0
     for seed in range(5):
@@ -281,6 +284,7 @@ def test_a_floor_that_turns_from_effective_lr_to_plain_lr_with_the_batch_size_is
 STEPS_SIM = {"curves": True, "epochs": 128, "steps_scale": 260.0, "trials_per_batch": 30}
 
 
+@pytest.mark.slow
 def test_steps_to_target_recovers_b_crit_and_s_min():
     s_min_true = 260.0 * math.log((2.3 - 0.3) / (0.4 - 0.3))  # progress needed to get from 2.3 to 0.4
     for seed in range(3):

@@ -24,6 +24,8 @@ from mlflow import MlflowClient
 from bstune.report import publish, write_report
 from tests.test_report import NAME, ReportStudy, _pixels, report_study  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
+
 CHROMIUM = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")

@@ -74,6 +74,7 @@ def test_absurd_batch_sizes_are_refused_or_warned_in_one_line(csv_table: Path, t
         "with (at most 2^24 = 16,777,216); check the column's values and units", out
 
 
+@pytest.mark.slow
 def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **{"search.batch_sizes": [16, 32, 64], "search.pruner": "none",
                                    "search.lr": {"low": 0.003, "high": 3.0}, "budget.trials": 18})
@@ -165,6 +166,7 @@ def test_one_batch_size_recommends_its_own_optimum(tmp_path: Path) -> None:
     assert code == 2 and "no fit of lr*(B)" in out, out
 
 
+@pytest.mark.slow
 def test_unknown_study_is_one_line(tmp_path: Path) -> None:
     spec_file = write_spec(tmp_path, **{"budget.trials": 1})
     run_study(load_spec(spec_file))

@@ -26,6 +26,7 @@ def test_cifar10_loader_reads_the_archive(tmp_path: Path) -> None:
     assert ds.augment and ds.mean is not None and ds.num_classes == 10
 
 
+@pytest.mark.slow
 def test_cifar10_trains_a_cnn_on_the_archive(tmp_path: Path) -> None:
     write_cifar10(tmp_path)
     ds = load_dataset(Workload(dataset="cifar10", data_dir=str(tmp_path), model="resnet"))

@@ -165,6 +165,7 @@ def _trial_runs(spec) -> list:
     return [r for r in runs if r.data.tags.get("bstune.kind") == "trial"]
 
 
+@pytest.mark.slow
 def test_equal_steps_control_end_to_end(tmp_path: Path) -> None:
     steps = 50
     spec = load_spec(write_spec(tmp_path, **{
@@ -186,6 +187,7 @@ def test_equal_steps_control_end_to_end(tmp_path: Path) -> None:
     assert {r.batch_size: r.examples_seen for r in result.table.records} == {16: 800, 64: 3008}
 
 
+@pytest.mark.slow
 def test_per_layer_norms_histograms_and_gap_land_in_mlflow(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, **{
         "workload.grad_histogram_epochs": [1, "last"], "workload.diagnostics_every": 2,
@@ -226,6 +228,7 @@ def test_per_layer_norms_histograms_and_gap_land_in_mlflow(tmp_path: Path) -> No
     assert load_grad_histograms(spec.tracking_uri, spec.name, epoch=2) == {}
 
 
+@pytest.mark.slow
 def test_changing_diagnostics_keeps_a_study_resumable(tmp_path: Path) -> None:
     run_study(load_spec(write_spec(tmp_path, **{"budget.trials": 1, "search.pruner": "none"})))
     again = run_study(load_spec(write_spec(tmp_path, **{

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -18,14 +22,27 @@ from bstune.train.stacked_optim import StackedOptimizer
 
 _DIGITS = load_dataset(Workload(dataset="digits"))
 
+# Tiny models (see conftest.one_thread), and float64: a fused member and its lone run are the same sums done by
+# different kernels (batched vs plain matmul, grouped vs plain convolution), whose float32 roundings differ by CPU
+# (AVX-512, AVX2 or none: ATEN_CPU_CAPABILITY). Tens of steps of a chaotic run grow a 1e-7 difference to 1e-4;
+# from float64's 1e-16 it stays far below the tolerances used here, on any CPU.
+pytestmark = pytest.mark.usefixtures("one_thread", "float64")
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+@pytest.fixture(name="float64")
+def _float64() -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _digits(n_train: int, n_val: int = 64) -> Dataset:
     d = _DIGITS
-    return replace(d, train_x=d.train_x[:n_train], train_y=d.train_y[:n_train], val_x=d.val_x[:n_val],
-                   val_y=d.val_y[:n_val])
+    return replace(d, train_x=d.train_x[:n_train].double(), train_y=d.train_y[:n_train],
+                   val_x=d.val_x[:n_val].double(), val_y=d.val_y[:n_val])
 
 
 def _images(n_train: int, n_val: int = 32, size: int = 8) -> Dataset:
@@ -78,8 +95,7 @@ def test_each_member_trains_as_its_lone_run_step_by_step(case: str) -> None:
     for cfg, result in zip(configs, results, strict=True):
         assert result.error is None
         alone = train(cfg, data)
-        _same_run(result.history, alone, rel=1e-4)
-        assert result.history[-1].val_loss == pytest.approx(alone[-1].val_loss, rel=0.01)
+        _same_run(result.history, alone, rel=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -89,7 +105,7 @@ def test_a_resnet_member_with_augmentation_trains_as_its_lone_run(optimizer: str
                        lr=0.05 if optimizer == "sgd" else 3e-3, momentum=0.9, weight_decay=5e-4, check_every=2)
     configs = _members(base)
     for cfg, result in zip(configs, train_fused(configs, data), strict=True):
-        _same_run(result.history, train(cfg, data), rel=1e-3)
+        _same_run(result.history, train(cfg, data), rel=1e-6)
 
 
 def test_members_keep_their_own_batch_norm_statistics() -> None:
@@ -113,9 +129,12 @@ def test_probes_per_member_match_the_lone_runs() -> None:
     data = _digits(n_train=400)
     base = TrainConfig(batch_size=32, lr=0.05, momentum=0.9, epochs=3, width=32, diagnostics_every=2)
     configs = _members(base)
+    compared = 0
     for cfg, result in zip(configs, train_fused(configs, data), strict=True):
         for f, a in zip(result.history, train(cfg, data), strict=True):
-            assert f.grad_noise_scale == pytest.approx(a.grad_noise_scale, rel=1e-3)
+            if None not in (f.grad_noise_scale, a.grad_noise_scale):  # undefined where its estimate is noise
+                assert f.grad_noise_scale == pytest.approx(a.grad_noise_scale, rel=1e-3)
+                compared += 1
             assert f.weight_distance == pytest.approx(a.weight_distance, rel=1e-4)
             assert f.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
             assert f.layer_distance.keys() == a.layer_distance.keys() == f.layer_grad_norm.keys()
@@ -128,6 +147,7 @@ def test_probes_per_member_match_the_lone_runs() -> None:
                 assert sum(fh["counts"]) == sum(ah["counts"])
                 moved = sum(abs(x - y) for x, y in zip(fh["counts"], ah["counts"], strict=True))
                 assert moved <= 0.002 * sum(ah["counts"])  # values on a bin edge may fall either side
+    assert compared >= 3
 
 
 def test_one_config_is_a_lone_run() -> None:
@@ -250,3 +270,14 @@ def test_configs_that_differ_beyond_the_update_are_refused() -> None:
         train_fused([cfg, replace(cfg, seed=1)], _digits(64))
     with pytest.raises(ValueError, match="at least one"):
         train_fused([], _digits(64))
+
+
+@pytest.mark.slow
+def test_the_fused_checks_hold_with_another_cpu_s_kernels() -> None:
+    """The checks above again, with torch's plain kernels instead of this CPU's vector ones (AVX2, AVX-512):
+    what they compare must not depend on which kernels a machine picks."""
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

@@ -19,6 +19,8 @@ import pytest
 from tests.test_study import _study
 from tests.test_workers import Stores, check_claim_lock, check_example_budget, check_four_workers_one_killed
 
+pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
+
 
 def _admin_url() -> str:
     """The server's URL (its role may create databases and roles); skips, or fails in CI, without one."""

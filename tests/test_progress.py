@@ -15,6 +15,8 @@ from bstune.spec import Budget, load_spec
 from bstune.trials import Spent
 from tests.conftest import write_spec
 
+pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
+
 
 def test_a_log_gets_progress_lines_with_budget_eta_and_best(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, **{"budget.trials": 3}))

@@ -181,6 +181,7 @@ def test_report_batch_sizes_fill_in_powers_of_two() -> None:
                                              (100, "measured")]
 
 
+@pytest.mark.slow
 def test_cli_report_writes_it_and_logs_it_to_the_parent_run(report_study: ReportStudy, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["report", str(report_study.spec_file), "--format", "md", "--out", str(out),

@@ -12,6 +12,8 @@ from bstune.search import run_study
 from bstune.spec import load_spec
 from tests.conftest import write_spec
 
+pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
+
 RECORDED = Path(__file__).parent / "data" / "study_before_layout.json"
 # law sampler (pooled across batch sizes), median pruning, an lr range wide enough to diverge; one trial at a time
 OVERRIDES = {"workload.dataset": "synthetic", "workload.n_train": 400, "workload.epochs": 3,

@@ -272,6 +272,7 @@ class _CountingStorage:
         return self._base.get_all_trials(*args, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["median", "percentile", "hyperband"])
 def test_a_group_asks_the_pruner_with_one_read_per_epoch_and_the_same_answers(tmp_path: Path, pruner: str) -> None:
     search = Search(batch_sizes=SIZES, lr=(1e-3, 8.0), momentum=(0.0, 0.98),

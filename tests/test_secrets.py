@@ -66,6 +66,7 @@ def test_a_table_read_from_a_study_shows_no_password_even_if_one_was_stored(tmp_
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://v:top/slashpw@127.0.0.1:1/db",
                                  "postgresql+psycopg://v@127.0.0.1:1/db?password=slashpw"])
+@pytest.mark.slow
 def test_status_names_the_store_without_its_password(tmp_path: Path, url: str) -> None:
     spec = Path(__file__).parents[1] / "studies" / "digits.yaml"
     r = subprocess.run([sys.executable, "-m", "bstune.cli", "status", str(spec), "--storage", url],
@@ -75,6 +76,7 @@ def test_status_names_the_store_without_its_password(tmp_path: Path, url: str) -
     assert "slashpw" not in r.stderr + r.stdout
 
 
+@pytest.mark.slow
 def test_next_steps_carry_the_overrides_and_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After `bstune study SPEC --storage A --tracking-uri B` the printed commands read that study."""
     import shlex

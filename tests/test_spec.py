@@ -107,6 +107,7 @@ def test_missing_storage_folder(tmp_path: Path) -> None:
     _no_state(tmp_path)
 
 
+@pytest.mark.slow
 def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(small_spec(tmp_path, **{"search.lr": {"low": 2, "high": 1}})))

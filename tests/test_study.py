@@ -62,6 +62,7 @@ def test_small_study_end_to_end(tmp_path: Path) -> None:
     assert result.spent.examples == sum(r.examples_seen for r in result.table.records) > 0
 
 
+@pytest.mark.slow
 def test_mlflow_parent_and_child_runs(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path))
     result = run_study(spec)
@@ -101,6 +102,7 @@ def _trial(b: int, values: list[float], state: TrialState = TrialState.COMPLETE)
     )
 
 
+@pytest.mark.slow
 def test_pruning_compares_only_the_same_batch_size(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/p.db"
     pruner = WithinBatchSizePruner(lambda b: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
@@ -122,6 +124,7 @@ def test_pruning_compares_only_the_same_batch_size(tmp_path: Path) -> None:
     assert trial.should_prune()
 
 
+@pytest.mark.slow
 def test_percentile_pruner_keeps_the_best_three_quarters_of_the_batch_size(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, **{"search.pruner": {"name": "percentile", "percentile": 75,
                                                                "n_startup_trials": 4, "n_warmup_epochs": 0}}))
@@ -138,6 +141,7 @@ def test_percentile_pruner_keeps_the_best_three_quarters_of_the_batch_size(tmp_p
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
 
+@pytest.mark.slow
 def test_hyperband_is_sized_by_each_batch_size_s_run_length(tmp_path: Path) -> None:
     # With hold: steps a run lasts a different number of epochs at each batch size; Hyperband's brackets
     # must follow the batch size's own length, not the spec's epochs.
@@ -149,6 +153,7 @@ def test_hyperband_is_sized_by_each_batch_size_s_run_length(tmp_path: Path) -> N
     assert {b: pruner.inner(b)._max_resource for b in epochs} == epochs
 
 
+@pytest.mark.slow
 def test_batch_sizes_stay_covered_and_conditioned(tmp_path: Path) -> None:
     space = SearchSpace(Search(batch_sizes=(16, 32, 64)))
     sampler = BatchSizeSampler(optuna.samplers.RandomSampler(seed=0), space, seed=0)
@@ -158,6 +163,7 @@ def test_batch_sizes_stay_covered_and_conditioned(tmp_path: Path) -> None:
     assert counts == {16: 4, 32: 4, 64: 4}
 
 
+@pytest.mark.slow
 def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, **{"search.lr": {"low": 200.0, "high": 400.0},
                                              "search.momentum": {"low": 0.9, "high": 0.9}, "budget.trials": 3}))
@@ -173,6 +179,7 @@ def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("limit,expect", [({"trials": 60, "examples": 1000}, "example limit"),
                                           ({"trials": 60, "seconds": 0.05}, "training-time limit")])
+@pytest.mark.slow
 def test_trials_that_diverge_at_once_still_spend_the_budget(tmp_path: Path, limit: dict, expect: str) -> None:
     """Each diverged trial is charged the steps it took and its time, so such a study stops on that budget
     (the trial limit is only a backstop)."""
@@ -183,6 +190,7 @@ def test_trials_that_diverge_at_once_still_spend_the_budget(tmp_path: Path, limi
     assert all(r.examples_seen >= 16 and r.train_seconds > 0 for r in result.table.records), "one step at least"
 
 
+@pytest.mark.slow
 def test_a_study_writes_its_sqlite_stores_through_a_write_ahead_log(tmp_path: Path) -> None:
     import sqlite3
 
@@ -197,6 +205,7 @@ def test_a_study_writes_its_sqlite_stores_through_a_write_ahead_log(tmp_path: Pa
 
 @pytest.mark.parametrize("limit,expect", [({"trials": None, "examples": 3000}, "example limit"),
                                           ({"trials": None, "seconds": 0.01}, "training-time limit")])
+@pytest.mark.slow
 def test_budget_limits_stop_the_study(tmp_path: Path, limit: dict, expect: str) -> None:
     spec = load_spec(write_spec(tmp_path, budget=limit))
     result = run_study(spec)
@@ -208,6 +217,7 @@ def test_budget_limits_stop_the_study(tmp_path: Path, limit: dict, expect: str) 
         assert result.spent.trials == 1
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_counts_what_was_spent(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **{"budget.trials": 3})
     first = run_study(load_spec(path))
@@ -221,12 +231,14 @@ def test_rerun_resumes_and_counts_what_was_spent(tmp_path: Path) -> None:
     assert len(parents) == 1 and len(children) == 5
 
 
+@pytest.mark.slow
 def test_resumed_study_must_keep_its_spec(tmp_path: Path) -> None:
     run_study(load_spec(write_spec(tmp_path, **{"budget.trials": 1})))
     code = CliRunner().invoke(main, ["study", str(write_spec(tmp_path, **{"workload.epochs": 5}))])
     assert code.exit_code == 2 and "workload.epochs" in code.output and "new name" in code.output
 
 
+@pytest.mark.slow
 def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["study", str(write_spec(tmp_path, **{"budget.trials": 4}))])
     assert result.exit_code == 0, result.output
@@ -303,6 +315,7 @@ def _statuses(spec) -> tuple[str, dict[int, str]]:
     return parents[0].info.status, {int(r.data.tags["bstune.trial"]): r.info.status for r in children}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path)
     spec = load_spec(path)
@@ -328,6 +341,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert {r.info.status for r in children if r.data.tags["bstune.state"] == "LOST"} == {"KILLED"}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_group_loses_every_member_and_each_runs_again(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path, trials=4, fuse=2)
     spec = load_spec(path)
@@ -347,6 +361,7 @@ def test_sigkill_mid_group_loses_every_member_and_each_runs_again(tmp_path: Path
     assert sorted(states.values()).count("COMPLETE") == 4, "exactly the requested trials: none lost, none twice"
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path, trials=4, fuse=2)  # groups of two: at most half the batch size's share at once
     spec = load_spec(path)
@@ -362,6 +377,7 @@ def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
     assert sorted(states) == ["COMPLETE"] * 4 + ["INTERRUPTED"] * 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path, trials=2)
     spec = load_spec(path)
@@ -384,6 +400,7 @@ def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     assert trial_state(retry) == "COMPLETE"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_ends_cleanly_as_ctrl_c_does(tmp_path: Path, sig: int, code: int) -> None:
     """SIGTERM (SLURM, docker stop, Kubernetes) ends a study as Ctrl-C does, with the shell's exit code; and
@@ -402,6 +419,7 @@ def test_sigterm_ends_cleanly_as_ctrl_c_does(tmp_path: Path, sig: int, code: int
     assert parent == "KILLED" and status[cut.number] == "KILLED"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["start_trial", "end_trial"])
 def test_ctrl_c_outside_training_loses_no_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """A Ctrl-C that lands in MLflow's start or end of a trial's run (not in train()) is handled as in training:
@@ -442,6 +460,7 @@ def test_ctrl_c_outside_training_loses_no_trial(tmp_path: Path, monkeypatch: pyt
     assert trials[1].params == t.params, "the retry ran first, with the interrupted trial's config"
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_trial_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while a study opens (its stores, its data) exits as the shell would, with one line, not click's
     'Aborted!' and exit code 1."""

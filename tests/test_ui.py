@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from bstune.cli import main
 from bstune.tracking import KIND_TAG, TRAINING, Tracker
 
+pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -28,6 +28,8 @@ from bstune.trials import counts_as_trial, tally, trial_state
 from tests.conftest import write_spec
 from tests.test_study import _ignoring_sigint, _runs, _study
 
+pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
+
 
 @dataclass(frozen=True)
 class Stores:

@@ -126,7 +126,7 @@ class InputPipeline:
     def __call__(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Model inputs from stored examples `x`; `train` augments them, drawing from `generator`."""
         if self.mean is not None:
-            x = (x.float() - self.mean) / self.std
+            x = (x.to(self.mean.dtype) - self.mean) / self.std
         if train and self.augment:
             x = augment_images(x, self.pad, generator)
         if self.channels_last and x.dim() == 4:
@@ -292,13 +292,18 @@ def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None,
         y = run.data.train_y[part]
         with run.autocast:
             out = run.forward(x)
-            losses = loss_fn(out.float(), y)
+            losses = loss_fn(full_precision(out), y)
         if probe is None:
             (losses.sum() / len(idx)).backward()
         else:  # without micro-batches, the noise scale needs the gradients of two halves
             probe.backward(losses, parts=2 if k == 1 else 1)
         loss_sum += losses.detach().sum(-1)
         correct += (out.detach().argmax(-1) == y).sum(-1)
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if autocast made it half or bfloat16; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -322,7 +327,7 @@ def summed_over_val(model: nn.Module, data: Dataset, inputs: InputPipeline, batc
         x = inputs(data.val_x[i:i + batch_size], train=False)
         y = data.val_y[i:i + batch_size]
         with autocast:
-            out = model(x).float()
+            out = full_precision(model(x))
         loss = loss + loss_fn(out, y)
         correct = correct + (out.argmax(-1) == y).sum(-1)
     return loss, correct

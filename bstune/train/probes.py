@@ -57,7 +57,7 @@ class Layers:
 
     def combine(self, param_norms: torch.Tensor) -> torch.Tensor:
         """Per-parameter norms (last dimension) -> per-layer norms: the L2 norm of each layer's tensors together."""
-        out = torch.zeros(*param_norms.shape[:-1], len(self.names), device=param_norms.device)
+        out = torch.zeros(*param_norms.shape[:-1], len(self.names), device=param_norms.device, dtype=torch.float32)
         return out.index_add_(-1, self._index, param_norms.float().pow(2)).sqrt()
 
     def norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:

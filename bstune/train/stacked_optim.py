@@ -31,10 +31,10 @@ class StackedOptimizer:
             raise ValueError(f"unknown optimizer {name!r}")
         self.name = name
         self.params = params
-        device = params[0].device
+        device, dtype = params[0].device, params[0].dtype
 
         def column(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(list(values), dtype=torch.float32, device=device).view(-1, 1)
+            return torch.tensor(list(values), dtype=dtype, device=device).view(-1, 1)
 
         self.lr, self.momentum, self.weight_decay = column(lr), column(momentum), column(weight_decay)
         self.one_minus_momentum = column([1.0 - m for m in momentum])
