@@ -291,7 +291,7 @@ def _batch_sizes(values: tuple[str, ...]) -> tuple[int, ...]:
         except ValueError:
             raise BstuneError(f"--batch-size: {text!r} is not a number; give a whole number such as 256") from None
         if not (b >= 1 and b == int(b)):
-            raise BstuneError(f"--batch-size: must be a whole number >= 1, got {text}")
+            raise BstuneError(f"--batch-size must be a positive integer, got {text}")
         if b > MAX_BATCH_SIZE:
             raise BstuneError(f"--batch-size: {text} is beyond any batch size trained with (at most 2^24 = "
                               f"{MAX_BATCH_SIZE:,}); give the batch size you will train with")
