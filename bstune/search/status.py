@@ -19,7 +19,13 @@ import optuna
 from optuna.trial import TrialState
 
 from bstune.errors import redact
-from bstune.search._optuna import heartbeat_ages, set_study_system_attr, study_system_attrs, trial_id
+from bstune.search._optuna import (
+    heartbeat_ages,
+    set_study_system_attr,
+    study_system_attrs,
+    trial_id,
+    trial_summaries,
+)
 from bstune.spec import Budget, StudySpec
 from bstune.stores import grace_seconds
 from bstune.trials import Attr, Spent, StateCounts, describe, exhausted, tally, trial_state
@@ -94,7 +100,7 @@ class StudyStatus:
 def read_status(study: optuna.Study, spec: StudySpec, now: float | None = None) -> StudyStatus:
     """The study's state now. Reads only: no stale-trial check, nothing written."""
     now = time.time() if now is None else now
-    trials = study.get_trials(deepcopy=False)
+    trials = trial_summaries(study, (Attr.STATE, Attr.WORKER, Attr.EXAMPLES, Attr.SECONDS))
     states = StateCounts.of(trial_state(t) for t in trials)
     spent = tally(trials)
     running = [t for t in trials if t.state == TrialState.RUNNING]
