@@ -294,15 +294,21 @@ def _best_dict(r: TrialRecord | None) -> dict[str, Any] | None:
 # Reading a table: from an Optuna study, from a CSV
 
 
-def from_study(study: Any, n_train: int | None = None) -> TrialTable:
-    """The trials of an Optuna study that bstune ran (waiting trials left out)."""
+# The user attributes `from_study` reads (a reader may fetch only these).
+READ_ATTRS = (Attr.STATE, Attr.REASON, Attr.LR, Attr.MOMENTUM, Attr.CURVE, Attr.EXAMPLES, Attr.SECONDS,
+              Attr.GRAD_NOISE_SCALE)
+
+
+def from_study(study: Any, n_train: int | None = None, trials: Iterable[Any] | None = None) -> TrialTable:
+    """The trials of an Optuna study that bstune ran (waiting trials left out); `trials` (default: the
+    study's own) may be lighter records with the same state, value, params and `READ_ATTRS` attributes."""
     spec = dict(study.user_attrs.get(StudyAttr.SPEC, {}))
     for key in ("storage", "tracking_uri"):  # stored redacted; redacted again for whatever stored it otherwise
         if isinstance(spec.get(key), str):
             spec[key] = redact(spec[key])
     objective = spec.get("search", {}).get("objective", "value")
     records = []
-    for t in study.get_trials(deepcopy=False):
+    for t in study.get_trials(deepcopy=False) if trials is None else trials:
         a = t.user_attrs
         if Attr.LR not in a or BATCH_SIZE not in t.params:
             continue
