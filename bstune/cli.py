@@ -33,6 +33,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*experimental.*")
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs a database error with its traceback before raising it; bstune says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 class _Group(click.Group):

@@ -17,6 +17,7 @@ import pytest
 from bstune.spec import load_spec
 from tests.chaos import check_consistent
 from tests.conftest import write_spec
+from tests.simulate import simulate_trials, write_csv
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +60,13 @@ def test_a_full_disk_under_the_stores_is_one_line_and_the_study_resumes(small_fs
 
 
 def test_outputs_into_a_read_only_file_system_are_one_line(small_fs: Path, tmp_path: Path) -> None:
-    spec_file = write_spec(tmp_path, **{"budget.trials": 4, "search.pruner": "none"})
+    spec_file = write_spec(tmp_path, **{"budget.trials": 16, "search.pruner": "none"})
     assert _bstune("study", str(spec_file)).returncode == 0
+    trials = tmp_path / "trials.csv"
+    write_csv(simulate_trials("saturating", batch_sizes=(32, 64, 128), trials_per_batch=12, seed=3), trials)
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     out = small_fs / "out"
-    _one_line_error(_bstune("analyze", str(spec_file), "--no-mlflow", "--json", str(out / "a.json"), cwd=tmp_path),
+    _one_line_error(_bstune("analyze", "--csv", str(trials), "--json", str(out / "a.json"), cwd=tmp_path),
                     str(out), "Read-only file system")
     _one_line_error(_bstune("report", str(spec_file), "--no-mlflow", "--out", str(out), cwd=tmp_path),
                     str(out), "Read-only file system")
