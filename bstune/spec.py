@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bstune import entry, registry
 from bstune.errors import BstuneError
 from bstune.spec_yaml import Refused, read_yaml
 
-DATASETS = ("digits", "cifar10", "synthetic")
-MODELS = ("linear", "mlp", "cnn", "resnet")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+DATASETS = tuple(registry.DATASETS)
+MODELS = tuple(registry.MODELS)
+OPTIMIZERS = tuple(registry.OPTIMIZERS)
 SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("law", "tpe", "random", "qmc", "gp")  # law: bstune.search.law_sampler, pooled across batch sizes
 PRUNERS = ("none", "median", "percentile", "hyperband")
@@ -48,15 +49,17 @@ class SpecError(BstuneError):
 
 @dataclass(frozen=True)
 class Workload:
-    """What each trial trains: data set, model, optimizer and how long."""
+    """What each trial trains: data set, model, optimizer and how long (entry points: docs/own-model.md)."""
 
-    dataset: str = "digits"
+    dataset: Any = "digits"  # a built-in's name or an entry point; "" with a trainer of one's own: none
     data_dir: str = "data"
     download: bool = False
     n_train: int | None = None  # use only the first n training examples (None: all)
     val_fraction: float = 0.2  # for data sets without a test split (digits, synthetic)
     augment: bool | None = None  # None: on for cifar10, off otherwise
-    model: str = "mlp"
+    model: Any = "mlp"  # a built-in's name or an entry point ("" with a trainer of one's own)
+    loss: Any = None  # an entry point: (outputs, targets) -> mean loss; None: cross-entropy
+    trainer: Any = None  # an entry point: FUNC(trial) trains as the user likes (bstune.own_loop)
     width: int = 128
     optimizer: str = "sgd"
     epochs: int = 12
@@ -138,6 +141,7 @@ class StudySpec:
         """The spec as plain data (what `load_spec` would read back), for artifacts and reports."""
         d = asdict(self)
         d.pop("source")
+        d["workload"].update({k: entry.name_of(d["workload"][k]) for k in ("dataset", "model", "loss", "trainer")})
         d["search"]["batch_sizes"] = list(self.search.batch_sizes)
         d["workload"]["grad_histogram_epochs"] = list(self.workload.grad_histogram_epochs)
         d["search"]["lr"] = {"low": self.search.lr[0], "high": self.search.lr[1]}
@@ -177,7 +181,7 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
     name = root.str("name", default_name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         root.fail("name", f"must be letters, digits, '_', '.' or '-', got {name!r}")
-    workload = _workload(root.section("workload"))
+    workload = _workload(root.section("workload"), Path(source).parent if source != "<spec>" else None)
     search = _search(root.section("search"), workload)
     budget = _budget(root.section("budget"))
     execution = _execution(root.section("execution"))
@@ -197,16 +201,19 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "study") -
     return spec
 
 
-def _workload(s: _Section) -> Workload:
+def _workload(s: _Section, folder: Path | None) -> Workload:
     d = Workload()
+    own = (trainer := s.entry("trainer", None, (), folder)) is not None  # then data set and model are optional
     w = Workload(
-        dataset=s.choice("dataset", d.dataset, DATASETS),
+        dataset=s.entry("dataset", "" if own else d.dataset, DATASETS, folder),
+        model=s.entry("model", "" if own else d.model, MODELS, folder),
+        loss=s.entry("loss", None, (), folder),
+        trainer=trainer,
         data_dir=s.str("data_dir", d.data_dir),
         download=s.bool("download", d.download),
         n_train=s.int("n_train", None, minimum=1),
         val_fraction=s.float("val_fraction", d.val_fraction, minimum=0.01, maximum=0.9),
         augment=s.bool("augment", None),
-        model=s.choice("model", d.model, MODELS),
         width=s.int("width", d.width, minimum=1, maximum=WIDTH_MAX),
         optimizer=s.choice("optimizer", d.optimizer, OPTIMIZERS),
         epochs=s.int("epochs", d.epochs, minimum=1, maximum=EPOCHS_MAX),
@@ -392,6 +399,14 @@ class _Section:
             hint = _did_you_mean(str(v), choices)
             self.fail(key, f"unknown value {_show(v)}{hint}; choose one of {', '.join(choices)}")
         return v
+
+    def entry(self, key: str, default: Any, choices: tuple[str, ...], folder: Path | None) -> Any:
+        """A built-in's name (one of `choices`), FILE.py:FUNC, package.module:FUNC, or a callable (bstune.entry)."""
+        v = self.raw(key, default)
+        if v is None or callable(v) or v == default == "":
+            return v
+        value, problem = entry.checked(v, choices, folder)
+        return value if not problem else self.fail(key, problem)
 
     def int(self, key: str, default: int | None, minimum: int | None = None,
             maximum: int | None = None) -> int | None:

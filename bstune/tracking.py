@@ -8,6 +8,7 @@ The client API is used (not the fluent one) so that no global "active run" state
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -33,8 +34,8 @@ from bstune.trials import State
 
 # MLflow's run statuses (its own vocabulary, which shares a word with bstune's states)
 RUN_RUNNING, RUN_FINISHED, RUN_FAILED, RUN_KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
-RUN_STATUS = {  # a trial's state -> its MLflow run's status
-    State.COMPLETE: RUN_FINISHED, State.PRUNED: RUN_FINISHED, State.DIVERGED: RUN_FAILED, State.OOM: RUN_FAILED,
+RUN_STATUS = {  # a trial's state -> its MLflow run's status (a divergence is a measurement, not an error)
+    State.COMPLETE: RUN_FINISHED, State.PRUNED: RUN_FINISHED, State.DIVERGED: RUN_FINISHED, State.OOM: RUN_FAILED,
     State.FAILED: RUN_FAILED, State.INTERRUPTED: RUN_KILLED, State.LOST: RUN_KILLED,
 }
 
@@ -231,7 +232,9 @@ class Tracker:
 
         ts = _now_ms()
         pending = self._pending.setdefault(run_id, _Pending())
-        pending.metrics += [Metric(k, float(v), ts, epoch) for k, v in values.items() if v is not None]
+        # NaN: not measured (accuracy of a regression, what a trainer of one's own did not report)
+        pending.metrics += [Metric(k, float(v), ts, epoch) for k, v in values.items()
+                            if v is not None and not math.isnan(v)]
         if histogram is not None:
             pending.files[f"{HISTOGRAM_ARTIFACT_DIR}/epoch_{epoch:04d}.json"] = histogram
         if time.monotonic() - self._flushed.get(run_id, 0.0) > self.flush_seconds:
@@ -262,7 +265,8 @@ class Tracker:
             tags.append(RunTag("bstune.reason", reason[:5000]))
         ts = _now_ms()
         pending = self._pending.setdefault(run_id, _Pending())
-        pending.metrics += [Metric(k, float(v), ts, 0) for k, v in (final or {}).items() if v is not None]
+        pending.metrics += [Metric(k, float(v), ts, 0) for k, v in (final or {}).items()
+                            if v is not None and not math.isnan(v)]
         self._flush(run_id, tags)
         self._flushed.pop(run_id, None)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])

@@ -174,7 +174,7 @@ def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path: Path) -> N
     assert {t.state for t in study.trials} == {TrialState.PRUNED}  # samplers learn the region is bad
     _, _, children = _runs(spec)
     assert {r.data.tags["bstune.state"] for r in children} == {"DIVERGED"}
-    assert {r.info.status for r in children} == {"FAILED"}
+    assert {r.info.status for r in children} == {"FINISHED"}  # a measurement: its run ended as planned
 
 
 @pytest.mark.parametrize("limit,expect", [({"trials": 60, "examples": 1000}, "example limit"),

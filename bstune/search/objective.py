@@ -27,15 +27,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import TrialState
 
-from bstune import signals
+from bstune import entry, signals
 from bstune.errors import BstuneError, first_line, redact
 from bstune.search._optuna import PruneRound, frozen, set_user_attrs, trial_id
 from bstune.search.lost import requeue
+from bstune.search.own_loop import run_own
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
@@ -74,7 +75,8 @@ def interrupt_unstarted(study: optuna.Study, trial: optuna.Trial, requeue_it: bo
 
 def workload_params(w: Workload) -> dict[str, Any]:
     """The workload's settings as MLflow params, every one of them (so a new setting shows without an edit)."""
-    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in asdict(w).items()}
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else entry.name_of(v) if callable(v) else v
+            for k, v in asdict(w).items()}
 
 
 @dataclass
@@ -89,8 +91,9 @@ class TrialContext:
     progress: Progress
 
 
-@dataclass(frozen=True)
-class Ending:
+class Ending(NamedTuple):
+    """How a trial ended: `_TrialRun.end(*ending)`."""
+
     state: State
     reason: str = ""
     value: float | None = None
@@ -110,7 +113,7 @@ def run_group(ctx: TrialContext, study: optuna.Study, trials: Sequence[optuna.Tr
     except KeyboardInterrupt as e:
         for run in runs:
             if not run.ended:
-                run.end(ending(run, MemberResult(0, error=e)))
+                run.end(*ending(run, MemberResult(0, error=e)))
         raise
     return sum(r.told for r in runs)
 
@@ -136,6 +139,10 @@ def ending(run: _TrialRun, result: MemberResult) -> Ending:
 def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
     if not runs:
         return
+    if ctx.spec.workload.trainer is not None:  # the user's own training loop, one trial at a time
+        for run in runs:
+            run_own(run, ctx.spec.workload, ctx.device, run.epochs, ctx.data, run.trial.number)
+        return
 
     def on_epoch(i: int, stats: EpochStats) -> bool:
         return runs[i].on_epoch(stats)
@@ -153,7 +160,7 @@ def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
             return
     for run, result in zip(runs, results, strict=True):
         if not run.ended:  # pruned ones were recorded at their epoch; taken-away ones are another worker's
-            run.end(ending(run, result))
+            run.end(*ending(run, result))
 
 
 def _train(ctx: TrialContext, configs: list[TrainConfig], on_epoch: Callable[[int, EpochStats], bool]
@@ -285,7 +292,7 @@ class _TrialRun:
         if self.ended:
             return True
         if prune:
-            self.end(ending(self, MemberResult(0, stopped=True)))
+            self.end(*ending(self, MemberResult(0, stopped=True)))
         return prune
 
     def charge_divergence(self, e: Diverged) -> None:
@@ -296,7 +303,7 @@ class _TrialRun:
         self.last["train_seconds"] = max(self.last.get("train_seconds", 0.0),
                                          (time.perf_counter() - self.started) * self.share)
 
-    def end(self, e: Ending) -> None:
+    def end(self, state: State, reason: str = "", value: float | None = None) -> None:
         """Record how the trial ended, in the order that keeps a kill at any instant safe (docs/scale-out.md):
         1. on the trial: bstune.state, reason, spend, curve. Optuna has it RUNNING, beating; killed from here
            to 4, it goes stale and is settled (`lost.py`) as `trials.trial_state` decides;
@@ -304,8 +311,8 @@ class _TrialRun:
         3. its MLflow run closed with the same state;
         4. Optuna told (DIVERGED as PRUNED, so the samplers learn the region is bad; failures as FAIL): the
            commit, after which it counts and all three agree."""
-        trial, last = self.trial, self.last
-        reason = redact(e.reason)  # an error's text may quote a URL with its password
+        trial, last, e = self.trial, self.last, Ending(state, reason, value)
+        reason = redact(reason)  # an error's text may quote a URL with its password
         attrs = self.spend() | {Attr.STATE: e.state, Attr.CURVE: curve_to_json(self.curve)}
         if reason:
             attrs[Attr.REASON] = reason

@@ -21,7 +21,7 @@ import yaml
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from bstune import signals
+from bstune import registry, signals
 from bstune.errors import BstuneError, first_line, redact
 from bstune.search._optuna import Heartbeats, StaleTrials, ask
 from bstune.search.checks import check_input
@@ -36,14 +36,12 @@ from bstune.spec import StudySpec
 from bstune.stores import check_storage, creating, grace_seconds, load_study, make_default_folder, open_storage
 from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri, tracking_errors
 from bstune.train import Dataset, pick_device, plan, train_config
+from bstune.train.check import fusable
 from bstune.trials import Spent, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); run the same command again to resume"
-# Trials trained together by default, by device and model (see default_fuse).
-DEFAULT_FUSE = {"cpu": {"linear": 8, "mlp": 8, "cnn": 4, "resnet": 1},
-                "cuda": {"linear": 16, "mlp": 16, "cnn": 16, "resnet": 8}}
 # Workload fields that change only what is observed (the updates are the same either way): free on resume.
 _OBSERVING_FIELDS = ("diagnostics_every", "grad_histogram_epochs")
 
@@ -221,7 +219,7 @@ def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Da
     dev = pick_device(device)
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
-    group_size = spec.execution.fuse or default_fuse(dev.type, spec.workload.model)
+    group_size = _group_size(spec, dev.type, opened.data, progress)
     claim: ClaimLock | None = None
     interrupted = False
     stop_reason = ""
@@ -264,8 +262,22 @@ def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Da
 
 def default_fuse(device_type: str, model: str) -> int:
     """How many trials of one batch size train together by default: as many as keep the device busy without
-    slowing each member (measured in benchmarks/FUSED.md)."""
-    return DEFAULT_FUSE.get(device_type, DEFAULT_FUSE["cpu"]).get(model, 1)
+    slowing each member (measured in benchmarks/FUSED.md; `registry`)."""
+    return registry.default_fuse(device_type, model)
+
+
+def _group_size(spec: StudySpec, device_type: str, data: Dataset, progress: Progress) -> int:
+    """Trials trained together: execution.fuse, else the default; one for a trainer of one's own, and for a
+    model that cannot be fused (the study says why)."""
+    if spec.workload.trainer is not None:
+        return 1
+    size = spec.execution.fuse or default_fuse(device_type, spec.workload.model)
+    if size > 1 and not registry.is_builtin_model(spec.workload.model):
+        why = fusable(spec.workload, data, device_type, asked=spec.execution.fuse is not None)
+        if why is not None:
+            progress.note(f"trials run one at a time: {why}")
+            return 1
+    return size
 
 
 def _claim_group(opened: OpenStudy, group_size: int, progress: Progress, beats: Heartbeats,
@@ -303,7 +315,7 @@ def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> 
         # ones ended (a group's members are all proposed before any has trained)
         share = math.ceil(budget.trials / len(opened.space.batch_sizes))
         k = min(k, budget.trials - spent.trials - spent.running, max(1, min(share - has, math.ceil(share / 2))))
-    if budget.examples is not None:
+    if budget.examples is not None and n:  # n = 0: a trainer of one's own, its examples known as it reports
         per_epoch, total, _ = plan(train_config(opened.spec.workload, batch_size, 1.0, 0.0), n)
         per_trial = total * n / per_epoch
         k = min(k, math.ceil((budget.examples - spent.examples) / per_trial - spent.running))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 from bstune.spec import Workload
 
@@ -25,7 +26,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     accumulation_steps: int = 1
     seed: int = 0
-    model: str = "mlp"
+    model: Any = "mlp"  # a built-in's name, or an entry point / callable (models.build_model)
+    loss: Any = None  # an entry point / callable (outputs, targets) -> mean loss; None: cross-entropy
     width: int = 128
     compile: str = "off"  # torch.compile mode: off | default | reduce-overhead (CUDA graphs) | max-autotune
     diagnostics_every: int = 16  # noise scale every this-many-th step, gradient statistics too (0: all off)
@@ -41,10 +43,11 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 def plan(cfg: TrainConfig, n_train: int) -> tuple[int, int, int]:
     """(optimizer steps per epoch, steps in all, epochs) of a run. Compiled runs drop the last, smaller
-    batch (it would record a second CUDA graph); with ``steps`` set the run lasts that many steps, however
-    many epochs they take."""
-    per_epoch = n_train // cfg.batch_size if cfg.compile != "off" and n_train >= cfg.batch_size \
-        else steps_per_epoch(n_train, cfg.batch_size)
+    batch (it would record a second CUDA graph), any run a last batch of one example (batch norm cannot
+    train on one); with ``steps`` set the run lasts that many steps, however many epochs they take."""
+    drop = n_train >= cfg.batch_size and (cfg.compile != "off" or n_train % cfg.batch_size == 1)
+    per_epoch = n_train // cfg.batch_size if drop else steps_per_epoch(n_train, cfg.batch_size)
+    per_epoch = max(per_epoch, 1)  # no data of bstune's (a trainer of one's own): epochs are the user's
     total = cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
     return per_epoch, total, math.ceil(total / per_epoch)
 

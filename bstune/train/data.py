@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bstune import entry, registry
 from bstune.errors import BstuneError
 from bstune.spec import Workload
+from bstune.train.user import user_tensors
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -30,7 +32,7 @@ class Dataset:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    num_classes: int
+    num_classes: int  # 0: the targets are not class labels (a user's regression, say): no accuracy
     augment: bool = False  # random crop with padding + horizontal flip, done on the device
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -53,15 +55,23 @@ class Dataset:
 
 
 def load_dataset(workload: Workload) -> Dataset:
-    """Load the workload's data set; raise BstuneError naming `workload.dataset`/`data_dir` if it is absent."""
-    if workload.dataset == "digits":
-        ds = _digits(workload.val_fraction)
-    elif workload.dataset == "synthetic":
-        ds = synthetic_classification(n=max(workload.n_train or 2000, 64), val_fraction=workload.val_fraction)
-    elif workload.dataset == "cifar10":
-        ds = load_cifar10(workload.data_dir, download=workload.download)
-    else:  # validated in spec
-        raise BstuneError(f"workload.dataset: unknown data set {workload.dataset!r}")
+    """Load the workload's data set, a built-in (`registry.DATASETS`) or a user's entry point; raise
+    BstuneError naming `workload.dataset`/`data_dir` if it is absent or has the wrong shape. With no data set
+    (a trainer of one's own without one), an empty one."""
+    name = workload.dataset
+    if name == "":
+        empty = torch.zeros(0)
+        return Dataset("", empty, empty, empty, empty, num_classes=0)
+    if isinstance(name, str) and name in registry.DATASETS:
+        ds = entry.load(registry.DATASETS[name], "workload.dataset")(workload)
+    else:
+        fn = entry.load(name, "workload.dataset")
+        try:
+            returned = entry.call(fn, {"seed": workload.seed, "val_fraction": workload.val_fraction})
+        except Exception as e:  # noqa: BLE001 - the user's function failed: one line, before any trial
+            raise BstuneError(f"workload.dataset: {entry.name_of(name)} raised {type(e).__name__}: {e}; fix "
+                              f"it") from None
+        ds = Dataset(entry.name_of(name), *user_tensors(entry.name_of(name), returned))
     if workload.n_train is not None and workload.n_train < ds.n_train:
         ds = replace(ds, train_x=ds.train_x[: workload.n_train], train_y=ds.train_y[: workload.n_train])
     if workload.augment is not None:
@@ -76,6 +86,21 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int = 0) -> 
     n_val = max(1, int(round(len(x) * val_fraction)))
     val, train = idx[:n_val], idx[n_val:]
     return x[train], y[train], x[val], y[val]
+
+
+def digits(workload: Workload) -> Dataset:
+    """scikit-learn's 1,797 8x8 digit images (shipped with it, no download)."""
+    return _digits(workload.val_fraction)
+
+
+def synthetic(workload: Workload) -> Dataset:
+    """`synthetic_classification` with the workload's size (n_train, at least 64) and validation share."""
+    return synthetic_classification(n=max(workload.n_train or 2000, 64), val_fraction=workload.val_fraction)
+
+
+def cifar10(workload: Workload) -> Dataset:
+    """CIFAR-10 from workload.data_dir (downloaded first with download: true)."""
+    return load_cifar10(workload.data_dir, download=workload.download)
 
 
 def _digits(val_fraction: float) -> Dataset:

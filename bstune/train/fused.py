@@ -17,28 +17,37 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
-from bstune.train.config import TrainConfig, plan
+from bstune import registry
+from bstune.train.config import TrainConfig
 from bstune.train.data import Dataset
+from bstune.train.func_stacked import FuncStacked
 from bstune.train.loop import (
     Diverged,
     EpochStats,
     InputPipeline,
     backward_step,
+    blowup_threshold,
     device_guard,
+    histogram_epochs,
     lr_factor,
+    make_loss,
+    new_noise_scale,
+    shared_setup,
+    small_on_cpu,
     summed_over_val,
 )
 from bstune.train.models import build_model
 from bstune.train.probes import Layers, NoiseScale
-from bstune.train.stacked import keep_members, member_losses, stack_model
+from bstune.train.stacked import keep_members, stack_model
 from bstune.train.stacked_optim import StackedOptimizer
 from bstune.train.stacked_probes import MemberGradientProbe, MemberGradientStats, member_grad_norms, member_norms
+from bstune.train.user import Loss
 
 PER_MEMBER = ("lr", "momentum", "weight_decay")  # the only fields in which fused configs may differ
 
@@ -92,6 +101,7 @@ class _Group:
     layers: Layers
     grad_stats: MemberGradientStats
     noise: list[NoiseScale]  # per member in the stack
+    loss: Loss
     seconds: dict[int, float]  # each member's share of the training time so far
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # this epoch's, per member
     correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -105,32 +115,27 @@ class _Group:
 
 
 def _start(configs: Sequence[TrainConfig], data: Dataset, device: torch.device) -> _Group:
-    """Move the data to the device, build the stacked model and optimizer, set up the probes."""
-    cfg, cuda = configs[0], device.type == "cuda"
-    data = data.to(device)
-    inputs = InputPipeline(data, device, channels_last=cuda)
+    """Move the data to the device, build the stacked model and optimizer, set up the probes (as a lone run's:
+    `loop.shared_setup`)."""
+    cfg = configs[0]
+    shared = shared_setup(cfg, data, device)
     torch.manual_seed(cfg.seed)  # the initial weights of a lone run with this seed
-    model = stack_model(build_model(cfg.model, data.input_shape, data.num_classes, cfg.width), len(configs))
-    model = model.to(device)
-    forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
+    alone = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width)
+    small_on_cpu(cfg, alone, device)
+    # the built-ins stack by hand (faster); any other model by torch.func
+    stacked = stack_model if registry.is_builtin_model(cfg.model) else FuncStacked
+    model = stacked(alone, len(configs)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     layers = Layers([n for n, p in model.named_parameters() if p.requires_grad], device)
-    per_epoch, total_steps, epochs = plan(cfg, data.n_train)
-    window = max(20, math.ceil(per_epoch / max(cfg.diagnostics_every, 1)))
-    population = None if inputs.augment else data.n_train
     return _Group(
         cfg=cfg, members=list(range(len(configs))), results=[MemberResult(i) for i in range(len(configs))],
-        device=device, data=data, inputs=inputs, model=model, forward=forward, params=params,
-        initial=[p.detach()[:1].clone() for p in params],
+        model=model, forward=model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile),
+        params=params, initial=[p.detach()[:1].clone() for p in params],
         opt=StackedOptimizer(cfg.optimizer, params, [c.lr for c in configs], [c.momentum for c in configs],
                              [c.weight_decay for c in configs]),
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext(),
-        gen=torch.Generator(device=device).manual_seed(cfg.seed),
-        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs,
-        warmup=int(round(cfg.warmup_epochs * per_epoch)),
         layers=layers, grad_stats=MemberGradientStats(params, layers),
-        noise=[NoiseScale(window=window, population=population) for _ in configs],
-        seconds=dict.fromkeys(range(len(configs)), 0.0),
+        noise=[new_noise_scale(cfg, shared) for _ in configs], loss=make_loss(cfg, fused=True),
+        seconds=dict.fromkeys(range(len(configs)), 0.0), **shared,
     )
 
 
@@ -175,7 +180,7 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
             break
         idx = perm[i * b:(i + 1) * b]
         probe = MemberGradientProbe(g.params, g.k, len(idx)) if every > 0 and g.step % every == 0 else None
-        backward_step(g, idx, probe, member_losses, g.loss_sum, g.correct)
+        backward_step(g, idx, probe, g.loss, g.loss_sum, g.correct)
         if every > 0 and (probe is not None or i == 0):
             g.grad_stats.add(probe.finish(g.noise) if probe is not None else member_grad_norms(g.params, g.k))
         g.opt.step(lr_factor(cfg.lr_schedule, g.step, g.total_steps, g.warmup))
@@ -195,18 +200,20 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
 
 
 def evaluate_members(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
-                     autocast: AbstractContextManager) -> tuple[list[float], list[float]]:
-    """Each member's validation loss and accuracy, in batches of `batch_size` examples per member."""
-    loss, correct = summed_over_val(model, data, inputs, batch_size, autocast,
-                                    lambda out, y: member_losses(out, y).sum(1))
+                     autocast: AbstractContextManager, loss: Loss) -> tuple[list[float], list[float]]:
+    """Each member's validation loss and accuracy (NaN when the targets are not classes), in batches of
+    `batch_size` examples per member."""
+    total, correct = summed_over_val(model, data, inputs, batch_size, autocast, loss.summed)
     n = data.val_x.shape[0]
-    return (loss / n).tolist(), (correct.double() / n).tolist()
+    if not data.num_classes:
+        return (total / n).tolist(), [math.nan] * len(total)
+    return (total / n).tolist(), (correct.double() / n).tolist()
 
 
 def _epoch_stats(g: _Group, epoch: int, train_losses: list[float], seen: int, share: float) -> list[EpochStats]:
     """Each member's numbers for the epoch, as `loop._epoch_stats` gives a lone run's."""
     eval_batch = max(1, g.cfg.eval_batch_size // g.k)  # the memory of a lone run's evaluation
-    val_loss, val_acc = evaluate_members(g.model, g.data, g.inputs, eval_batch, g.autocast)
+    val_loss, val_acc = evaluate_members(g.model, g.data, g.inputs, eval_batch, g.autocast, g.loss)
     with torch.no_grad():
         moved = g.layers.combine(member_norms([p - p0 for p, p0 in zip(g.params, g.initial, strict=True)],
                                               g.k)).tolist()
@@ -218,7 +225,8 @@ def _epoch_stats(g: _Group, epoch: int, train_losses: list[float], seen: int, sh
         if grads[j].histogram is not None:
             grads[j].histogram.update(epoch=epoch, batch_size=g.cfg.batch_size)
         out.append(EpochStats(
-            epoch=epoch, train_loss=train_losses[j], train_accuracy=correct[j] / max(seen, 1),
+            epoch=epoch, train_loss=train_losses[j],
+            train_accuracy=correct[j] / max(seen, 1) if g.data.num_classes else math.nan,
             val_loss=val_loss[j], val_accuracy=val_acc[j], examples_seen=g.examples, optimizer_steps=g.step,
             train_seconds=g.seconds[m], examples_per_second=seen / share if share > 0 else 0.0,
             weight_distance=math.sqrt(sum(v * v for v in layer.values())), grad_noise_scale=g.noise[j].value(),
@@ -256,13 +264,13 @@ def _train_fused(configs: Sequence[TrainConfig], data: Dataset, device: torch.de
                  on_epoch: Callable[[int, EpochStats], bool | None] | None) -> list[MemberResult]:
     g = _start(configs, data, device)
     cfg = g.cfg
-    blowup = 10.0 * math.log(data.num_classes) + 10.0  # as `train`: this far above chance level has diverged
-    histogram_epochs = {g.epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+    blowup = blowup_threshold(data, cfg)  # as `train`
+    histograms = histogram_epochs(cfg, g.epochs)
     for epoch in range(1, g.epochs + 1):
         if not g.members:
             break
         t0, first_step = time.perf_counter(), g.step
-        seen = _train_epoch(g, epoch, cfg.diagnostics_every > 0 and epoch in histogram_epochs)
+        seen = _train_epoch(g, epoch, cfg.diagnostics_every > 0 and epoch in histograms)
         if not g.members:
             break
         losses = (g.loss_sum / max(seen, 1)).tolist()  # the epoch's one host sync outside the checks

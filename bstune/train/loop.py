@@ -17,17 +17,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch._dynamo  # noqa: F401 - see below
 import torch.nn.functional as F
 from torch import nn
 
+from bstune import entry, registry
 from bstune.train.config import TrainConfig, plan
 from bstune.train.data import Dataset
 from bstune.train.models import build_model
+from bstune.train.optimizers import make_optimizer
 from bstune.train.probes import GradientProbe, GradientStats, Layers, NoiseScale, param_norms
+from bstune.train.user import Loss
 
 # torch.optim imports torch._dynamo (a second or two) when the first optimizer is built; importing it above
 # keeps that out of the first trial. A Ctrl-C landing in that import, inside a namedtuple's eval(), makes a
@@ -154,16 +157,6 @@ def _model(cfg: TrainConfig, data: Dataset, device: torch.device) -> tuple[nn.Mo
 # The optimizer and its schedule
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """SGD / Nesterov / Adam / AdamW. For the Adam family, momentum is beta1."""
-    if name in ("sgd", "nesterov"):
-        nesterov = name == "nesterov" and momentum > 0
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
-
-
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     """Multiplier on the base lr at optimizer step `step` (0-based) of `total`."""
     if warmup > 0 and step < warmup:
@@ -202,35 +195,63 @@ class _Run:
     layers: Layers
     grad_stats: GradientStats
     noise: NoiseScale
+    loss: Loss
     step: int = 0  # optimizer steps taken
     examples: int = 0  # examples trained on
     train_seconds: float = 0.0  # without evaluation
 
 
-def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
-    """Move the data to the device, build the model and optimizer, and set up the probes."""
+def shared_setup(cfg: TrainConfig, data: Dataset, device: torch.device) -> dict[str, Any]:
+    """What a lone run and a fused group set up alike: the data on the device and its input pipeline, autocast,
+    the generator of batch order and augmentation (seeded as every trial of the study), and the run's length."""
     cuda = device.type == "cuda"
     data = data.to(device)
-    inputs = InputPipeline(data, device, channels_last=cuda)
-    model, forward = _model(cfg, data, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     per_epoch, total_steps, epochs = plan(cfg, data.n_train)
-    every = cfg.diagnostics_every
-    layers = Layers(names, device)
-    return _Run(
-        cfg=cfg, device=device, data=data, inputs=inputs, model=model, forward=forward, params=params,
-        initial=[p.detach().clone() for p in params],
-        opt=make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay),
+    return dict(
+        device=device, data=data, inputs=InputPipeline(data, device, channels_last=cuda),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext(),
         gen=torch.Generator(device=device).manual_seed(cfg.seed),
-        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs,
-        warmup=int(round(cfg.warmup_epochs * per_epoch)),
-        layers=layers, grad_stats=GradientStats(params, layers),
-        # Noise scale averaged over about an epoch's measured steps, and at least 20 of them.
-        noise=NoiseScale(window=max(20, math.ceil(per_epoch / max(every, 1))),
-                         population=None if inputs.augment else data.n_train),
+        per_epoch=per_epoch, total_steps=total_steps, epochs=epochs, warmup=int(round(cfg.warmup_epochs * per_epoch)),
     )
+
+
+def new_noise_scale(cfg: TrainConfig, shared: dict[str, Any]) -> NoiseScale:
+    """A run's noise-scale estimate, averaged over about an epoch's measured steps, and at least 20 of them."""
+    window = max(20, math.ceil(shared["per_epoch"] / max(cfg.diagnostics_every, 1)))
+    return NoiseScale(window=window, population=None if shared["inputs"].augment else shared["data"].n_train)
+
+
+def histogram_epochs(cfg: TrainConfig, epochs: int) -> set[int]:
+    """The epochs whose gradient histograms are kept ("last": the run's last)."""
+    return {epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+
+
+def _start(cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
+    """Move the data to the device, build the model and optimizer, and set up the probes."""
+    shared = shared_setup(cfg, data, device)
+    model, forward = _model(cfg, shared["data"], device)
+    small_on_cpu(cfg, model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    layers = Layers([n for n, p in model.named_parameters() if p.requires_grad], device)
+    return _Run(
+        cfg=cfg, model=model, forward=forward, params=params, initial=[p.detach().clone() for p in params],
+        opt=make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay),
+        layers=layers, grad_stats=GradientStats(params, layers), noise=new_noise_scale(cfg, shared),
+        loss=make_loss(cfg, fused=False), **shared,
+    )
+
+
+def make_loss(cfg: TrainConfig, fused: bool) -> Loss:
+    """The run's training loss: cross-entropy, or the workload's own (an entry point)."""
+    return Loss(None if cfg.loss is None else entry.load(cfg.loss, "workload.loss"), fused)
+
+
+def blowup_threshold(data: Dataset, cfg: TrainConfig) -> float:
+    """An epoch's training loss above which a run has diverged: far above chance level for cross-entropy on
+    classes; a user's loss has no known scale, so only a non-finite one counts."""
+    if cfg.loss is None and data.num_classes > 0:
+        return 10.0 * math.log(data.num_classes) + 10.0
+    return math.inf
 
 
 def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -252,7 +273,7 @@ def _train_epoch(run: _Run, epoch: int, histogram: bool) -> tuple[torch.Tensor, 
         # The noise scale costs a second backward pass, so it is measured on every `every`-th step only;
         # the cheap gradient statistics also on each epoch's first step, so that every epoch has them.
         probe = GradientProbe(run.params, len(idx)) if every > 0 and run.step % every == 0 else None
-        backward_step(run, idx, probe, _cross_entropy, loss_sum, correct)
+        backward_step(run, idx, probe, run.loss, loss_sum, correct)
         if every > 0 and (probe is not None or i == 0):
             run.grad_stats.add(probe.finish(run.noise) if probe is not None else param_norms(run.params))
         run.opt.step()
@@ -279,26 +300,25 @@ class StepRun(Protocol):
     gen: torch.Generator
 
 
-def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None,
-                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss_sum: torch.Tensor,
+def backward_step(run: StepRun, idx: torch.Tensor, probe: StepProbe | None, loss: Loss, loss_sum: torch.Tensor,
                   correct: torch.Tensor) -> None:
     """Forward and backward of one optimizer step's examples `idx`, in accumulation_steps micro-batches;
-    `loss_fn(logits, y)` gives the per-example losses (a fused group's: per member, (K, N), summed, so each
-    member's gradient is its own). Adds their losses and correct predictions to `loss_sum` and `correct` in
-    place (per member for a group)."""
+    `loss.pieces` gives the summed losses of pieces of the batch, per example for cross-entropy (a fused
+    group's: per member, (K, N), summed, so each member's gradient is its own). Adds their losses and correct
+    predictions to `loss_sum` and `correct` in place (per member for a group)."""
     k = run.cfg.accumulation_steps
     for part in idx.chunk(k):
         x = run.inputs(run.data.train_x[part], train=True, generator=run.gen)
         y = run.data.train_y[part]
         with run.autocast:
-            out = run.forward(x)
-            losses = loss_fn(full_precision(out), y)
+            out = full_precision(run.forward(x))
+            losses = loss.pieces(out, y, 2 if probe is not None and k == 1 else 1)
         if probe is None:
             (losses.sum() / len(idx)).backward()
         else:  # without micro-batches, the noise scale needs the gradients of two halves
             probe.backward(losses, parts=2 if k == 1 else 1)
         loss_sum += losses.detach().sum(-1)
-        correct += (out.detach().argmax(-1) == y).sum(-1)
+        correct += count_correct(out.detach(), y, run.data.num_classes)
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -306,8 +326,11 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+def count_correct(out: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor | int:
+    """Correct class predictions (per member for stacked outputs); 0 when the targets are not classes."""
+    if num_classes == 0 or out.dim() - y.dim() not in (1, 2):  # (N, C) lone, (K, N, C) stacked
+        return 0
+    return (out.argmax(-1) == y).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,23 +352,24 @@ def summed_over_val(model: nn.Module, data: Dataset, inputs: InputPipeline, batc
         with autocast:
             out = full_precision(model(x))
         loss = loss + loss_fn(out, y)
-        correct = correct + (out.argmax(-1) == y).sum(-1)
+        correct = correct + count_correct(out, y, data.num_classes)
     return loss, correct
 
 
 def evaluate(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
-             autocast: AbstractContextManager | None = None) -> tuple[float, float]:
-    """Validation loss and accuracy, in large batches, with one host sync at the end."""
-    loss, correct = summed_over_val(model, data, inputs, batch_size, autocast or nullcontext(),
-                                    lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+             autocast: AbstractContextManager | None = None, loss: Loss | None = None) -> tuple[float, float]:
+    """Validation loss and accuracy (NaN when the targets are not classes), in large batches, with one host
+    sync at the end."""
+    loss = loss or Loss(None, fused=False)
+    total, correct = summed_over_val(model, data, inputs, batch_size, autocast or nullcontext(), loss.summed)
     n = data.val_x.shape[0]
-    return float(loss) / n, float(correct) / n
+    return float(total) / n, float(correct) / n if data.num_classes else math.nan
 
 
 def _epoch_stats(run: _Run, epoch: int, train_loss: float, correct: torch.Tensor, seen: int,
                  seconds: float) -> EpochStats:
     """The epoch's numbers: validation, the weights' distance from their start, the gradient statistics."""
-    val_loss, val_acc = evaluate(run.model, run.data, run.inputs, run.cfg.eval_batch_size, run.autocast)
+    val_loss, val_acc = evaluate(run.model, run.data, run.inputs, run.cfg.eval_batch_size, run.autocast, run.loss)
     with torch.no_grad():
         moved = run.layers.norms(torch._foreach_sub(run.params, run.initial)).tolist()
     layer = dict(zip(run.layers.names, moved, strict=True))
@@ -353,7 +377,8 @@ def _epoch_stats(run: _Run, epoch: int, train_loss: float, correct: torch.Tensor
     if grads.histogram is not None:
         grads.histogram.update(epoch=epoch, batch_size=run.cfg.batch_size)
     return EpochStats(
-        epoch=epoch, train_loss=train_loss, train_accuracy=float(correct) / max(seen, 1),
+        epoch=epoch, train_loss=train_loss,
+        train_accuracy=float(correct) / max(seen, 1) if run.data.num_classes else math.nan,
         val_loss=val_loss, val_accuracy=val_acc, examples_seen=run.examples, optimizer_steps=run.step,
         train_seconds=run.train_seconds, examples_per_second=seen / seconds if seconds > 0 else 0.0,
         weight_distance=math.sqrt(sum(v * v for v in layer.values())), grad_noise_scale=run.noise.value(),
@@ -379,13 +404,23 @@ def train(
         return _train(cfg, data, device, on_epoch)
 
 
+SMALL_MODEL = 200_000  # parameters: a user's model this small runs on one CPU thread, as the dense built-ins
+
+
+def small_on_cpu(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
+    """One CPU thread for a user's small model (its ops too small to split; device_guard restores the count)."""
+    if device.type == "cpu" and not registry.is_builtin_model(cfg.model) \
+            and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        torch.set_num_threads(1)
+
+
 @contextmanager
 def device_guard(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     """Around a run: one thread for a small dense model on the CPU, denormal floats flushed to zero on the CPU,
     and the device's out-of-memory errors raised as OutOfMemory."""
     threads = torch.get_num_threads()
     cpu = device.type == "cpu"
-    if cpu and cfg.model in ("linear", "mlp"):
+    if cpu and registry.is_builtin_model(cfg.model) and registry.MODELS[cfg.model].dense:
         # A small dense model's ops are too small to split: extra threads only spin, and on a busy machine
         # (parallel workers, a test suite) they made epochs 30x slower than one thread.
         torch.set_num_threads(1)
@@ -412,12 +447,12 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accumulation_steps "
                          f"{cfg.accumulation_steps}")
     run = _start(cfg, data, device)
-    blowup = 10.0 * math.log(data.num_classes) + 10.0  # a loss this far above chance level has diverged
-    histogram_epochs = {run.epochs if e == "last" else int(e) for e in cfg.grad_histogram_epochs}
+    blowup = blowup_threshold(data, cfg)
+    histograms = histogram_epochs(cfg, run.epochs)
     history: list[EpochStats] = []
     for epoch in range(1, run.epochs + 1):
         t0 = time.perf_counter()
-        histogram = cfg.diagnostics_every > 0 and epoch in histogram_epochs
+        histogram = cfg.diagnostics_every > 0 and epoch in histograms
         loss_sum, correct, seen = _train_epoch(run, epoch, histogram)
         epoch_loss = float(loss_sum) / max(seen, 1)  # the epoch's one host sync outside the divergence checks
         if device.type == "cuda":

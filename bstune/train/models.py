@@ -3,30 +3,53 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from bstune import entry, registry
+from bstune.errors import BstuneError
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, width: int = 128) -> nn.Module:
-    """Build a model by name. `width` is the hidden size (mlp) or the base channel count (cnn, resnet)."""
-    n_in = math.prod(input_shape)
-    if name == "linear":
-        return nn.Sequential(nn.Flatten(), nn.Linear(n_in, num_classes))
-    if name == "mlp":
-        return nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(n_in, width), nn.ReLU(),
-            nn.Linear(width, width), nn.ReLU(),
-            nn.Linear(width, num_classes),
-        )
-    if len(input_shape) != 3:
-        raise ValueError(f"model {name!r} needs image input (C, H, W), got shape {input_shape}")
-    if name == "cnn":
-        return SmallCNN(input_shape[0], num_classes, width)
-    if name == "resnet":
-        return FastResNet(input_shape[0], num_classes, width)
-    raise ValueError(f"unknown model {name!r}")
+
+def build_model(name: Any, input_shape: tuple[int, ...], num_classes: int, width: int = 128) -> nn.Module:
+    """Build a model: a built-in by name (`registry.MODELS`; `width` is the hidden size of mlp, the base channel
+    count of cnn and resnet) or a user's entry point / callable, called with the keywords it names of
+    (input_shape, num_classes, width). The caller seeds torch first."""
+    if isinstance(name, str) and name in registry.MODELS:
+        known = registry.MODELS[name]
+        if known.images and len(input_shape) != 3:
+            raise ValueError(f"model {name!r} needs image input (C, H, W), got shape {input_shape}")
+        target: Any = known.target
+    else:
+        target = name
+    fn = entry.load(target, "workload.model")
+    model = entry.call(fn, {"input_shape": input_shape, "num_classes": num_classes, "width": width})
+    if not isinstance(model, nn.Module):
+        raise BstuneError(f"workload.model: {entry.name_of(name)} returned {type(model).__name__}, not a "
+                          f"torch.nn.Module; return the freshly built model")
+    return model
+
+
+def linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), width), nn.ReLU(),
+        nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
+    return SmallCNN(input_shape[0], num_classes, width)
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
+    return FastResNet(input_shape[0], num_classes, width)
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:

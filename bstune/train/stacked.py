@@ -10,7 +10,7 @@ flattening modules already handle:
 - features: (K, N, F). A linear layer is a batched matmul with weight (K, F, O) (transposed); given a 2-D input it takes
   (N, F) as the shared input and (N, K*F) (flattened images) as the members' own.
 
-Logits come out as (K, N, classes); `member_losses` gives each member's own cross-entropy. Every parameter
+Logits come out as (K, N, classes); `user.member_cross_entropy` gives each member's own cross-entropy. Every parameter
 and buffer of a stacked module has the member axis first (`p.view(K, -1)` is member k's row), so
 `keep_members` can re-slice the model to the members that are left.
 """
@@ -22,6 +22,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bstune.train.func_stacked import FuncStacked
 
 # Modules without parameters that act per channel or per feature, so they work on the stacked layouts as is.
 _AS_IS = (nn.Flatten, nn.ReLU, nn.GELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -124,6 +126,8 @@ def _replace(module: nn.Module, k: int) -> None:
 
 def member_count(model: nn.Module) -> int:
     """K, the members a stacked model holds."""
+    if isinstance(model, FuncStacked):
+        return model.members
     return next(m.weight.shape[0] for m in model.modules() if isinstance(m, STACKED_MODULES))
 
 
@@ -131,6 +135,9 @@ def member_count(model: nn.Module) -> int:
 def keep_members(model: nn.Module, keep: torch.Tensor) -> None:
     """Re-slice every stacked parameter and buffer to the members at indices `keep` (in that order). The
     parameters are new objects (lists of the old ones must be rebuilt), without gradients."""
+    if isinstance(model, FuncStacked):
+        model.keep(keep)
+        return
     for m in model.modules():
         if isinstance(m, STACKED_MODULES):
             for name, p in m._parameters.items():
@@ -141,7 +148,3 @@ def keep_members(model: nn.Module, keep: torch.Tensor) -> None:
                     m._buffers[name] = m._buffers[name].index_select(0, keep)
 
 
-def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-member, per-example cross-entropy (K, N) of stacked logits (K, N, classes) against shared labels y."""
-    k, n, c = logits.shape
-    return F.cross_entropy(logits.reshape(k * n, c), y.expand(k, n).reshape(-1), reduction="none").view(k, n)

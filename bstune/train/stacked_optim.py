@@ -5,7 +5,7 @@ and weight decay, following torch.optim's single-tensor formulas:
 - Adam: d = g + wd p; m1 = lerp(m1, d, 1 - beta1); m2 = beta2 m2 + (1 - beta2) d^2;
   p -= lr / (1 - beta1^t) * m1 / (sqrt(m2) / sqrt(1 - beta2^t) + eps). AdamW decays p *= 1 - lr wd instead.
 
-Momentum is beta1 for the Adam family (beta2 = 0.999, eps = 1e-8), as `loop.make_optimizer`. Every tensor is
+Momentum is beta1 for the Adam family (beta2 = 0.999, eps = 1e-8), as `optimizers.make_optimizer`. Every tensor is
 handled through its member view (K, n), so the per-member hyperparameters are (K, 1) columns.
 """
 
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+from bstune.registry import OPTIMIZERS
+
 BETA2 = 0.999
 EPS = 1e-8
 
