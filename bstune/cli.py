@@ -424,7 +424,7 @@ def recommend(batch_size: int | None, spec_file: str | None, storage: str | None
     Without -b: the batch size with the best objective at the study's budget, the one
     that reaches the steps-to-target goal soonest in wall time on the trials'
     hardware, and the critical batch size with the regime of each measured batch
-    size; each with lr, momentum and the plateau of lrs within 1% of the best.
+    size; each with lr, momentum and the plateau of lrs within one run's seed noise of the best.
     With -b B: B's own fitted optimum where B was measured, else the preferred fit
     of lr*(B); says when B lies outside the measured range (extrapolation), above
     the critical batch size, above the training set or the largest stable lr.

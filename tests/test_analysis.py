@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bstune.analysis import FORMS, Analysis, analyze
+from bstune.analysis.answer import SEPARATES
 from bstune.errors import BstuneError
 from bstune.report import format_analysis, format_recommendation
 from bstune.trials import State, TrialRecord, TrialTable
@@ -61,9 +62,11 @@ def test_power_law_alpha_is_recovered_and_its_interval_covers_it(alpha, seeds, a
 def test_plain_lr_fit_with_fixed_momentum_recovers_alpha():
     for seed in range(4):
         a = _analysis("power", seed, alpha=1.0, momentum=0.9)
-        assert abs(a.fits["power"].alpha - 1.0) <= 0.05
+        # each batch size's valley is smoothed on its own (no shape borrowed from the others): per batch size
+        # lr* scatters by up to 0.3 octave here, so alpha over 8 octaves of B by up to ~0.06
+        assert abs(a.fits["power"].alpha - 1.0) <= 0.08
         for o in a.per_batch:
-            assert o.fit == "pooled-lr"  # momentum fixed: nothing to fit but lr
+            assert o.fit in ("smooth", "pooled-lr")  # momentum fixed: nothing to fit but lr
             assert o.momentum == pytest.approx(0.9)
             assert o.effective_lr == pytest.approx(o.lr / 0.1)
         # with a fixed momentum the effective fits are the plain ones shifted by log2(1/0.1)
@@ -168,7 +171,9 @@ def test_pruned_values_are_not_fitted_and_nan_values_count_as_diverged():
                             state="COMPLETE"))
     a = analyze(dataclasses.replace(table, records=table.records + fake))
     after = a.optimum(256)
-    assert after.lr == pytest.approx(before.lr)  # their values come from earlier epochs: not comparable
+    # their values (0.0) come from earlier epochs: were they fitted, lr* would jump to them, 3 octaves up; the
+    # NaN trial is a wall 2 octaves up, which moves the smoothed bottom by a hair at most
+    assert after.lr == pytest.approx(before.lr, rel=0.02)
     assert after.n_pruned == before.n_pruned + 10 and after.n_diverged == before.n_diverged + 1
     assert any("no finite value" in w for w in a.warnings)
 
@@ -388,7 +393,7 @@ def test_point_estimates_lie_inside_their_intervals(seed):
     for o in a.per_batch:
         lo, hi = o.lr_interval
         assert lo <= o.lr <= hi, o
-        assert o.plateau[0] < o.lr < o.plateau[1]
+        assert o.plateau[0] <= o.lr <= o.plateau[1]  # equal at the sampled range's edge
         assert o.plateau_low_interval[0] <= o.plateau[0] <= o.plateau_low_interval[1]
         assert o.plateau_high_interval[0] <= o.plateau[1] <= o.plateau_high_interval[1]
     for f in a.fits_for()[0].values():
@@ -420,7 +425,11 @@ def test_the_answer_names_the_best_the_fastest_and_the_critical_batch_size():
     assert ans.regimes[16] == "perfect scaling" and ans.regimes[4096] == "maximal data parallelism"
     rate = {o.batch_size: 100.0 * o.batch_size ** 0.5 for o in a.per_batch}
     times = {b: a.steps.predict(b) * b / rate[b] for b in rate if a.optimum(b).fitted}
-    assert ans.fastest.batch_size == min(times, key=times.__getitem__)
+    order = sorted(times, key=times.__getitem__)
+    if times[order[1]] >= SEPARATES * times[order[0]]:
+        assert ans.fastest.batch_size == order[0]
+    else:  # the target does not separate the batch sizes: no "fastest" is named
+        assert ans.fastest is None and "does not separate" in ans.why_not["fastest"]
     lines = format_analysis(a).splitlines()
     assert lines[0] == "Which batch size to use:" and f"B={ans.best.batch_size}" in lines[1]
     assert json.loads(json.dumps(a.to_dict()))["answer"]["best"]["batch_size"] == ans.best.batch_size
@@ -441,7 +450,9 @@ def test_to_dict_is_json_and_format_table_reads_well():
             assert f"\n{b:>6} " in text
         assert "<- preferred" in text and "alpha=" in text and "B_noise" in text
     assert d["steps"]["b_crit"] == pytest.approx(a.steps.b_crit) and "Steps to target" in text
-    assert d["b_noise"] == pytest.approx(a.b_noise) and "Critical batch size B_noise ~" in text
+    assert d["b_noise"] == pytest.approx(a.b_noise) and "B_noise of the saturating fit" in text
+    # one critical batch size, the answer's, wherever it is printed
+    assert f"Critical batch size ~ {a.answer.critical:.0f}" in text
 
 
 # ----------------------------------------------------------------------------------------- bad input

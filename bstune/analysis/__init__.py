@@ -12,11 +12,12 @@
    the others' only where it has fewer than 4 distinct trials in its valley: a batch size with 2-3 completed
    trials is placed by the others' shape, one with more by its own trials. m* is the valley's weighted median
    momentum, lr* the floor there, clipped to the valley's sampled range; the plateau the lrs (at m*) whose
-   expected objective is within 1% of the optimum's. Where no joint fit is possible, each batch size with
-   ``min_trials`` completed trials is fitted alone (``valley``), by a 2-D quadratic in (log2 lr,
-   log2(1 - m)) or a 1-D one. 95% intervals come from a
-   bootstrap over the trials (within each batch size), vectorised over resamples; every resample is fitted
-   by the estimator that fits the data (its window, priors and pooling from its own draws), and
+   expected objective is within one run's noise of the optimum's. A batch size with a fixed momentum and a
+   well-sampled valley is then fitted on its own, without the pooled shape (``smooth``: a real valley
+   changes shape with B). Where no joint fit is possible, each batch size with ``min_trials`` completed
+   trials is fitted alone (``valley``), by a 2-D quadratic in (log2 lr, log2(1 - m)) or a 1-D one. 95%
+   intervals come from a bootstrap over the trials (within each batch size), vectorised over resamples;
+   every resample is fitted by the estimator that fits the data (its window, priors and pooling from its own draws), and
    benchmarks/COVERAGE.md measures how often the intervals hold a known truth. Pruned trials'
    values come from earlier epochs and are not fitted; pruned and diverged trials count as the valley's walls
    when checking that the optimum is bracketed (an unbracketed one is only a bound and is left out of step 2).

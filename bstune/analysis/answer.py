@@ -17,6 +17,7 @@ from bstune.analysis.results import BatchOptimum, Interval, StepsFit, jsonable
 from bstune.trials import TrialTable
 
 _REGIME_SPAN = 4.0
+SEPARATES = 1.5  # "fastest" is named only where the next batch size needs this factor more wall time
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Choice:
     batch_size: int
     lr: float
     momentum: float
-    plateau: Interval | None  # any lr in it (at this momentum) is within 1% of the optimum's objective
+    plateau: Interval | None  # any lr in it (at this momentum) is within one run's noise of the optimum's
     value: float | None  # the objective expected at the study's budget
     seconds: float | None = None  # wall time to the steps-to-target goal on the trials' hardware
     examples_per_second: float | None = None
@@ -119,6 +120,10 @@ def _fastest(fitted: list[BatchOptimum], steps: StepsFit | None, rates: dict[int
         why["fastest"] = "no batch size has both reached the target and a measured training speed"
         return None
     b = min(times, key=times.__getitem__)
+    if len(times) > 1 and sorted(times.values())[1] < SEPARATES * times[b]:
+        why["fastest"] = (f"the steps target ({steps.target:.4g}, {steps.target_rule}) does not separate the batch "
+                          f"sizes: the next fastest reaches it within {SEPARATES:g}x of B={b}'s time")
+        return None
     out = _choice(next(o for o in fitted if o.batch_size == b))
     out.seconds, out.examples_per_second = times[b], rates[b]
     return out

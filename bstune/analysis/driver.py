@@ -26,6 +26,7 @@ from bstune.analysis.results import (
     is_int,
     quantile_interval,
 )
+from bstune.analysis.smooth import smooth_optimum
 from bstune.analysis.steps import steps_fit
 from bstune.analysis.valley import Valley, fit_valley, valley_points
 from bstune.errors import BstuneError
@@ -59,6 +60,7 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, notes_by_batch[b])
                  for b, rs in groups.items()]
     _prefer_pooled(per_batch, groups, done, notes_by_batch, sign, n_boot, rng, min_trials)
+    _prefer_smooth(per_batch, groups, done, notes_by_batch, sign, n_boot, rng, min_trials)
     warnings += [w for b in groups for w in notes_by_batch[b]]
     if len(groups) == 1 and not per_batch[0].fitted:
         raise BstuneError(f"the trials cover one batch size (B={per_batch[0].batch_size}) with "
@@ -136,6 +138,27 @@ def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
             joint.status = joint.status.replace("fitted", f"fitted from {o.n_complete} completed trials and the "
                                                 "valley shape of the other batch sizes", 1)
         per_batch[i], notes_by_batch[o.batch_size] = joint, notes
+
+
+def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+                   done: dict[int, list[TrialRecord]], notes_by_batch: dict[int, list[str]], sign: float, n_boot: int,
+                   rng: np.random.Generator, min_trials: int) -> None:
+    """Replace each batch size's optimum (in place) by its own smoothed valley (``smooth``) where its completed
+    trials share one momentum and number at least ``min_trials``: a real valley changes shape with B, and a
+    shape pooled over the batch sizes places lr* off where it does."""
+    for i, o in enumerate(per_batch):
+        rs = done[o.batch_size]
+        if len(rs) < min_trials or len({r.momentum for r in rs}) != 1:
+            continue
+        diverged = [r for r in groups[o.batch_size] if r.state == State.DIVERGED
+                    or (r.state == State.COMPLETE and not _is_complete(r))]
+        v = smooth_optimum(rs, diverged, sign, n_boot, rng)
+        if v is None:  # too few trials in its valley to say how flat it is: no plateau is claimed
+            o.plateau = o.plateau_low_interval = o.plateau_high_interval = None
+            continue
+        out, notes = dataclasses.replace(o), []
+        fill_optimum(out, v, groups[o.batch_size], sign, notes)
+        per_batch[i], notes_by_batch[o.batch_size] = out, notes
 
 
 @dataclasses.dataclass
@@ -222,17 +245,28 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
     b = out.batch_size
     lx, lu = v.log2_lr, v.log2_one_minus_m
     leff = lx - lu
-    out.lr, out.lr_interval = float(2.0 ** lx[0]), quantile_interval(2.0 ** lx[1:])
+    out.lr, out.lr_interval = float(2.0 ** lx[0]), _holding(2.0 ** lx[0], quantile_interval(2.0 ** lx[1:]))
     out.momentum, out.momentum_interval = float(1.0 - 2.0 ** lu[0]), quantile_interval(1.0 - 2.0 ** lu[1:])
-    out.effective_lr, out.effective_lr_interval = float(2.0 ** leff[0]), quantile_interval(2.0 ** leff[1:])
+    out.effective_lr = float(2.0 ** leff[0])
+    out.effective_lr_interval = _holding(out.effective_lr, quantile_interval(2.0 ** leff[1:]))
     # a sparsely sampled valley's fitted bottom can overshoot what any trial reached (even to a negative
     # loss): the value reported is never better than the best trial's (the steps target keeps the fit's)
     out._fit_value = sign * v.value
-    out.value = sign * max(v.value, sign * float(out.best_value)) if out.best_value is not None else out._fit_value
+    out.value = out._fit_value
+    if v.kind != "smooth" and out.best_value is not None:  # a quadratic's bottom can overshoot (even below 0)
+        out.value = sign * max(v.value, sign * float(out.best_value))
     out.fit, out.n_window = v.kind, v.n_window
     if v.plateau is not None:
         ends = 2.0 ** v.plateau
         out.plateau = (float(ends[0, 0]), float(ends[0, 1]))
+        # one training seed's valley differs from another's by noise that neighbouring lrs share, which a
+        # bootstrap of the trials does not see: lr* may lie anywhere within one run's noise of the bottom
+        if math.isfinite(v.plateau[0, 0]) and math.isfinite(v.plateau[0, 1]):
+            lo, hi = out.lr_interval
+            out.lr_interval = (min(lo, out.plateau[0]), max(hi, out.plateau[1]))
+            scale = 2.0 ** -float(lu[0])  # the same stretch in the effective lr, at m*
+            lo, hi = out.effective_lr_interval
+            out.effective_lr_interval = (min(lo, out.plateau[0] * scale), max(hi, out.plateau[1] * scale))
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
@@ -268,11 +302,16 @@ def _bracket(records: list[TrialRecord], sign: float, v: Valley, log2_lr: float,
     if v.tilt is not None:  # distance from the floor at the trial's own momentum
         offsets.append(np.log2([r.lr for r in worse]) - log2_lr
                        - v.tilt * (np.log2([1.0 - r.momentum for r in worse]) - float(v.log2_one_minus_m[0])))
-    elif v.kind in ("1d-lr", "2d"):
+    elif v.kind in ("1d-lr", "2d", "smooth"):
         offsets.append(np.log2([r.lr for r in worse]) - log2_lr)
     if v.tilt is None and v.kind in ("1d-effective", "2d"):
         offsets.append(np.log2([r.effective_lr for r in worse]) - log2_eff)
     return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
+
+
+def _holding(point: float, interval: Interval) -> Interval:
+    """The interval widened, where needed, to hold its own point estimate."""
+    return (min(interval[0], point), max(interval[1], point))
 
 
 def _max_stable(stable: list[float], diverged: list[float]) -> float | None:

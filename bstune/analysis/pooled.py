@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from bstune.analysis.results import PLATEAU
+from bstune.analysis.results import PLATEAU_NOISE
 from bstune.analysis.valley import (
     MIN_POINTS_2D,
     WINDOW_QUANTILE,
@@ -120,8 +120,9 @@ def _place_on_floor(block: _Block, j: int, theta: np.ndarray, lb_j: float, nb: i
     inside = wb[0] > 0
     # each row's own sampled range: the data's for the data, the resample's draws for a resample
     lx = np.clip(lx, np.where(wb > 0, xb, np.inf).min(axis=1), np.where(wb > 0, xb, -np.inf).max(axis=1))
-    # the plateau: where the valley lies within PLATEAU of the optimum's value, across the floor
-    level = PLATEAU * np.abs(c[:, j] + y0) / np.exp(kappa + theta[:, _FLOOR_SHARED + nb + j])
+    # the plateau: where the valley lies within one run's noise (PLATEAU_NOISE x the residual scatter) of the
+    # optimum's value, across the floor
+    level = PLATEAU_NOISE * noise / np.exp(kappa + theta[:, _FLOOR_SHARED + nb + j])
     low, high = wall_within(level)
     plateau = np.stack([lx + low, lx + high], axis=1)
     lost = (wb > 0).sum(axis=1) < 2

@@ -19,7 +19,10 @@ from bstune.errors import BstuneError
 LEVEL = 0.95  # of every interval
 FORMS = ("power", "linear", "sqrt", "saturating", "saturating-sqrt", "surge")
 NOISE_FORMS = ("saturating", "saturating-sqrt", "surge")  # the forms with a B_noise
-PLATEAU = 0.01  # the plateau: lrs whose expected objective is within this fraction of the optimum's
+# the plateau: lrs whose expected objective is within one run's noise of the optimum's, one run's noise taken as
+# this many times the trials' scatter about the fit (the scatter misses the part of a training seed's noise that
+# neighbouring lrs share: measured on real grids, benchmarks/REAL.md)
+PLATEAU_NOISE = 1.5
 SIGMA_FLOOR = 0.05  # octaves: no optimum is located better than this, whatever the bootstrap says
 
 Interval = tuple[float, float]
@@ -47,7 +50,7 @@ class BatchOptimum:
     value: float | None = None  # the fit's expected objective at the optimum, never better than best_value
     max_stable_lr: float | None = None
     max_stable_effective_lr: float | None = None
-    plateau: Interval | None = None  # lrs (at momentum) within PLATEAU of the optimum's value; 0 / inf: open
+    plateau: Interval | None = None  # lrs (at momentum) within one run's noise of the optimum's value (PLATEAU_NOISE)
     plateau_low_interval: Interval | None = None  # the bootstrap intervals of its two ends
     plateau_high_interval: Interval | None = None
     fit: str = ""  # "pooled" ("pooled-lr": one momentum; with the other batch sizes), "2d", "1d-lr", "1d-effective"
@@ -170,7 +173,7 @@ class Recommendation:
     extrapolated: bool
     above_critical: bool
     notes: list[str]
-    plateau: Interval | None = None  # measured batch sizes: lrs within 1% of the optimum's objective
+    plateau: Interval | None = None  # measured batch sizes: lrs within one run's noise of the optimum's
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(self)
@@ -298,8 +301,8 @@ class Analysis:
         if not o.bracketed:
             notes.append(f"Its optimum is not bracketed ({o.status}): lr* is only a bound.")
         if o.plateau is not None:
-            notes.append(f"Any {plateau_words(o.plateau)} (at this momentum) is expected within "
-                         f"{PLATEAU:.0%} of the optimum's {self.metric}.")
+            notes.append(f"Any {plateau_words(o.plateau)} (at this momentum) is expected within one run's seed "
+                         f"noise of the optimum's {self.metric}.")
         critical, name = self._critical()
         return Recommendation(batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,
                               effective_lr=o.lr / (1.0 - o.momentum), lr_interval=o.lr_interval, form="measured",

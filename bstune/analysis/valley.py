@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
-from bstune.analysis.results import PLATEAU
+from bstune.analysis.results import PLATEAU_NOISE
 from bstune.trials import TrialRecord
 
 # The valley: completed trials whose value lies within this fraction of the way from the best values (the
@@ -41,7 +41,7 @@ class Valley:
     n_window: int
     noise: float  # residual RMS of the fit over the valley
     tilt: float | None = None  # the pooled fit's floor: d log2 lr / d log2(1 - m) along it
-    plateau: np.ndarray | None = None  # (1 + n_boot, 2): log2 lr at the ends of the plateau (see PLATEAU)
+    plateau: np.ndarray | None = None  # (1 + n_boot, 2): log2 lr at the ends of the plateau (see PLATEAU_NOISE)
 
 
 def valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int, rng: np.random.Generator,
@@ -92,7 +92,7 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
         lu_c.append(lu_1d)
         val_c.append(coef[:, 0] + coef[:, 1] * bz + coef[:, 2] * bz**2)
         sse_c.append(sse)
-        half_c.append(_half_width(coef[:, 2], val_c[-1] + y0) * sz.scale)
+        half_c.append(_half_width(coef[:, 2], np.sqrt(sse)) * sz.scale)
     pick = np.argmin(np.stack(sse_c, axis=1), axis=1)
     if not momentum_fixed and n_window >= MIN_POINTS_2D and np.ptp(u[in0]) >= _MIN_MOMENTUM_SPAN:
         two_d = _fit_2d(x, u, y, weights, in0, y0)
@@ -113,10 +113,11 @@ def fit_valley(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray)
     return Valley(lx, lu, value, kinds[pick[0]], n_window, noise, plateau=np.stack([lx - half, lx + half], axis=1))
 
 
-def _half_width(curvature: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Half the width (in the fit's scaled units) of the plateau of a parabola with this curvature about an
-    optimum of this (sign-adjusted) value; infinite where the parabola does not curve up."""
-    level = PLATEAU * np.abs(value)
+def _half_width(curvature: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Half the width (in the fit's scaled units) of the plateau of a parabola with this curvature: where it
+    lies within one run's noise (PLATEAU_NOISE x the residual scatter ``noise``) of its bottom; infinite
+    where the parabola does not curve up."""
+    level = PLATEAU_NOISE * noise
     return np.where(curvature > 0, np.sqrt(level / np.where(curvature > 0, curvature, 1.0)), np.inf)
 
 
@@ -144,7 +145,7 @@ def _fit_2d(x: np.ndarray, u: np.ndarray, y: np.ndarray, weights: np.ndarray, in
     use_2d = ((inside.sum(axis=1) >= MIN_POINTS_2D) & (u_span >= _MIN_MOMENTUM_SPAN)
               & (low_eig > 0) & (high_eig <= _MAX_CONDITION * low_eig))
     value = _quad2(coef, bx, bu)
-    return use_2d, sx.undo(bx), su.undo(bu), value, sse, _half_width(coef[:, 3], value + y0) * sx.scale
+    return use_2d, sx.undo(bx), su.undo(bu), value, sse, _half_width(coef[:, 3], np.sqrt(sse)) * sx.scale
 
 
 def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:

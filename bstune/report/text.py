@@ -70,7 +70,9 @@ def answer_lines(a: Analysis, trend: bool = True) -> list[str]:
 
 
 def _use(c: Any) -> str:
-    plateau = f"; any {plateau_words(c.plateau)} is within 1%" if c.plateau is not None else ""
+    if c.plateau is None:
+        return f"lr={format_number(c.lr)}, momentum={c.momentum:.3g}"
+    plateau = f"; any {plateau_words(c.plateau)} is within one run's seed noise of the best"
     return f"lr={format_number(c.lr)}, momentum={c.momentum:.3g}{plateau}"
 
 
@@ -116,12 +118,13 @@ def format_analysis(a: Analysis) -> str:
         lines.append("")
         lines += _fit_lines(a, title, fits, preferred)
     lines.append("")
+    lines.append(_critical_line(a))
     if a.b_noise is not None:
         what = "effective lr" if a.basis == "effective" else "lr"
-        lines.append(f"Critical batch size B_noise ~ {a.b_noise:.0f} "
-                     f"{bracketed_interval(a.b_noise_interval, '.0f')} (saturating fit of the {what})")
+        lines.append(f"B_noise of the saturating fit of the {what}* (where it stops growing with B) ~ "
+                     f"{a.b_noise:.0f} {bracketed_interval(a.b_noise_interval, '.0f')}")
     else:
-        lines.append("Critical batch size B_noise: not supported by the data (see the warnings)")
+        lines.append("B_noise of the lr*(B) fit: not identified by the data (see the warnings)")
     lines += _steps_lines(a)
     if a.warnings:
         lines.append("")
@@ -207,13 +210,22 @@ def open_interval(iv: Sequence[float], fmt: str = ".3g") -> str:
     return ""
 
 
+def _bound(f: LawFit) -> str:
+    """A B_noise (or peak) fitted at the end of its search range, in words: a bound, not a value."""
+    lo, hi = f.intervals["b_noise"]
+    if "top" in f.note or "above" in f.note or "rises" in f.note:
+        return f"above {lo:.0f}" if math.isfinite(lo) and lo > 0 else "not identified"
+    return f"below {hi:.0f}" if math.isfinite(hi) else "not identified"
+
+
 def _law_params(f: LawFit) -> str:
     p, iv = f.params, f.intervals
     if f.form in NOISE_FORMS:
         name = "peak B" if f.form == "surge" else "B_noise"
-        text = (f"lr_max={format_number(p['lr_max'])} {bracketed_interval(iv['lr_max'])}  "
+        if f.note:  # at the search's bound: not a value
+            return f"lr_max={format_number(p['lr_max'])} {bracketed_interval(iv['lr_max'])}  {name} {_bound(f)}"
+        return (f"lr_max={format_number(p['lr_max'])} {bracketed_interval(iv['lr_max'])}  "
                 f"{name}={p['b_noise']:.0f} {bracketed_interval(iv['b_noise'], '.0f')}")
-        return text + ("  (edge)" if f.note else "")
     text = f"a={format_number(p['a'])} {bracketed_interval(iv['a'])}"
     if f.form == "power":
         yes = {True: "yes", False: "no"}
@@ -269,6 +281,8 @@ def _law_params_cell(f: LawFit) -> str:
     p, iv = f.params, f.intervals
     if f.form in NOISE_FORMS:
         name = "peak at B" if f.form == "surge" else "B_noise"
+        if f.note:
+            return f"lr_max = {cell(p['lr_max'])} ({interval_words(iv['lr_max'])}), {name} {_bound(f)}"
         return (f"lr_max = {cell(p['lr_max'])} ({interval_words(iv['lr_max'])}), "
                 f"{name} = {p['b_noise']:.0f} ({interval_words(iv['b_noise'], '.0f')})")
     text = f"a = {cell(p['a'])} ({interval_words(iv['a'])})"
@@ -296,11 +310,28 @@ def law_sections(a: Analysis, law: dict[str, Any]) -> list[Section]:
     return out
 
 
+def _critical_line(a: Analysis) -> str:
+    """The one critical batch size (``Answer.critical``): the same number in every output."""
+    ans = a.answer
+    if ans is None or ans.critical is None:
+        why = ans.why_not.get("critical", "") if ans is not None else ""
+        return f"Critical batch size: not located ({why})" if why else "Critical batch size: not located"
+    return (f"Critical batch size ~ {ans.critical:.0f} {bracketed_interval(ans.critical_interval, '.0f')} "
+            f"(from the {ans.critical_source}: {CRITICAL_DEFINITION[ans.critical_source]})")
+
+
+CRITICAL_DEFINITION = {
+    "steps to target": "B_crit = E_min / S_min of S(B) = S_min (1 + B_crit / B), the batch size where "
+                       "doubling B stops halving the steps",
+    "B_noise of the lr*(B) fit": "where lr* stops growing with B, lr* = lr_max / (1 + B_noise / B)",
+}
+
+
 def critical_section(a: Analysis) -> list[Section]:
-    if a.b_noise is None:
+    if a.answer is None or a.answer.critical is None:
         return []
-    return [("Critical batch size", f"B_noise ~ {a.b_noise:.0f} ({interval_words(a.b_noise_interval, '.0f')}), "
-             "from the saturating fit; above it, larger batches buy few fewer steps.", None)]
+    return [("Critical batch size", _critical_line(a).removeprefix("Critical batch size ") + "; above it, larger "
+             "batches buy few fewer steps.", None)]
 
 
 def optimum_section(a: Analysis) -> Section:
@@ -309,7 +340,7 @@ def optimum_section(a: Analysis) -> Section:
             "-" if o.plateau is None else plateau_words(o.plateau), cell(o.max_stable_lr), o.status]
            for o in a.per_batch]
     return ("Optimum per batch size", "The fitted optimum of each batch size's valley (not the best trial); "
-            f"the plateau: the lrs (at m*) whose expected {a.metric} is within 1% of the optimum's.",
+            f"the plateau: the lrs (at m*) whose expected {a.metric} is within one run's seed noise of the optimum's.",
             (["B", "completed", "pruned", "diverged", "lr*", "lr* interval", "m*", "effective lr*",
               f"fitted {a.metric} at optimum", "plateau", "max stable lr", "status"], opt))
 

@@ -1,0 +1,275 @@
+"""How bstune's answer holds on real trials: studies drawn from the dense grids of real_grids.py, each read by
+the analysis ``bstune analyze --csv`` runs, scored against the grid's multi-seed reference.
+
+    python benchmarks/real_coverage.py [--grids digits-sgd] [--seeds 4-7] [--replicates 100]
+                                       [--trials 8,16,24,27] [--cells all,16-256] [--out FILE]
+
+A study: one training seed s; at each of its batch sizes, n lrs drawn at random from the grid's 27 lrs
+without replacement (27: the seed's whole grid; one seed cannot give more distinct trials, and a repeat at
+one seed is the same run again); its completed and diverged runs form the trial table. The reference for
+that study comes from the grid's other seeds (never s): per batch size the seed-mean val_loss over the lr
+grid (a diverged run counts as missing where at least half the seeds completed that lr, else the lr is a
+wall at the worst completed val_loss of its batch size), its minimum refined by the parabola through the
+best grid point and its two neighbours (in log2 lr); the reference's own 95% interval from a bootstrap over
+those seeds. alpha's reference: the least-squares line of the reference log2 lr* on log2 B over the study's
+batch sizes. An interval "holds" the reference when the reference point lies inside it; "meets" counts one
+that overlaps the reference's own interval (the reference's uncertainty counted). Seeds 0-3 develop, 4-7
+report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.real_grids import GRIDS, load  # noqa: E402
+from bstune.analysis import analyze  # noqa: E402
+from bstune.errors import BstuneError  # noqa: E402
+from bstune.trials import State, TrialRecord, TrialTable  # noqa: E402
+
+CELLS = {"all": None, "16-256": (16, 32, 64, 128, 256)}  # batch sizes kept (None: the grid's all)
+REF_BOOT = 200
+
+
+@dataclass
+class Reference:
+    """The multi-seed reference of one grid, leaving one seed out."""
+
+    log2_lrs: np.ndarray
+    curve: dict[int, np.ndarray]  # per B: seed-mean val_loss over log2_lrs
+    lr: dict[int, float]  # log2 lr* per B
+    lr_interval: dict[int, tuple[float, float]]
+    boot: dict[int, np.ndarray]  # per B: log2 lr* of each seed-bootstrap replicate
+
+
+def _vertex(x: np.ndarray, y: np.ndarray) -> float:
+    """log2 lr of the minimum of y, refined by the parabola through it and its neighbours."""
+    i = int(np.argmin(y))
+    if 0 < i < len(y) - 1:
+        y0, y1, y2 = y[i - 1], y[i], y[i + 1]
+        den = y0 - 2 * y1 + y2
+        if den > 0:
+            return float(x[i] + 0.5 * (y0 - y2) / den * (x[1] - x[0]))
+    return float(x[i])
+
+
+def _seed_mean(mat: np.ndarray) -> np.ndarray:
+    """The seed-mean val_loss per lr (rows: seeds): the mean of the seeds that completed where at least half
+    did, else the worst completed val_loss of the batch size (a wall)."""
+    done = np.isfinite(mat)
+    with np.errstate(invalid="ignore"):
+        mean = np.nansum(np.where(done, mat, 0.0), axis=0) / np.maximum(done.sum(axis=0), 1)
+    return np.where(done.sum(axis=0) * 2 >= len(mat), mean, np.nanmax(mat))
+
+
+def reference(rows: Sequence[dict], seeds: Sequence[int], rng: np.random.Generator) -> Reference:
+    """The reference from the runs of ``seeds`` (see the module doc)."""
+    xs = np.unique(np.round(np.log2([r["lr"] for r in rows]), 6))
+    sizes = sorted({r["batch_size"] for r in rows})
+    ref = Reference(xs, {}, {}, {}, {})
+    for b in sizes:
+        mat = np.full((len(seeds), len(xs)), np.nan)
+        for r in rows:
+            if r["batch_size"] == b and r["seed"] in seeds:
+                mat[list(seeds).index(r["seed"]), np.searchsorted(xs, round(math.log2(r["lr"]), 6))] = r["value"]
+        ref.curve[b] = _seed_mean(mat)
+        ref.lr[b] = _vertex(xs, ref.curve[b])
+        picks = rng.integers(0, len(seeds), size=(REF_BOOT, len(seeds)))
+        ref.boot[b] = np.array([_vertex(xs, _seed_mean(mat[p])) for p in picks])
+        ref.lr_interval[b] = (float(np.quantile(ref.boot[b], 0.025)), float(np.quantile(ref.boot[b], 0.975)))
+    return ref
+
+
+def ref_value(ref: Reference, b: int, log2_lr: float) -> float:
+    return float(np.interp(log2_lr, ref.log2_lrs, ref.curve[b]))
+
+
+def draw_study(rows: Sequence[dict], seed: int, sizes: Sequence[int], n: int,
+               rng: np.random.Generator) -> TrialTable:
+    """One study's trial table (see the module doc)."""
+    records = []
+    for b in sizes:
+        runs = [r for r in rows if r["batch_size"] == b and r["seed"] == seed]
+        k = len(runs)
+        picks = rng.permutation(k)[:n]
+        for i in picks:
+            r = runs[int(i)]
+            ok = r["state"] == "COMPLETE" and math.isfinite(r["value"])
+            records.append(TrialRecord(number=len(records), batch_size=b, lr=r["lr"], momentum=r["momentum"],
+                                       value=r["value"] if ok else None,
+                                       state=State.COMPLETE if ok else State.DIVERGED))
+    return TrialTable(records)
+
+
+@dataclass
+class Tally:
+    """What the studies of one cell found."""
+
+    lr_hold: list[bool] = field(default_factory=list)
+    lr_meet: list[bool] = field(default_factory=list)
+    lr_width: list[float] = field(default_factory=list)
+    lr_err: list[float] = field(default_factory=list)
+    outside: list[bool] = field(default_factory=list)
+    alpha_hold: list[bool] = field(default_factory=list)
+    alpha_meet: list[bool] = field(default_factory=list)
+    alpha_err: list[float] = field(default_factory=list)
+    alpha_width: list[float] = field(default_factory=list)
+    plateau_hold: list[bool] = field(default_factory=list)
+    plateau_wide: list[bool] = field(default_factory=list)
+    plateau_width: list[float] = field(default_factory=list)
+    value_err: list[float] = field(default_factory=list)
+    best_value_err: list[float] = field(default_factory=list)
+    named: list[tuple[int, int]] = field(default_factory=list)  # (training seed, named batch size)
+    failed: int = 0
+
+
+def score(t: Tally, a, ref: Reference, ref_alpha: tuple[float, float, float], seed: int) -> None:
+    """Add one study's analysis ``a`` to the tally, against the reference."""
+    for o in a.per_batch:
+        if not o.fitted or o.lr_interval is None:
+            continue
+        b, lo, hi, pt = o.batch_size, math.log2(o.lr_interval[0]), math.log2(o.lr_interval[1]), math.log2(o.lr)
+        r, (rlo, rhi) = ref.lr[b], ref.lr_interval[b]
+        t.lr_hold.append(lo <= r <= hi)
+        t.lr_meet.append(lo <= rhi and rlo <= hi)
+        t.lr_width.append(hi - lo)
+        t.lr_err.append(pt - r)
+        t.outside.append(not lo <= pt <= hi)
+        best = float(ref.curve[b].min())
+        if o.plateau is not None:
+            edge = (float(ref.log2_lrs[0]), float(ref.log2_lrs[-1]))  # an open end reaches the grid's edge
+            p0 = max(math.log2(o.plateau[0]), edge[0]) if o.plateau[0] > 0 else edge[0]
+            p1 = min(math.log2(o.plateau[1]), edge[1]) if math.isfinite(o.plateau[1]) else edge[1]
+            t.plateau_hold.append(p0 - 1e-9 <= r <= p1 + 1e-9)
+            span = np.linspace(p0, p1, 25)
+            t.plateau_wide.append(bool(max(ref_value(ref, b, s) for s in span) >= 1.5 * best))
+            t.plateau_width.append(p1 - p0)
+        if o.value is not None:
+            t.value_err.append(float(o.value) - ref_value(ref, b, pt))
+            t.best_value_err.append(float(o.best_value) - ref_value(ref, b, math.log2(o.best_lr)))
+    power = a.fits.get("power")
+    if power is not None:
+        alo, ahi = power.intervals["alpha"]
+        t.alpha_hold.append(alo <= ref_alpha[0] <= ahi)
+        t.alpha_meet.append(alo <= ref_alpha[2] and ref_alpha[1] <= ahi)
+        t.alpha_err.append(power.params["alpha"] - ref_alpha[0])
+        t.alpha_width.append(ahi - alo)
+    if a.answer is not None and a.answer.best is not None:
+        t.named.append((seed, a.answer.best.batch_size))
+
+
+def ref_alpha(ref: Reference, sizes: Sequence[int]) -> tuple[float, float, float]:
+    """alpha of the reference's power law over ``sizes``, and its 95% interval over the seed bootstrap."""
+    lb = np.log2(sizes)
+    point = float(np.polyfit(lb, [ref.lr[b] for b in sizes], 1)[0])
+    boot = np.array([np.polyfit(lb, [ref.boot[b][i] for b in sizes], 1)[0] for i in range(REF_BOOT)])
+    return point, float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+
+
+def run_cell(rows: Sequence[dict], grid: str, seeds: Sequence[int], sizes: Sequence[int], n: int,
+             replicates: int, all_seeds: Sequence[int], n_boot: int) -> Tally:
+    """``replicates`` studies spread over the training ``seeds``, each scored against the other seeds."""
+    t = Tally()
+    refs = {}
+    for s in seeds:
+        others = [q for q in all_seeds if q != s]
+        ref = reference(rows, others, np.random.default_rng(1000 + s))
+        refs[s] = (ref, ref_alpha(ref, sizes))
+    for i in range(replicates):
+        s = seeds[i % len(seeds)]
+        rng = np.random.default_rng([hash(grid) % 2**31, n, len(sizes), i])
+        table = draw_study(rows, s, sizes, n, rng)
+        try:
+            a = analyze(table, n_boot=n_boot, seed=i)
+        except BstuneError:
+            t.failed += 1
+            continue
+        score(t, a, refs[s][0], refs[s][1], s)
+    return t
+
+
+def _m(v: Sequence[float | bool], fmt: str = "{:.2f}") -> str:
+    return fmt.format(float(np.mean(v))) if len(v) else "-"
+
+
+def _med(v: Sequence[float]) -> str:
+    return f"{float(np.median(v)):.2f}" if len(v) else "-"
+
+
+def row(grid: str, cell: str, n: int, t: Tally) -> str:
+    return (f"| {grid} | {cell} | {n} | {_m(t.lr_hold)} | {_m(t.lr_meet)} | {_med(t.lr_width)} | "
+            f"{_m(t.lr_err, '{:+.2f}')} | {_m(t.outside)} | {_m(t.alpha_hold)} | {_m(t.alpha_meet)} | "
+            f"{_m(t.alpha_err, '{:+.2f}')} | {_med(t.alpha_width)} | {_m(t.plateau_hold)} | "
+            f"{_m(t.plateau_wide)} | {_med(t.plateau_width)} | {_m(t.value_err, '{:+.4f}')} | "
+            f"{_m(t.best_value_err, '{:+.4f}')} | {t.failed} |")
+
+
+HEADER = ("| grid | batch sizes | n per B | lr* holds | lr* meets | lr* width (oct, median) | lr* bias (oct) | "
+          "point outside | alpha holds | alpha meets | alpha bias | alpha width | plateau holds argmin | "
+          "plateau reaches 1.5x | plateau width (oct) | value bias | best-trial value bias | failed |\n"
+          "|" + "---|" * 18)
+
+
+def named_lines(grid: str, tallies: dict[int, Tally]) -> list[str]:
+    out = []
+    for n, t in tallies.items():
+        by_seed: dict[int, dict[int, int]] = {}
+        for s, b in t.named:
+            by_seed.setdefault(s, {}).setdefault(b, 0)
+            by_seed[s][b] += 1
+        words = "; ".join(f"seed {s}: " + ", ".join(f"B={b} x{c}" for b, c in sorted(d.items()))
+                          for s, d in sorted(by_seed.items()))
+        out.append(f"- {grid}, n = {n}: {words}")
+    return out
+
+
+def _seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grids", default="digits-sgd,mnist1d-sgd")
+    p.add_argument("--seeds", default="4-7", help="training seeds the studies are drawn at (0-3: development)")
+    p.add_argument("--replicates", type=int, default=100)
+    p.add_argument("--trials", default="8,16,24,27")
+    p.add_argument("--cells", default="all,16-256")
+    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    lines, named = [HEADER], []
+    t0 = time.perf_counter()
+    for grid in args.grids.split(","):
+        if not GRIDS[grid].path.exists():
+            print(f"{grid}: not cached (run benchmarks/real_grids.py)", flush=True)
+            continue
+        rows = load(grid)
+        all_seeds = sorted({r["seed"] for r in rows})
+        for cell in args.cells.split(","):
+            sizes = CELLS[cell] or sorted({r["batch_size"] for r in rows})
+            tallies = {}
+            for n in map(int, args.trials.split(",")):
+                tallies[n] = t = run_cell(rows, grid, _seeds(args.seeds), sizes, n, args.replicates, all_seeds,
+                                          args.n_boot)
+                lines.append(row(grid, cell, n, t))
+                print(lines[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
+            if cell == "all":
+                named += named_lines(grid, tallies)
+    text = "\n".join(lines) + "\n\nNamed batch size (best fitted value) per training seed:\n\n" + "\n".join(named)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""bstune.analysis.smooth: one batch size's valley smoothed on its own (no shape assumed), on seeded tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bstune.analysis import analyze
+from bstune.analysis.smooth import smooth_valley
+from bstune.trials import State, TrialRecord, TrialTable
+
+
+def _cliff_valley(x: np.ndarray) -> np.ndarray:
+    """A real valley's shape at a large batch size: a long slow slope on the left, a cliff half an octave
+    right of the optimum (at log2 lr = -4), flat at chance level beyond it."""
+    left = 0.06 * (1.0 + 0.35 * np.maximum(-4.0 - x, 0.0) ** 1.5)
+    right = np.where(x > -4.0, 0.06 * np.exp(4.0 * (x + 4.0)), left)
+    return np.minimum(np.where(x > -4.0, right, left), 2.3)
+
+
+def _table(noise: float, seed: int, n: int = 24) -> TrialTable:
+    rng = np.random.default_rng(seed)
+    records = []
+    for b in (32, 64, 128, 256):
+        shift = math.log2(b / 32) * 0.5  # lr* = 2^-4 at B = 32, half an octave more per doubling
+        x = rng.uniform(-10.0, 3.0, size=n)
+        y = _cliff_valley(x - shift) * np.exp(noise * rng.standard_normal(n))
+        for xi, yi in zip(x, y, strict=True):
+            diverged = xi - shift > -1.0
+            records.append(TrialRecord(number=len(records), batch_size=b, lr=float(2.0**xi), momentum=0.9,
+                                       value=None if diverged else float(yi),
+                                       state=State.DIVERGED if diverged else State.COMPLETE))
+    return TrialTable(records)
+
+
+def test_a_lopsided_valley_is_placed_near_its_bottom_not_pulled_towards_its_long_side():
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(-10.0, -1.5, size=40))
+    y = _cliff_valley(x) * np.exp(0.03 * rng.standard_normal(len(x)))
+    v = smooth_valley(x, y, np.array([-1.0, 0.0]), np.ones((1, len(x))), np.ones((1, 2)))
+    assert v is not None and v.kind == "smooth"
+    assert abs(float(v.log2_lr[0]) + 4.0) <= 0.5
+    # the value is the smoothed expectation at the optimum: above the floor (smoothing reaches over the cliff
+    # next to it), never the luckiest trial's
+    assert 0.06 <= v.value <= 0.06 * 1.3 and v.value > y.min()
+    lo, hi = v.plateau[0]
+    assert lo <= v.log2_lr[0] <= hi and hi < -3.0  # the plateau stops before the cliff
+
+
+def test_too_few_trials_in_the_valley_are_not_smoothed():
+    x = np.array([-10.0, -9.0, -4.0, -3.5, 0.0])
+    y = _cliff_valley(x)
+    assert smooth_valley(x, y, np.zeros(0), np.ones((1, 5)), np.ones((1, 0))) is None
+
+
+def test_each_batch_size_is_smoothed_with_a_bootstrap_that_refits_and_an_interval_holding_its_point():
+    a = analyze(_table(0.05, seed=1, n=40), seed=1, n_boot=100)
+    held = 0
+    for o in a.per_batch:
+        assert o.fit == "smooth", o
+        lo, hi = o.lr_interval
+        assert lo <= o.lr <= hi
+        assert o.plateau[0] <= o.lr <= o.plateau[1]
+        truth = -4.0 + 0.5 * math.log2(o.batch_size / 32)
+        held += math.log2(lo) - 1e-9 <= truth <= math.log2(hi) + 1e-9
+        assert o.value == o._fit_value  # the fitted expectation, never the best trial's value
+    # a bottom right next to a cliff is pulled towards the long side (the smoother reaches over the cliff; here
+    # by 1.1 octave at B = 256, out of its interval): a known weakness, docs/analysis.md
+    assert held >= 3
+
+
+def test_the_plateau_grows_with_the_noise_of_one_run():
+    quiet = analyze(_table(0.02, seed=2, n=40), seed=2, n_boot=50)
+    loud = analyze(_table(0.12, seed=2, n=40), seed=2, n_boot=50)
+
+    def width(a):
+        return float(np.median([math.log2(o.plateau[1] / o.plateau[0]) for o in a.per_batch
+                                if o.fit == "smooth"]))
+
+    assert width(loud) > width(quiet) + 0.2
