@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from bstune.errors import BstuneError
+from bstune.errors import BstuneError, write_output
 from bstune.spec import DEFAULT_TRACKING_URI, Execution, StudySpec, load_spec
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*experimental.*")
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs a database error with its traceback before raising it; bstune says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 class _Group(click.Group):
@@ -248,7 +250,7 @@ def _study_spec(spec_file: str | None, storage: str | None, study_name: str | No
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), default="html", show_default=True,
               help="html: one self-contained file; md: Markdown with the PNG plots beside it; json: every number.")
 @click.option("--out", "out_dir", metavar="DIR", help="Folder for the report (default: reports/<study name>).")
-@click.option("--batch-size", "batch_sizes", type=int, multiple=True, metavar="B",
+@click.option("--batch-size", "batch_sizes", multiple=True, metavar="B", callback=lambda c, p, v: _batch_sizes(v),
               help="Also recommend for this batch size (repeatable).")
 @_target_opt
 @_storage_opt
@@ -278,6 +280,25 @@ def report(spec_file: str | None, fmt: str, out_dir: str | None, batch_sizes: tu
     if log_to:
         run_id = publish(rep, files, log_to)
         click.echo(f"logged under report/ in MLflow run {run_id}")
+
+
+def _batch_sizes(values: tuple[str, ...]) -> tuple[int, ...]:
+    """--batch-size values: whole numbers (256, or 2.56e2) from 1 to 2^24; anything else one line."""
+    from bstune.trials import MAX_BATCH_SIZE
+
+    out = []
+    for text in values:
+        try:
+            b = float(text)
+        except ValueError:
+            raise BstuneError(f"--batch-size: {text!r} is not a number; give a whole number such as 256") from None
+        if not (b >= 1 and b == int(b)):
+            raise BstuneError(f"--batch-size must be a positive integer, got {text}")
+        if b > MAX_BATCH_SIZE:
+            raise BstuneError(f"--batch-size: {text} is beyond any batch size trained with (at most 2^24 = "
+                              f"{MAX_BATCH_SIZE:,}); give the batch size you will train with")
+        out.append(int(b))
+    return tuple(out)
 
 
 def _table(spec: StudySpec | None, csv: str | None = None, direction: str = "minimize") -> TrialTable:
@@ -340,13 +361,14 @@ def analyze(spec_file: str | None, storage: str | None, study_name: str | None, 
     spec, table, result = _analysis(spec_file, storage, study_name, csv, direction, target)
     run_id = table.meta.get("mlflow_parent_run_id")
     log_to = (tracking_uri or _stored_tracking_uri(spec, table)) if log_mlflow and spec is not None and run_id else ""
-    click.echo(format_analysis(result))
     payload = result.to_dict()
-    if json_path != "-":
+    path = None
+    if json_path != "-":  # written before anything is printed: a folder that cannot take it fails in one line
         name = table.study_name or Path(csv or "trials").stem
         path = Path(json_path) if json_path else Path("reports") / name / "analysis.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
+        write_output(path, json.dumps(payload, indent=2))
+    click.echo(format_analysis(result))
+    if path is not None:
         click.echo(f"wrote {path}")
     if log_to:
         from bstune.tracking import Tracker
@@ -389,7 +411,8 @@ def _headline(a: Analysis) -> dict[str, float | None]:
 
 
 @main.command()
-@click.option("--batch-size", "-b", "batch_size", type=int, metavar="B",
+@click.option("--batch-size", "-b", "batch_size", metavar="B",
+              callback=lambda c, p, v: None if v is None else _batch_sizes((v,))[0],
               help="The batch size you will train with (default: say which batch size to use).")
 @_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
@@ -416,6 +439,10 @@ def recommend(batch_size: int | None, spec_file: str | None, storage: str | None
         click.echo(json.dumps(payload, indent=2) if as_json else "\n".join(answer_lines(result)))
         return
     rec = result.recommend(batch_size)
+    measured = [o.batch_size for o in result.per_batch]
+    if measured and not min(measured) / 100 <= batch_size <= max(measured) * 100:
+        click.echo(f"warning: B={batch_size:,} is more than 100x outside the measured batch sizes "
+                   f"({min(measured)} to {max(measured)}): a guess, not a recommendation", err=True)
     click.echo(json.dumps(rec.to_dict(), indent=2) if as_json else format_recommendation(rec))
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 
 class BstuneError(Exception):
@@ -55,3 +59,31 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     if m := _OS_REASON.search(line):
         return m[1].strip()
     return line[: limit + 1].rsplit(" ", 1)[0] + " ..."
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Around writing an output file or folder: an OS error (a full disk, a read-only file system, no
+    permission) becomes one line naming the file and the cause."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or path
+        raise BstuneError(f"{where}: cannot write it ({e.strerror or first_line(e)}); free space or give a "
+                          "writable place") from None
+
+
+def write_output(path: str | Path, data: str | bytes) -> None:
+    """Write an output file whole or not at all: into a temporary file beside it, then renamed over it, so a
+    full disk leaves no half-written file; its folders are made. One line on failure (`writing`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)

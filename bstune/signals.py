@@ -129,3 +129,19 @@ def held() -> Iterator[None]:
         if not _held and _pending is not None:
             _pending = None
             raise KeyboardInterrupt
+
+
+KILL_AT = "BSTUNE_KILL_AT"  # test hook: "POINT" or "POINT:N"
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Test hook for crash consistency: SIGKILL this process here when the environment variable BSTUNE_KILL_AT
+    names this point ("end_state"), or names it with a count ("end_state:3") and this is its N-th time. Costs
+    one lookup when unset. The points are listed in docs/scale-out.md."""
+    wanted = os.environ.get(KILL_AT)
+    if not wanted or not wanted.partition(":")[0] == name:
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    if _kill_counts[name] >= int(wanted.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -19,7 +19,7 @@ import optuna
 
 from bstune.errors import BstuneError, first_line, redact
 from bstune.spec import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
-from bstune.trials import TrialTable, from_study
+from bstune.trials import READ_ATTRS, TrialTable, from_study
 
 DEFAULT_URLS = (DEFAULT_STORAGE, DEFAULT_TRACKING_URI)  # their folder, mlruns/, is made when missing
 
@@ -224,5 +224,9 @@ def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source
 
 
 def load_table(url: str, name: str, source: str = "") -> TrialTable:
-    """The trial table of a study in an Optuna storage (BstuneError naming the studies there if absent)."""
-    return from_study(load_study(url, name, source=source))
+    """The trial table of a study in an Optuna storage (BstuneError naming the studies there if absent), read
+    with only what the table holds (a study of 10,000 trials in tens of megabytes)."""
+    from bstune.search._optuna import trial_summaries
+
+    study = load_study(url, name, source=source)
+    return from_study(study, trials=trial_summaries(study, READ_ATTRS, params=True))

@@ -40,6 +40,13 @@ RUN_STATUS = {  # a trial's state -> its MLflow run's status (a divergence is a 
 }
 
 
+def tracking_errors() -> tuple[type[Exception], ...]:
+    """What MLflow raises when its store fails (gone, full, read-only)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException,)
+
+
 def mlflow_client(tracking_uri: str) -> Any:
     """An MLflow client for the store, with bstune's settings for MLflow's HTTP calls (a user's own win)."""
     # Fail fast instead of retrying for minutes when a tracking server does not answer.
@@ -140,18 +147,28 @@ class Tracker:
     # ---- the study's parent run
 
     def open_study_run(self, study_name: str, run_id: str | None, params: dict[str, Any],
-                       spec_yaml: str) -> str:
-        """Reopen the study's parent run (on resume) or create it; returns its id."""
+                       spec_yaml: str, key: str = "") -> str:
+        """Reopen the study's parent run (on resume) or create it; returns its id. `key` names the study
+        uniquely (storage and study id): a run made for it by a process killed before the study recorded the
+        run is found by it and taken up, not left RUNNING beside a second one."""
+        taken_up = None
+        if run_id is None and key:
+            made = self.client.search_runs([self.experiment_id], f"tags.`bstune.kind` = 'study' and "
+                                           f"tags.`bstune.study_key` = '{key}'", max_results=1)
+            run_id = taken_up = made[0].info.run_id if made else None
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
                 self.client.update_run(run_id, status=RUN_RUNNING)
+                if taken_up:  # its params and spec may not have been written
+                    self.log_params(run_id, params)
+                    self.client.log_text(run_id, spec_yaml, "spec.yaml")
                 return run_id
             except Exception:  # noqa: BLE001 - deleted run: make a new one
                 pass
         run = self.client.create_run(
             self.experiment_id, run_name=study_name,
-            tags={"bstune.study": study_name, "bstune.kind": "study"},
+            tags={"bstune.study": study_name, "bstune.kind": "study", "bstune.study_key": key},
         )
         run_id = run.info.run_id
         self.log_params(run_id, params)
@@ -254,16 +271,33 @@ class Tracker:
         self._flushed.pop(run_id, None)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
-    def close_if_running(self, run_id: str, state: str, reason: str) -> bool:
-        """Close a run that a dead worker left RUNNING. Returns True if it had to."""
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - the run is gone: nothing to close
-            return False
-        if run.info.status != RUN_RUNNING:
-            return False
-        self.end_trial(run_id, state, reason)
-        return True
+    def trial_runs(self, parent_id: str, trial_id: int | None = None, running: bool = False) -> list[Any]:
+        """The study's trial runs (of one Optuna trial, or those still RUNNING), oldest first."""
+        where = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`bstune.kind` = 'trial'"
+        if trial_id is not None:
+            where += f" and tags.`optuna.trial_id` = '{trial_id}'"
+        if running:
+            where += f" and attributes.status = '{RUN_RUNNING}'"
+        return self.client.search_runs([self.experiment_id], where, max_results=50_000,
+                                       order_by=["attributes.start_time ASC"])
+
+    def settle_trial(self, parent_id: str, study_name: str, number: int, trial_id: int, state: str,
+                     reason: str) -> None:
+        """Make an ended trial's MLflow side agree with its final `state`, whatever a dead worker left: its one
+        run closed with that state (made, closed, if the worker died before making it; a second run, made
+        by a worker that found its trial taken away, deleted). Idempotent."""
+        runs = self.trial_runs(parent_id, trial_id)
+        if not runs:
+            runs = [self.client.create_run(self.experiment_id, run_name=f"{study_name}-trial-{number:04d}", tags={
+                "mlflow.parentRunId": parent_id, "bstune.study": study_name, "bstune.trial": str(number),
+                "bstune.state": State.RUNNING, "optuna.trial_id": str(trial_id), "bstune.kind": "trial"})]
+        for extra in runs[1:]:
+            self._pending.pop(extra.info.run_id, None)
+            self.client.delete_run(extra.info.run_id)
+        run = runs[0]
+        self._pending.pop(run.info.run_id, None)  # metrics this process had not written: of a trial that is over
+        if run.info.status != RUN_STATUS[state] or run.data.tags.get("bstune.state") != state:
+            self.end_trial(run.info.run_id, state, reason)
 
     def attach_report(self, run_id: str, folder: str | Path, note: str) -> None:
         """Log a report's files under report/ in the study's parent run; ``note`` becomes its description."""

@@ -43,6 +43,9 @@ CSV_STATES = (*ENDED, State.RUNNING)  # what a CSV of trials may say
 FAILED_STATES = (State.OOM, State.FAILED, State.INTERRUPTED, State.LOST)  # say nothing about the lr
 RETRIED_STATES = (State.INTERRUPTED, State.LOST)  # run again by the study: the compute counts, the trial does not
 
+# No batch size one trains with is larger (16.8M examples a step): a number beyond it is a typo or a unit slip.
+MAX_BATCH_SIZE = 2**24
+
 # The search space's Optuna parameters. Momentum is searched on log(1 - m): 0.9 -> 0.99 is as far as 0 -> 0.9.
 BATCH_SIZE = "batch_size"
 LR = "lr"
@@ -80,7 +83,7 @@ class StudyAttr:
 # Records
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a CSV of 10^6 rows holds 10^6 of these
 class EpochPoint:
     """One point of a trial's learning curve."""
 
@@ -100,10 +103,11 @@ class EpochPoint:
 
 
 def curve_to_json(curve: Sequence[EpochPoint]) -> str:
-    return json.dumps([p.__dict__ for p in curve])
+    return json.dumps([{"epoch": p.epoch, "value": p.value, "optimizer_steps": p.optimizer_steps,
+                        "examples_seen": p.examples_seen} for p in curve])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrialRecord:
     number: int
     batch_size: int
@@ -200,17 +204,25 @@ class Spent:
         return {"trials": self.trials, "examples": self.examples, "seconds": round(self.seconds, 3)}
 
 
+# The Optuna state each end state is told as (`study.tell`).
+TOLD_AS = {State.COMPLETE: "COMPLETE", State.PRUNED: "PRUNED", State.DIVERGED: "PRUNED", State.OOM: "FAIL",
+           State.FAILED: "FAIL", State.INTERRUPTED: "FAIL", State.LOST: "FAIL"}
+
+
 def trial_state(t: Any) -> State:
-    """bstune's state of an Optuna FrozenTrial."""
+    """bstune's state of an Optuna FrozenTrial. Optuna's own final state decides where the two could disagree:
+    `bstune.state` is written before the trial is told, so a worker killed between the two leaves a state that
+    Optuna never heard, and the heartbeat check then fails the trial: LOST, whatever the attribute says (a
+    FAIL-type end, FAILED/OOM/INTERRUPTED, is the same in both and stands; docs/scale-out.md)."""
     optuna_state = t.state.name
     if optuna_state in ("RUNNING", "WAITING"):
         return State(optuna_state)
     recorded = t.user_attrs.get(Attr.STATE)
-    if recorded:
+    if recorded in TOLD_AS and TOLD_AS[State(recorded)] == optuna_state:
         return State(recorded)
     if optuna_state in ("COMPLETE", "PRUNED"):
         return State(optuna_state)
-    # FAIL without our own record: the worker died mid-trial and the heartbeat check failed it.
+    # FAIL without a FAIL-type record of ours: the worker died mid-trial and the heartbeat check failed it.
     return State.LOST
 
 
@@ -282,15 +294,21 @@ def _best_dict(r: TrialRecord | None) -> dict[str, Any] | None:
 # Reading a table: from an Optuna study, from a CSV
 
 
-def from_study(study: Any, n_train: int | None = None) -> TrialTable:
-    """The trials of an Optuna study that bstune ran (waiting trials left out)."""
+# The user attributes `from_study` reads (a reader may fetch only these).
+READ_ATTRS = (Attr.STATE, Attr.REASON, Attr.LR, Attr.MOMENTUM, Attr.CURVE, Attr.EXAMPLES, Attr.SECONDS,
+              Attr.GRAD_NOISE_SCALE)
+
+
+def from_study(study: Any, n_train: int | None = None, trials: Iterable[Any] | None = None) -> TrialTable:
+    """The trials of an Optuna study that bstune ran (waiting trials left out); `trials` (default: the
+    study's own) may be lighter records with the same state, value, params and `READ_ATTRS` attributes."""
     spec = dict(study.user_attrs.get(StudyAttr.SPEC, {}))
     for key in ("storage", "tracking_uri"):  # stored redacted; redacted again for whatever stored it otherwise
         if isinstance(spec.get(key), str):
             spec[key] = redact(spec[key])
     objective = spec.get("search", {}).get("objective", "value")
     records = []
-    for t in study.get_trials(deepcopy=False):
+    for t in study.get_trials(deepcopy=False) if trials is None else trials:
         a = t.user_attrs
         if Attr.LR not in a or BATCH_SIZE not in t.params:
             continue
@@ -416,6 +434,9 @@ def _config(cols: _Columns, row: list[str], source: str, line: int) -> tuple[int
     b = _num(text, "batch_size", source, line)
     if not (b >= 1 and b == int(b)):  # also refuses nan
         raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, got {text!r}")
+    if b > MAX_BATCH_SIZE:
+        raise BstuneError(f"{source}: line {line}: batch_size {text} is beyond any batch size trained with (at most "
+                          f"2^24 = {MAX_BATCH_SIZE:,}); check the column's values and units")
     lr = _num(cols.get(row, "lr"), "lr", source, line)
     if not lr > 0:
         raise BstuneError(f"{source}: line {line}: lr must be > 0, got {cols.get(row, 'lr')}")

@@ -61,6 +61,19 @@ def test_recommend_flags_extrapolation_and_critical(csv_table: Path) -> None:
     assert code == 0 and "outside the measured range" in out and "critical batch size" in out, out
 
 
+def test_absurd_batch_sizes_are_refused_or_warned_in_one_line(csv_table: Path, tmp_path: Path) -> None:
+    for b in ("1e26", "16777217", "0.5", "many"):
+        r = CliRunner().invoke(main, ["recommend", "-b", b, "--csv", str(csv_table)])
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and "--batch-size" in r.output, r.output
+    r = CliRunner().invoke(main, ["recommend", "-b", "1e6", "--csv", str(csv_table)])
+    assert r.exit_code == 0 and "more than 100x outside the measured batch sizes (32 to 2048)" in r.output, r.output
+    big = tmp_path / "big.csv"
+    big.write_text("batch_size,lr,momentum,value,state\n64,0.1,0.9,1.0,COMPLETE\n1e9,0.1,0.9,1.0,COMPLETE\n")
+    code, out = _invoke("analyze", "--csv", str(big), "--json", "-")
+    assert code == 2 and out.strip() == f"error: {big}: line 3: batch_size 1e9 is beyond any batch size trained " \
+        "with (at most 2^24 = 16,777,216); check the column's values and units", out
+
+
 @pytest.mark.slow
 def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **{"search.batch_sizes": [16, 32, 64], "search.pruner": "none",

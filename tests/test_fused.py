@@ -176,16 +176,11 @@ def test_a_diverging_member_leaves_the_others_unchanged(bad_lr: float) -> None:
         _same_run(kept.history, ref.history, rel=1e-6)
 
 
-class _Pruned(Exception):
-    pass
-
-
 def _flops(configs: list[TrainConfig], data: Dataset, prune: dict[int, int]) -> tuple[int, list]:
     """Matmul and convolution FLOPs of a fused run in which member i is pruned after epoch prune[i]."""
 
-    def on_epoch(i: int, stats: EpochStats) -> None:
-        if prune.get(i) == stats.epoch:
-            raise _Pruned(i)
+    def on_epoch(i: int, stats: EpochStats) -> bool:
+        return prune.get(i) == stats.epoch  # True: stop member i (the pruner's decision, returned)
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -198,7 +193,8 @@ def test_a_pruned_member_leaves_the_stack_and_stops_costing_compute() -> None:
     base = TrainConfig(batch_size=32, lr=0.05, momentum=0.9, epochs=4, width=32)
     configs = _members(base)
     pruned, results = _flops(configs, data, prune={1: 1})
-    assert isinstance(results[1].error, _Pruned) and len(results[1].history) == 1
+    assert results[1].stopped and results[1].error is None and len(results[1].history) == 1
+    assert not results[0].stopped and not results[2].stopped
     assert [len(r.history) for r in results] == [4, 1, 4]
     # The work is linear in the members: three members for one epoch, then two.
     two, _ = _flops([configs[0], configs[2]], data, prune={})
@@ -230,15 +226,26 @@ def test_leaving_members_reslices_parameters_buffers_and_optimizer_state() -> No
     assert out.shape == (2, 4, 10)
 
 
-def test_a_keyboard_interrupt_in_on_epoch_propagates() -> None:
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_what_on_epoch_raises_propagates(error: type[BaseException]) -> None:
+    """A Ctrl-C, or a failure of the caller's own (its store went away), is no member's end: it stops the run."""
     data = _digits(n_train=64)
     cfg = TrainConfig(batch_size=16, lr=0.05, momentum=0.9, epochs=3, width=16)
 
     def on_epoch(i: int, stats: EpochStats) -> None:
-        raise KeyboardInterrupt
+        raise error
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(error):
         train_fused([cfg, replace(cfg, lr=0.1)], data, on_epoch=on_epoch)
+    with pytest.raises(error):
+        train(cfg, data, on_epoch=lambda s: on_epoch(0, s))
+
+
+def test_a_lone_run_stops_where_on_epoch_says() -> None:
+    data = _digits(n_train=64)
+    cfg = TrainConfig(batch_size=16, lr=0.05, momentum=0.9, epochs=4, width=16)
+    history = train(cfg, data, on_epoch=lambda s: s.epoch == 2)
+    assert [s.epoch for s in history] == [1, 2]
 
 
 def test_members_report_in_order_and_share_the_training_time() -> None:

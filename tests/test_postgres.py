@@ -121,3 +121,18 @@ def _engine(url: str) -> Any:
 
     return sqlalchemy.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
                                     connect_args={"connect_timeout": 5})
+
+
+@pytest.mark.slow
+def test_chaos_soak_of_sigkills_loses_nothing_and_counts_nothing_twice(tmp_path: Path, stores: Stores) -> None:
+    """tests/test_crash.py's soak, on PostgreSQL: the claim lock is an advisory lock, the clock the server's."""
+    from bstune.spec import load_spec
+    from tests.chaos import check_consistent, soak
+    from tests.conftest import write_spec
+
+    path = write_spec(tmp_path, heartbeat_seconds=2, storage=stores.storage, tracking_uri=stores.tracking_uri,
+                      **{"budget.trials": 30, "workload.epochs": 2, "workload.n_train": 400})
+    with open(tmp_path / "soak.log", "w") as log:
+        done = soak(path, 2, seconds=45, seed=26, log=log)
+    assert done["worker killed"] + done["launcher killed"] + done["killed at a point"] >= 3, done
+    check_consistent(load_spec(path), 30)

@@ -124,3 +124,40 @@ def test_two_studies_started_at_once_on_fresh_stores_both_run(tmp_path: Path) ->
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert not any("Traceback" in out or "migration" in out for out in outs), outs
+
+
+def test_a_table_read_with_only_what_it_holds_is_the_full_read(tmp_path: Path) -> None:
+    """`load_table` reads a study's trials with a few plain queries (memory that scales); the table is the one
+    Optuna's full trials give, state by state (a lost trial, a pruned one without a value, a waiting one)."""
+    import json
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from bstune.search._optuna import trial_summaries
+    from bstune.search.status import read_status
+    from bstune.spec import load_spec
+    from bstune.stores import load_study, load_table
+    from bstune.trials import from_study, tally
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="small", storage=url)
+    dists = {"batch_size": CategoricalDistribution([16, 64]), "lr": FloatDistribution(1e-3, 1.0, log=True)}
+    curve = json.dumps([{"epoch": 1, "value": 2.0, "optimizer_steps": 8, "examples_seen": 128}])
+    for n, (state, value, extra) in enumerate([(TrialState.COMPLETE, 1.5, {"bstune.state": "COMPLETE"}),
+                                               (TrialState.PRUNED, None, {"bstune.state": "DIVERGED"}),
+                                               (TrialState.FAIL, None, {"bstune.state": "LOST"}),
+                                               (TrialState.COMPLETE, float("inf"), {})]):
+        study.add_trial(create_trial(state=state, value=value, params={"batch_size": [16, 64][n % 2], "lr": 0.1},
+                                     distributions=dists, intermediate_values={1: 2.0},
+                                     user_attrs={"lr": 0.1, "momentum": 0.5, "curve": curve, "examples_seen": 128,
+                                                 "train_seconds": 0.25, **extra}))
+    study.enqueue_trial({"batch_size": 16})
+    full = from_study(load_study(url, "small"))
+    assert load_table(url, "small").records == full.records and len(full.records) == 4
+    light = trial_summaries(study, ("bstune.state", "examples_seen", "train_seconds"))
+    assert tally(light) == tally(study.trials)
+    spec = load_spec(write_spec(tmp_path)).with_overrides(storage=url)
+    assert read_status(load_study(url, "small"), spec).states.counts == {"COMPLETE": 2, "DIVERGED": 1, "LOST": 1,
+                                                                          "WAITING": 1}

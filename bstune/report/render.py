@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from bstune.analysis import LEVEL
-from bstune.errors import BstuneError
+from bstune.errors import BstuneError, write_output
 from bstune.report.build import Report, build_report
 from bstune.report.text import (
     Section,
@@ -59,17 +59,16 @@ def write_report(report: Report, out_dir: str | Path, fmt: str = "html") -> list
     Returns the files written, the report first."""
     _check_output(out_dir, fmt)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"report.{fmt}"
     files = [path]
     if fmt == "html":
-        path.write_text(to_html(report))
+        write_output(path, to_html(report))
         return files
     # Markdown and JSON name their plots as PNG files beside them.
     for stem, data in report.plots.items():
-        (out / f"{stem}.png").write_bytes(data)
+        write_output(out / f"{stem}.png", data)
         files.append(out / f"{stem}.png")
-    path.write_text(to_markdown(report) if fmt == "md" else json.dumps(report.to_dict(), indent=2) + "\n")
+    write_output(path, to_markdown(report) if fmt == "md" else json.dumps(report.to_dict(), indent=2) + "\n")
     return files
 
 

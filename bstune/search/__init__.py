@@ -3,27 +3,30 @@ a trial into a training run and records it, the study loop, workers and their cl
 
 Everything here runs `bstune.train` and records through `bstune.trials`; Optuna's private API is used only in
 `_optuna.py`.
+
+Names are imported on first use (PEP 562): `bstune status` needs `status` and not the trainer, torch or
+MLflow, which would cost it ~800 MB and seconds.
 """
 
-from bstune.search.checks import check_batch_sizes, check_input, validate
-from bstune.search.claim import ClaimLock
-from bstune.search.law_sampler import LawSampler
-from bstune.search.progress import ConsoleProgress, Progress, SilentProgress, format_summary
-from bstune.search.space import (
-    BatchSizeSampler,
-    Hyperparams,
-    SearchSpace,
-    WithinBatchSizePruner,
-    make_pruner,
-    make_sampler,
-)
-from bstune.search.status import StudyStatus, format_status, read_status
-from bstune.search.study import OpenStudy, StudyResult, finish_study, open_study, run_study
-from bstune.search.workers import check_device, launch, plan_workers, run_worker
+from __future__ import annotations
 
-__all__ = [
-    "BatchSizeSampler", "ClaimLock", "ConsoleProgress", "Hyperparams", "LawSampler", "OpenStudy", "Progress",
-    "SearchSpace", "SilentProgress", "StudyResult", "StudyStatus", "WithinBatchSizePruner", "check_batch_sizes",
-    "check_device", "check_input", "finish_study", "format_status", "format_summary", "launch", "make_pruner",
-    "make_sampler", "open_study", "plan_workers", "read_status", "run_study", "run_worker", "validate",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "check_batch_sizes": "checks", "check_input": "checks", "validate": "checks", "ClaimLock": "claim",
+    "LawSampler": "law_sampler", "ConsoleProgress": "progress", "Progress": "progress",
+    "SilentProgress": "progress", "format_summary": "progress", "BatchSizeSampler": "space",
+    "Hyperparams": "space", "SearchSpace": "space", "WithinBatchSizePruner": "space", "make_pruner": "space",
+    "make_sampler": "space", "StudyStatus": "status", "format_status": "status", "read_status": "status",
+    "OpenStudy": "study", "StudyResult": "study", "finish_study": "study", "open_study": "study",
+    "run_study": "study", "check_device": "workers", "launch": "workers", "plan_workers": "workers",
+    "run_worker": "workers",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

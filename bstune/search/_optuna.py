@@ -8,9 +8,12 @@ private `_BracketStudy`). bstune needs all three; if an Optuna release changes t
 from __future__ import annotations
 
 import copy
+import json
+import threading
+import time
 import warnings
-from collections.abc import Container, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -18,6 +21,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from bstune.signals import kill_point
 from bstune.trials import BATCH_SIZE
 
 
@@ -39,18 +43,23 @@ def frozen(trial: optuna.Trial) -> FrozenTrial:
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """Several user attributes written at once: one transaction where the storage is a database (a trial's
     start and end write six or more, and each commit costs a few ms), one write each elsewhere."""
-    backend = getattr(trial.study._storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
+    set_trial_user_attrs(trial.study._storage, trial._trial_id, attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def set_trial_user_attrs(storage: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+    """`set_user_attrs` by the trial's id (UpdateFinishedTrialError if it has ended)."""
+    backend = getattr(storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
     if not isinstance(backend, optuna.storages.RDBStorage):
         for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+            storage.set_trial_user_attr(trial_id, k, v)
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
     with _create_scoped_session(backend.scoped_session, True) as session:
         for k, v in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, k, v)
-    trial._cached_frozen_trial.user_attrs.update(attrs)
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
 
 
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
@@ -175,30 +184,176 @@ class PruneRound:
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
-    """A new trial; its heartbeat is recorded by `heartbeats` (Optuna warns that only `optimize` does that)."""
+    """A new trial; its heartbeat is recorded by `Heartbeats` (Optuna warns that only `optimize` does that)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         return study.ask()
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail the trials whose worker stopped beating (Optuna marks the function experimental: quietly)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+class Heartbeats:
+    """Context manager: the heartbeat of each trial this worker claims, from its ask until it lets it go. The
+    first beat is written at once, in the claim (`add`); then one thread beats for all of them every interval
+    (as `optimize` does for its one trial), so a worker that dies at any point after the first beat has every
+    trial of its group found stale and re-queued. Before the first beat, see `StaleTrials`."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._storage = study._storage
+        self._interval = self._storage.get_heartbeat_interval() or 0
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bstune-trial-beats", daemon=True)
+
+    def __enter__(self) -> Heartbeats:
+        if self._interval:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def add(self, trial: optuna.Trial) -> None:
+        """The trial's first beat, now (a storage error propagates: the trial is then left to `StaleTrials`)."""
+        if self._interval:
+            self._storage.record_heartbeat(trial._trial_id)
+        with self._lock:
+            self._ids.add(trial._trial_id)
+
+    def drop(self, trials: Sequence[optuna.Trial]) -> None:
+        with self._lock:
+            self._ids.difference_update(t._trial_id for t in trials)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = sorted(self._ids)
+            for trial_id in ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat: the next may pass; if none does, the trial goes stale
+                    pass
 
 
-@contextmanager
-def heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
-    """Record each trial's heartbeat while the block runs (as `optimize` does for its one trial), so a worker
-    that dies mid-group has every trial of its group found stale and re-queued."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
+class StaleTrials:
+    """Fails the RUNNING trials whose worker is gone, then runs the storage's stale-trial callback on each:
+    those whose heartbeat is older than the grace period (Optuna's check), and those with no heartbeat at all
+    (asked by a worker that died before its first beat), which Optuna's check never looks at: failed once this
+    process has seen them without a beat for the grace period (their start time is another machine's clock).
+    `mark(trial)` gives attributes written on each before it is failed (while it may still be written), so
+    that they say what it ends as."""
 
-    threads = [get_heartbeat_thread(trial._trial_id, study._storage) for trial in trials]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        for t in threads:
-            t.join()
+    def __init__(self, grace_seconds: float, mark: Callable[[FrozenTrial], dict[str, Any]]) -> None:
+        self._grace, self._mark = grace_seconds, mark
+        self._unbeaten: dict[int, float] = {}  # trial id -> when first seen RUNNING without a heartbeat
+
+    def fail(self, study: optuna.Study) -> None:
+        storage = study._storage
+        stale = storage._get_stale_trial_ids(study._study_id) if storage.get_heartbeat_interval() else []
+        now = time.monotonic()
+        self._unbeaten = {i: self._unbeaten.get(i, now) for i in running_without_heartbeat(study)}
+        stale += [i for i, seen in self._unbeaten.items() if now - seen > self._grace]
+        callback = storage.get_heartbeat_stale_trial_callback()
+        for trial_id in stale:
+            self._unbeaten.pop(trial_id, None)
+            try:
+                set_trial_user_attrs(storage, trial_id, self._mark(storage.get_trial(trial_id)))
+                if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # it ended meanwhile, or another worker failed it
+                continue
+            kill_point("stale_failed")
+            if callback is not None:
+                callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
+def _rdb(study: optuna.Study) -> Any:
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps an RDBStorage in a cache
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def running_without_heartbeat(study: optuna.Study) -> list[int]:
+    """Ids of the study's RUNNING trials that have no heartbeat row."""
+    rdb = _rdb(study)
+    if rdb is None:
+        return []
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        rows = (session.query(models.TrialModel.trial_id)
+                .outerjoin(models.TrialHeartbeatModel,
+                           models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study._study_id,
+                        models.TrialModel.state == TrialState.RUNNING,
+                        models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+                .all())
+    return [r[0] for r in rows]
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since each RUNNING trial's last heartbeat, by trial id, on the database's clock (the one the
+    beats are written with); a trial with no heartbeat is absent. Reads only."""
+    rdb = _rdb(study)
+    if rdb is None:
+        return {}
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        rows = (session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
+                .join(models.TrialModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study._study_id,
+                        models.TrialModel.state == TrialState.RUNNING)
+                .all())
+    return {trial_id: (now - beat.replace(tzinfo=None)).total_seconds() for trial_id, beat in rows}
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """A trial as a reader of a finished study needs it: its state, value, params and some attributes (no
+    intermediate values, no system attributes). Duck-types the parts of a FrozenTrial `bstune.trials` reads."""
+
+    number: int
+    _trial_id: int
+    state: TrialState
+    user_attrs: dict[str, Any]
+    params: dict[str, Any]
+    value: float | None
+
+
+def trial_summaries(study: optuna.Study, keys: Sequence[str], params: bool = False) -> list[TrialSummary]:
+    """Every trial of the study, with only the user attributes `keys` (and with `params`, its params and
+    value), read by a few plain queries: a study of 10,000 trials costs megabytes, not the gigabyte Optuna's
+    full trials take."""
+    rdb = _rdb(study)
+    if rdb is None:
+        return [TrialSummary(t.number, t._trial_id, t.state, {k: t.user_attrs[k] for k in keys if k in t.user_attrs},
+                             t.params, t.value) for t in study.get_trials(deepcopy=False)]
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    t_, a_, p_, v_ = models.TrialModel, models.TrialUserAttributeModel, models.TrialParamModel, models.TrialValueModel
+    of_study = t_.study_id == study._study_id
+    with _create_scoped_session(rdb.scoped_session) as session:
+        rows = session.query(t_.trial_id, t_.number, t_.state).filter(of_study).order_by(t_.number).all()
+        attrs = (session.query(a_.trial_id, a_.key, a_.value_json).join(t_, a_.trial_id == t_.trial_id)
+                 .filter(of_study, a_.key.in_(list(keys))).all())
+        points = (session.query(p_.trial_id, p_.param_name, p_.param_value, p_.distribution_json)
+                  .join(t_, p_.trial_id == t_.trial_id).filter(of_study).all() if params else [])
+        values = (session.query(v_.trial_id, v_.value, v_.value_type).join(t_, v_.trial_id == t_.trial_id)
+                  .filter(of_study, v_.objective == 0).all() if params else [])
+    by_trial: dict[int, dict[str, Any]] = {}
+    for tid, key, value in attrs:
+        by_trial.setdefault(tid, {})[key] = json.loads(value)
+    dists: dict[str, Any] = {}
+    point: dict[int, dict[str, Any]] = {}
+    for tid, name, value, dist in points:
+        d = dists.get(dist) or dists.setdefault(dist, optuna.distributions.json_to_distribution(dist))
+        point.setdefault(tid, {})[name] = d.to_external_repr(value)
+    value_of = {tid: v_.stored_repr_to_value(v, kind) for tid, v, kind in values}
+    return [TrialSummary(number, tid, TrialState(state), by_trial.get(tid, {}), point.get(tid, {}), value_of.get(tid))
+            for tid, number, state in rows]

@@ -1,6 +1,11 @@
-"""Trials as training runs: a group of trials of one batch size is trained together (fused), each member
-reported to its own Optuna trial every epoch, pruned on its own, and recorded in Optuna and MLflow as a lone
-trial would be.
+"""A trial's life, as Optuna's own `_run_trial` (optuna/study/_optimize.py) reads, for a group of trials of one
+batch size trained together (fused):
+
+    ask     the claim (`study._claim_group`) asks Optuna for the trials; each beats at once (`Heartbeats`)
+    start   each trial's point written on it, its MLflow run opened                     `_TrialRun.start`
+    train   the group trained; every epoch each member is logged and reported, and the pruner's decision
+            returned to the trainer, which stops that member                          `_TrialRun.on_epoch`
+    record  how each ended, decided in one place (`ending`), written in one order      `_TrialRun.end`
 
 Every trial ends recorded, whatever happens to it (`bstune.trials.State`):
 
@@ -9,26 +14,33 @@ Every trial ends recorded, whatever happens to it (`bstune.trials.State`):
     OOM, FAILED (any other error) Optuna FAIL, with the reason; the study goes on (a group that runs out of
                                   memory is split in two and each half run again first)
     INTERRUPTED (Ctrl-C, SIGTERM) Optuna FAIL, re-queued: the next run of the same command re-runs it
+    LOST (its worker died)        Optuna FAIL, by another worker's heartbeat check (`lost.py`); re-queued
+
+A write that fails for a reason of the world (a store gone, a full disk) stops the study with one line
+(`RecordFailed`); its trials in flight are then LOST and run again when it resumes, as after a SIGKILL.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from bstune import entry, signals
-from bstune.errors import redact
+from bstune.errors import BstuneError, first_line, redact
 from bstune.search._optuna import PruneRound, frozen, set_user_attrs, trial_id
+from bstune.search.lost import requeue
 from bstune.search.own_loop import run_own
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
 from bstune.search.status import worker_id
+from bstune.signals import kill_point
 from bstune.spec import StudySpec, Workload
 from bstune.tracking import EPOCH_METRICS, Tracker
 from bstune.train import (
@@ -43,26 +55,22 @@ from bstune.train import (
     train_config,
     train_fused,
 )
-from bstune.trials import Attr, EpochPoint, State, curve_to_json
+from bstune.trials import TOLD_AS, Attr, EpochPoint, State, curve_to_json, trial_state
 
 
-class TrialTakenAway(Exception):
-    """Another worker failed this worker's trial (its heartbeat had gone stale: the machine stalled, or the
-    storage was out of reach) and queued it again: it is dropped here without a word to Optuna."""
-
-
-def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a trial's exact point to run again (after an interruption or a lost worker)."""
-    study.enqueue_trial(dict(trial.params), user_attrs={Attr.RETRY_OF: trial.number})
+class RecordFailed(BstuneError):
+    """A trial's record could not be written (a store went away, a disk is full): the study stops; its trials
+    in flight are LOST and run again when it resumes."""
 
 
 def interrupt_unstarted(study: optuna.Study, trial: optuna.Trial, requeue_it: bool) -> None:
-    """Ctrl-C before a trial started training: recorded INTERRUPTED (re-queued once it has its point)."""
+    """Ctrl-C before a trial started training: recorded INTERRUPTED (re-queued once it has its point), in
+    `_TrialRun.end`'s order."""
     trial.set_user_attr(Attr.STATE, State.INTERRUPTED)
     trial.set_user_attr(Attr.REASON, f"interrupted ({signals.what_stopped()}); re-queued")
-    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if requeue_it:
         requeue(study, frozen(trial))
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def workload_params(w: Workload) -> dict[str, Any]:
@@ -83,23 +91,49 @@ class TrialContext:
     progress: Progress
 
 
+class Ending(NamedTuple):
+    """How a trial ended: `_TrialRun.end(*ending)`."""
+
+    state: State
+    reason: str = ""
+    value: float | None = None
+
+
 def run_group(ctx: TrialContext, study: optuna.Study, trials: Sequence[optuna.Trial],
               points: Sequence[Hyperparams]) -> int:
-    """Train the trials (all of one batch size) together and record each; how many were recorded here (a
-    trial another worker took away is not). Ctrl-C records every unfinished one INTERRUPTED, re-queues it
-    and propagates."""
+    """Train the trials (all of one batch size, asked and beating) together and record each; how many this
+    worker recorded (a trial another worker took away is not). Ctrl-C records every unfinished one
+    INTERRUPTED, re-queues it and propagates."""
     pruning = PruneRound(study)  # one for the group: its members' asks share a read of the study per epoch
     runs = [_TrialRun(ctx, study, t, p, len(trials), pruning) for t, p in zip(trials, points, strict=True)]
     try:
         for run in runs:
-            run.guarded(run.start)
+            run.start()
         _train_and_record(ctx, [r for r in runs if not r.ended])
-        return sum(r.told for r in runs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         for run in runs:
             if not run.ended:
-                run.interrupt(f"interrupted ({signals.what_stopped()}); re-queued")
+                run.end(*ending(run, MemberResult(0, error=e)))
         raise
+    return sum(r.told for r in runs)
+
+
+def ending(run: _TrialRun, result: MemberResult) -> Ending:
+    """How a trial ended, from how its training did: the one place every end state is decided."""
+    e = result.error
+    if isinstance(e, KeyboardInterrupt):
+        return Ending(State.INTERRUPTED, f"interrupted ({signals.what_stopped()}); re-queued")
+    if result.stopped:
+        last = run.curve[-1]
+        return Ending(State.PRUNED, f"pruned at epoch {last.epoch} ({run.metric} {last.value:.4g})")
+    if e is None:
+        return Ending(State.COMPLETE, value=float(getattr(result.history[-1], run.metric)))
+    if isinstance(e, Diverged):
+        run.charge_divergence(e)
+        return Ending(State.DIVERGED, str(e))
+    if isinstance(e, OutOfMemory):
+        return Ending(State.OOM, f"out of memory at batch size {run.config.batch_size}: {e}")
+    return Ending(State.FAILED, f"{type(e).__name__}: {e}")
 
 
 def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
@@ -109,44 +143,57 @@ def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
         for run in runs:
             run_own(run, ctx.spec.workload, ctx.device, run.epochs, ctx.data, run.trial.number)
         return
-    configs = [r.config for r in runs]
 
-    def on_epoch(i: int, stats: EpochStats) -> None:
-        runs[i].on_epoch(stats)
+    def on_epoch(i: int, stats: EpochStats) -> bool:
+        return runs[i].on_epoch(stats)
 
     try:
-        if len(runs) == 1:  # a lone trial trains as it always has
-            results = [_train_one(configs[0], ctx, on_epoch)]
-        else:
-            results = train_fused(configs, ctx.data, ctx.device, on_epoch)
+        results = _train(ctx, [r.config for r in runs], on_epoch)
     except OutOfMemory as e:
         if len(runs) == 1:
-            runs[0].end(State.OOM, f"out of memory at batch size {configs[0].batch_size}: {e}")
+            results = [MemberResult(0, error=e)]
+        else:
+            for half in (runs[: len(runs) // 2], runs[len(runs) // 2:]):  # a smaller group may fit
+                for r in half:
+                    r.restart()
+                _train_and_record(ctx, half)
             return
-        for half in (runs[: len(runs) // 2], runs[len(runs) // 2:]):  # a smaller group may fit
-            for r in half:
-                r.restart()
-            _train_and_record(ctx, half)
-        return
     for run, result in zip(runs, results, strict=True):
-        run.record(result)
+        if not run.ended:  # pruned ones were recorded at their epoch; taken-away ones are another worker's
+            run.end(*ending(run, result))
 
 
-def _train_one(config: TrainConfig, ctx: TrialContext, on_epoch: Any) -> MemberResult:
-    """A group of one: trained as it always has been, its ending in the form a fused member's takes."""
+def _train(ctx: TrialContext, configs: list[TrainConfig], on_epoch: Callable[[int, EpochStats], bool]
+           ) -> list[MemberResult]:
+    """The group trained: fused, or a group of one as a lone run, its ending in a fused member's form. An
+    error of the training itself (the model's, the data's) ends every member with it; the recording's
+    (RecordFailed), running out of memory and Ctrl-C propagate."""
+    if len(configs) > 1:
+        try:
+            return train_fused(configs, ctx.data, ctx.device, on_epoch)
+        except (OutOfMemory, RecordFailed):
+            raise
+        except Exception as e:  # noqa: BLE001 - the training failed: each member FAILED with the reason
+            return [MemberResult(i, error=e) for i in range(len(configs))]
     history: list[EpochStats] = []
+    stopped = False
 
-    def each(stats: EpochStats) -> None:
+    def each(stats: EpochStats) -> bool:
+        nonlocal stopped
         history.append(stats)
-        on_epoch(0, stats)
+        stopped = on_epoch(0, stats)
+        return stopped
 
     try:
-        train(config, ctx.data, ctx.device, each)
-    except OutOfMemory:
+        train(configs[0], ctx.data, ctx.device, each)
+    except (OutOfMemory, RecordFailed):
         raise
-    except Exception as e:  # noqa: BLE001 - divergence, pruning or a failure: recorded on the trial
-        return MemberResult(0, history, e)
-    return MemberResult(0, history, None)
+    except Exception as e:  # noqa: BLE001 - divergence or another failure of the training: its ending
+        return [MemberResult(0, history, e)]
+    return [MemberResult(0, history, None, stopped)]
+
+
+STORAGE, TRACKING = "storage", "tracking_uri"
 
 
 class _TrialRun:
@@ -171,21 +218,44 @@ class _TrialRun:
         self.last: dict[str, Any] = {}
         self.started = self.saved = time.perf_counter()
 
-    def guarded(self, step: Any) -> None:
-        """Run a step that writes to the trial; a trial another worker took away is dropped here."""
+    @contextmanager
+    def _writing(self, store: str) -> Iterator[None]:
+        """Around writes to one store: a trial another worker took away is dropped here (`ended`, not told);
+        any other failure stops the study with one line naming the store."""
         try:
-            step()
+            yield
         except optuna.exceptions.UpdateFinishedTrialError:
             self._taken_away()
+        except BstuneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a store gone, a full disk: the world's, said in one line
+            url = self.ctx.spec.storage if store == STORAGE else self.ctx.spec.tracking_uri
+            raise RecordFailed(f"{store}: cannot record trial {self.trial.number} in {redact(url)} "
+                               f"({first_line(e)}); fix that and run the same command again: the trials in "
+                               "flight then run again") from e
 
     def _taken_away(self) -> None:
+        """Another worker failed this trial (its heartbeat had gone stale: the machine stalled, or the storage
+        was out of reach) and settled it: dropped here, its MLflow run made to agree with what it decided."""
         self.ended = True
+        if self.run_id is not None:  # this worker may have written the run after the other settled it
+            t = frozen(self.trial)
+            self.ctx.tracker.settle_trial(self.ctx.parent, self.ctx.spec.name, t.number, trial_id(t),
+                                          trial_state(t), t.user_attrs.get(Attr.REASON, ""))
         self.ctx.progress.note(f"trial {self.trial.number} was declared lost while this worker ran it (no "
                                "heartbeat in time); dropped here, it runs again")
 
     def start(self) -> None:
-        """Open the trial's MLflow run and record the point and the run on the trial."""
+        """Record the point and the worker on the trial (failing if it was taken away), then open its MLflow
+        run and record the run on the trial."""
         ctx, trial, p = self.ctx, self.trial, self.point
+        with self._writing(STORAGE):
+            set_user_attrs(trial, {Attr.LR: p.lr, Attr.MOMENTUM: p.momentum, Attr.EFFECTIVE_LR: p.effective_lr,
+                                   Attr.BATCH_SIZE: p.batch_size, Attr.WORKER_PID: os.getpid(),
+                                   Attr.WORKER: worker_id()})
+        kill_point("point")
+        if self.ended:
+            return
         n = ctx.data.n_train
         params = workload_params(ctx.spec.workload) | {
             "batch_size": p.batch_size, "lr": p.lr, "momentum": p.momentum, "epochs": self.epochs,
@@ -193,43 +263,37 @@ class _TrialRun:
             "steps_per_epoch": plan(self.config, n)[0], "optuna_trial": trial.number, "n_train": n,
             "retry_of": trial.user_attrs.get(Attr.RETRY_OF),
         }
-        self.run_id = ctx.tracker.start_trial(ctx.parent, ctx.spec.name, trial.number, trial_id(trial), params)
-        set_user_attrs(trial, {Attr.LR: p.lr, Attr.MOMENTUM: p.momentum, Attr.EFFECTIVE_LR: p.effective_lr,
-                               Attr.BATCH_SIZE: p.batch_size, Attr.WORKER_PID: os.getpid(), Attr.WORKER: worker_id(),
-                               Attr.RUN_ID: self.run_id})
-        ctx.progress.trial_started(trial.number, p)
+        with self._writing(TRACKING):
+            self.run_id = ctx.tracker.start_trial(ctx.parent, ctx.spec.name, trial.number, trial_id(trial), params)
+        kill_point("run_started")
+        with self._writing(STORAGE):
+            set_user_attrs(trial, {Attr.RUN_ID: self.run_id})
+        kill_point("run_recorded")
+        if not self.ended:
+            ctx.progress.trial_started(trial.number, p)
 
-    def on_epoch(self, s: EpochStats) -> None:
-        """Log the epoch, report it to Optuna, and stop this trial if the pruner says so."""
+    def on_epoch(self, s: EpochStats) -> bool:
+        """Log the epoch, report it to Optuna; whether the trial stops here: pruned (recorded at once, as the
+        group may train on a while), or taken away by another worker."""
         value = getattr(s, self.metric)
         metrics = {k: getattr(s, k) for k in EPOCH_METRICS}
-        self.ctx.tracker.log_epoch(self.run_id, s.epoch, metrics | s.layer_metrics(), s.grad_histogram)
+        with self._writing(TRACKING):
+            self.ctx.tracker.log_epoch(self.run_id, s.epoch, metrics | s.layer_metrics(), s.grad_histogram)
         self.curve.append(EpochPoint(s.epoch, value, s.optimizer_steps, s.examples_seen))
         self.last.update(metrics, value=value, examples_seen=s.examples_seen, train_seconds=s.train_seconds)
-        if time.perf_counter() - self.saved > 5.0:  # spend is saved every few seconds, and at the end
-            self.save_spend()
-            self.saved = time.perf_counter()
         self.ctx.progress.epoch_done(self.trial.number, self.point, s.epoch, self.epochs, value)
-        self.trial.report(value, s.epoch)
-        if self.pruning.should_prune(self.trial, s.epoch):  # recorded at once: the group may train on a while
-            reason = f"pruned at epoch {s.epoch} ({self.metric} {value:.4g})"
-            self.end(State.PRUNED, reason)
-            raise optuna.TrialPruned(reason)
-
-    def record(self, result: MemberResult) -> None:
-        """How the member's training ended, as this trial's state (a pruned one is recorded already)."""
-        e = result.error
+        with self._writing(STORAGE):
+            if time.perf_counter() - self.saved > 5.0:  # spend is saved every few seconds, and at the end
+                set_user_attrs(self.trial, self.spend())
+                self.saved = time.perf_counter()
+            self.trial.report(value, s.epoch)
+            prune = self.pruning.should_prune(self.trial, s.epoch)
+        kill_point("epoch")
         if self.ended:
-            return
-        if e is None:
-            self.end(State.COMPLETE, value=float(getattr(result.history[-1], self.metric)))
-        elif isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
-            self._taken_away()
-        elif isinstance(e, Diverged):
-            self.charge_divergence(e)
-            self.end(State.DIVERGED, str(e))
-        else:
-            self.end(State.FAILED, f"{type(e).__name__}: {e}")
+            return True
+        if prune:
+            self.end(*ending(self, MemberResult(0, stopped=True)))
+        return prune
 
     def charge_divergence(self, e: Diverged) -> None:
         """A run that diverged still spent compute: the steps it took (at least one) and its share of the time
@@ -239,50 +303,51 @@ class _TrialRun:
         self.last["train_seconds"] = max(self.last.get("train_seconds", 0.0),
                                          (time.perf_counter() - self.started) * self.share)
 
-    def end(self, state: State, reason: str = "", value: float | None = None) -> bool:
-        """Record how the trial ended (on the Optuna trial, in its MLflow run, to the progress display) and tell
-        Optuna: DIVERGED as PRUNED so the samplers learn the region is bad, failures as FAIL. False if the
-        trial was no longer this worker's."""
-        self.guarded(lambda: self._write_end(state, reason))
-        if self.ended:
-            return False
-        self.ended = self.told = True
-        if state == State.COMPLETE:
-            self.study.tell(self.trial, value, skip_if_finished=True)
-        elif state in (State.PRUNED, State.DIVERGED):
-            self.study.tell(self.trial, state=TrialState.PRUNED, skip_if_finished=True)
-        else:
-            self.study.tell(self.trial, state=TrialState.FAIL, skip_if_finished=True)
-        return True
-
-    def _write_end(self, state: State, reason: str) -> None:
-        trial, last = self.trial, self.last
+    def end(self, state: State, reason: str = "", value: float | None = None) -> None:
+        """Record how the trial ended, in the order that keeps a kill at any instant safe (docs/scale-out.md):
+        1. on the trial: bstune.state, reason, spend, curve. Optuna has it RUNNING, beating; killed from here
+           to 4, it goes stale and is settled (`lost.py`) as `trials.trial_state` decides;
+        2. an INTERRUPTED trial's point queued again (once, whoever does it);
+        3. its MLflow run closed with the same state;
+        4. Optuna told (DIVERGED as PRUNED, so the samplers learn the region is bad; failures as FAIL): the
+           commit, after which it counts and all three agree."""
+        trial, last, e = self.trial, self.last, Ending(state, reason, value)
         reason = redact(reason)  # an error's text may quote a URL with its password
-        attrs = self.spend() | {Attr.STATE: state, Attr.CURVE: curve_to_json(self.curve)}
+        attrs = self.spend() | {Attr.STATE: e.state, Attr.CURVE: curve_to_json(self.curve)}
         if reason:
             attrs[Attr.REASON] = reason
         if last.get("grad_noise_scale") is not None:
             attrs[Attr.GRAD_NOISE_SCALE] = last["grad_noise_scale"]
-        set_user_attrs(trial, attrs)
+        with self._writing(STORAGE):
+            set_user_attrs(trial, attrs)
+            if e.state == State.INTERRUPTED:
+                requeue(self.study, frozen(trial))
+        kill_point("end_state")
+        if self.ended:
+            return
         if self.run_id is not None:
             final = {f"final_{k}": last.get(k) for k in ("val_loss", "val_accuracy", "train_loss")}
             # one name for the objective across studies, and the time cost, for the UI's compare views
             final |= {"examples_seen": last.get("examples_seen"), "final_objective": last.get("value"),
                       "train_seconds": last.get("train_seconds")}
-            self.ctx.tracker.end_trial(self.run_id, state, reason, final)
-        self.ctx.progress.trial_finished(trial.number, self.point, state, last.get("value"),
+            with self._writing(TRACKING):
+                self.ctx.tracker.end_trial(self.run_id, e.state, reason, final)
+        kill_point("end_run")
+        with self._writing(STORAGE):
+            state = TrialState[TOLD_AS[e.state]]
+            told = self.study.tell(trial, e.value if state == TrialState.COMPLETE else None,
+                                   state=state, skip_if_finished=True)
+            if told.state != state:  # another worker failed it first (skip_if_finished returned its state)
+                raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is {told.state.name}")
+        kill_point("told")
+        if self.ended:
+            return
+        self.ended = self.told = True
+        self.ctx.progress.trial_finished(trial.number, self.point, e.state, last.get("value"),
                                          time.perf_counter() - self.started, reason)
-
-    def interrupt(self, reason: str) -> None:
-        """Ctrl-C: recorded as fully as the trial got, and its point queued to run again."""
-        if self.end(State.INTERRUPTED, reason):
-            requeue(self.study, frozen(self.trial))
 
     def spend(self) -> dict[str, Any]:
         """What the trial has spent so far, as its attributes (none before its first epoch)."""
         if "examples_seen" not in self.last:
             return {}
         return {Attr.EXAMPLES: self.last["examples_seen"], Attr.SECONDS: self.last["train_seconds"]}
-
-    def save_spend(self) -> None:
-        set_user_attrs(self.trial, self.spend())

@@ -16,7 +16,6 @@ import time
 from dataclasses import fields
 from typing import Any, Protocol
 
-import optuna
 import torch
 
 from bstune import entry
@@ -35,7 +34,7 @@ class TrialRun(Protocol):
     point: Any
     started: float
 
-    def on_epoch(self, s: EpochStats) -> None: ...
+    def on_epoch(self, s: EpochStats) -> bool: ...
     def end(self, state: State, reason: str = "", value: float | None = None) -> bool: ...
     def charge_divergence(self, e: Diverged) -> None: ...
 
@@ -77,9 +76,7 @@ class OwnTrial:
         self._last = value
         stats = _stats(self._run.metric, self._epoch, value, seen, self.batch_size,
                        time.perf_counter() - self._run.started, metrics)
-        try:
-            self._run.on_epoch(stats)
-        except optuna.TrialPruned:  # recorded PRUNED already; the trainer sees should_stop()
+        if self._run.on_epoch(stats):  # pruned (recorded already), or taken away: the trainer sees should_stop()
             self._stopped = True
 
     def should_stop(self) -> bool:

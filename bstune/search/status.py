@@ -19,7 +19,13 @@ import optuna
 from optuna.trial import TrialState
 
 from bstune.errors import redact
-from bstune.search._optuna import set_study_system_attr, study_system_attrs
+from bstune.search._optuna import (
+    heartbeat_ages,
+    set_study_system_attr,
+    study_system_attrs,
+    trial_id,
+    trial_summaries,
+)
 from bstune.spec import Budget, StudySpec
 from bstune.stores import grace_seconds
 from bstune.trials import Attr, Spent, StateCounts, describe, exhausted, tally, trial_state
@@ -88,15 +94,17 @@ class StudyStatus:
     stop_reason: str
     workers: list[Worker] = field(default_factory=list)
     orphaned: list[int] = field(default_factory=list)  # RUNNING trials whose worker is not alive
+    never_beat: list[int] = field(default_factory=list)  # of those, the ones with no heartbeat at all
 
 
 def read_status(study: optuna.Study, spec: StudySpec, now: float | None = None) -> StudyStatus:
     """The study's state now. Reads only: no stale-trial check, nothing written."""
     now = time.time() if now is None else now
-    trials = study.get_trials(deepcopy=False)
+    trials = trial_summaries(study, (Attr.STATE, Attr.WORKER, Attr.EXAMPLES, Attr.SECONDS))
     states = StateCounts.of(trial_state(t) for t in trials)
     spent = tally(trials)
-    running = {t.user_attrs.get(Attr.WORKER): t.number for t in trials if t.state == TrialState.RUNNING}
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    beats = heartbeat_ages(study) if running else {}
     workers = []
     for key, rec in study_system_attrs(study).items():
         if not key.startswith(WORKER_KEY) or rec.get("stopped"):
@@ -104,13 +112,16 @@ def read_status(study: optuna.Study, spec: StudySpec, now: float | None = None) 
         if now - rec.get("seen", 0) > alive_seconds(spec.heartbeat_seconds):
             continue
         wid = key[len(WORKER_KEY):]
+        mine = [t.number for t in running if t.user_attrs.get(Attr.WORKER) == wid]
         workers.append(Worker(wid, int(rec.get("index", 0)), str(rec.get("device", "?")), rec["seen"],
-                              running.get(wid)))
+                              min(mine, default=None)))
     workers.sort(key=lambda w: (w.index, w.id))
     alive = {w.id for w in workers}
-    orphaned = sorted(n for wid, n in running.items() if wid not in alive)
+    # A trial beats from its ask on, under the claim lock: one with no heartbeat lost its worker in between.
+    never_beat = sorted(t.number for t in running if trial_id(t) not in beats)
+    orphaned = sorted({t.number for t in running if t.user_attrs.get(Attr.WORKER) not in alive} | set(never_beat))
     return StudyStatus(study.study_name, redact(spec.storage), states, spent, spec.budget,
-                       exhausted(spec.budget, spent) or "", workers, orphaned)
+                       exhausted(spec.budget, spent) or "", workers, orphaned, never_beat)
 
 
 def format_status(st: StudyStatus, heartbeat_seconds: int, now: float | None = None) -> str:
@@ -125,8 +136,12 @@ def format_status(st: StudyStatus, heartbeat_seconds: int, now: float | None = N
         doing = f"training trial {w.trial}" if w.trial is not None else "waiting"
         lines.append(f"  w{w.index:<3d} {w.id:<28s} {w.device:<8s} {doing} (seen {max(0.0, now - w.seen):.0f}s ago)")
     if st.orphaned:
-        lines.append(f"running trials without a live worker: {', '.join(map(str, st.orphaned))} (a worker marks "
-                     f"them LOST and re-queues them once their heartbeat is {grace_seconds(heartbeat_seconds)}s old)")
+        grace = grace_seconds(heartbeat_seconds)
+        never = f"; {', '.join(map(str, st.never_beat))} never beat: {grace}s after a worker first sees them" \
+            if st.never_beat else ""
+        who = "a worker marks them" if st.workers else "no worker is running; the next run of the study marks them"
+        lines.append(f"running trials without a live worker: {', '.join(map(str, st.orphaned))} ({who} LOST and "
+                     f"re-queues them once their heartbeat is {grace}s old{never})")
     return "\n".join(lines)
 
 

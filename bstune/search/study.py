@@ -2,37 +2,42 @@
 
 `run_study(spec)` checks everything that can be wrong before it creates anything (the data set loads, the
 storage and tracking store answer, a resumed study matches its spec), then asks Optuna for trials until the
-budget is spent. Each trial is one call of `objective.TrialObjective`, which records how it ended; a trial
-whose worker died is failed by Optuna's heartbeat check, marked LOST, its MLflow run closed, and re-queued.
+budget is spent. Each group of trials claimed is trained and recorded by `objective.run_group`; a trial
+whose worker died is failed by the heartbeat check (`_optuna.StaleTrials`) and settled by `lost.Settler`:
+marked LOST, its MLflow run closed, its point re-queued.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import yaml
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from bstune import registry, signals
-from bstune.errors import BstuneError, redact
-from bstune.search._optuna import ask, fail_stale, heartbeats
+from bstune.errors import BstuneError, first_line, redact
+from bstune.search._optuna import Heartbeats, StaleTrials, ask
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
-from bstune.search.objective import TrialContext, interrupt_unstarted, requeue, run_group, workload_params
+from bstune.search.lost import Settler, lost_marks
+from bstune.search.objective import TrialContext, interrupt_unstarted, run_group, workload_params
 from bstune.search.progress import Progress, SilentProgress
 from bstune.search.space import BatchSizeSampler, Hyperparams, SearchSpace, make_pruner, make_sampler
 from bstune.search.status import WorkerBeat
+from bstune.signals import kill_point
 from bstune.spec import StudySpec
-from bstune.stores import check_storage, creating, load_study, make_default_folder, open_storage
-from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri
+from bstune.stores import check_storage, creating, grace_seconds, load_study, make_default_folder, open_storage
+from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri, tracking_errors
 from bstune.train import Dataset, pick_device, plan, train_config
 from bstune.train.check import fusable
-from bstune.trials import Attr, Spent, State, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
+from bstune.trials import Spent, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
 # Spec fields that define what a study measures: a resumed study must not change them.
 _FIXED_FIELDS = ("workload", "search.batch_sizes", "search.lr", "search.momentum", "search.objective")
@@ -91,6 +96,7 @@ class OpenStudy:
     parent_run_id: str
     data: Dataset
     space: SearchSpace
+    settler: Settler
 
 
 def open_study(
@@ -120,17 +126,10 @@ def open_study(
     # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
     space = SearchSpace(spec.search)
 
-    def on_lost(study: optuna.Study, trial: FrozenTrial) -> None:
-        reason = "worker stopped sending heartbeats (killed or lost) during the trial; re-queued"
-        run_id = trial.user_attrs.get(Attr.RUN_ID)
-        if run_id:
-            tracker.close_if_running(run_id, State.LOST, reason)
-        requeue(study, trial)
-        progress.note(f"trial {trial.number} was lost with its worker; re-queued")
-
+    settler = Settler(tracker, progress)  # settles the trials of workers that died
     with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
         tracker.check()
-        storage = open_storage(spec.storage, spec.heartbeat_seconds, on_lost, writing=True)
+        storage = open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True)
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -156,7 +155,9 @@ def open_study(
     else:
         with signals.held():  # a run made and not recorded in the study would be left RUNNING
             parent = _open_parent_run(spec, study, tracker, data, progress)
-    return OpenStudy(spec, study, tracker, parent, data, space)
+    settler.parent = parent
+    settler.sweep(study)  # whatever a killed worker, or an older bstune, left half-settled
+    return OpenStudy(spec, study, tracker, parent, data, space, settler)
 
 
 def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, data: Dataset,
@@ -164,7 +165,9 @@ def _open_parent_run(spec: StudySpec, study: optuna.Study, tracker: Tracker, dat
     """The study's MLflow parent run: created with the spec and its params, or reopened on resume."""
     spec_yaml = yaml.safe_dump(_public_spec(spec), sort_keys=False)
     recorded = study.user_attrs.get(StudyAttr.PARENT_RUN)
-    parent = tracker.open_study_run(spec.name, recorded, _study_params(spec, data), spec_yaml)
+    key = f"{redact(spec.storage)}#{study._study_id}".replace("'", "")
+    parent = tracker.open_study_run(spec.name, recorded, _study_params(spec, data), spec_yaml, key)
+    kill_point("parent_run")
     if recorded != parent:
         if recorded:
             n = sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
@@ -190,7 +193,29 @@ def run_study(
     of them, else `default_fuse` for the device and model. Several workers (processes, machines) may
     run one study: `worker` (distinct per worker) seeds the samplers apart, and `join` makes this one a worker
     of a study another process started (`open_study`)."""
-    progress = progress or SilentProgress()
+    with stores_failing(spec):
+        return _run_study(spec, device, progress or SilentProgress(), data, worker, join)
+
+
+@contextmanager
+def stores_failing(spec: StudySpec) -> Iterator[None]:
+    """A store that fails mid-study (gone, full, read-only) ends the command with one line naming the stores and
+    the cause (exit 2), not a traceback; the study resumes once that is fixed, re-running the trials in flight."""
+    import sqlalchemy
+
+    try:
+        yield
+    except BstuneError:
+        raise
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError,
+            *tracking_errors()) as e:
+        raise BstuneError(f"storage {redact(spec.storage)} or tracking_uri {redact(spec.tracking_uri)} failed "
+                          f"mid-study ({first_line(e)}); fix that (free space, restart the database), then run "
+                          "the same command again: the study resumes") from None
+
+
+def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Dataset | None, worker: int,
+               join: bool) -> StudyResult:
     dev = pick_device(device)
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
@@ -203,13 +228,15 @@ def run_study(
         claim = ClaimLock(spec.storage, spec.name)
         # on the device once for the whole study, not once per trial
         ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
-        with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds):
+        stale = StaleTrials(grace_seconds(spec.heartbeat_seconds), lost_marks)
+        with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds), Heartbeats(study) as beats:
             while True:
-                # Held from the budget check until the new trials have their batch size: so workers never claim
-                # the same free trial, re-queued trial or lost trial twice, and the trial limit holds exactly.
+                # Held from the budget check until the new trials have their batch size and first heartbeat: so
+                # workers never claim the same free, re-queued or lost trial twice, the trial limit holds
+                # exactly, and a trial is never RUNNING unseen by the stale-trial check.
                 claim.acquire()
                 try:
-                    stop_reason, asked = _claim_group(opened, group_size, progress)
+                    stop_reason, asked = _claim_group(opened, group_size, progress, beats, stale)
                 finally:
                     claim.release()
                 if stop_reason:
@@ -219,9 +246,11 @@ def run_study(
                     # heartbeat check fails and re-queues them, so no trial is lost or left RUNNING.
                     time.sleep(min(spec.heartbeat_seconds, 5))
                     continue
-                for trials, points in _by_batch_size(asked):
-                    with heartbeats(study, trials):
+                try:
+                    for trials, points in _by_batch_size(asked):
                         run += run_group(ctx, study, trials, points)
+                finally:
+                    beats.drop([t for t, _ in asked])
     except KeyboardInterrupt:
         interrupted = True
         stop_reason = INTERRUPTED
@@ -251,13 +280,14 @@ def _group_size(spec: StudySpec, device_type: str, data: Dataset, progress: Prog
     return size
 
 
-def _claim_group(opened: OpenStudy, group_size: int,
-                 progress: Progress) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
+def _claim_group(opened: OpenStudy, group_size: int, progress: Progress, beats: Heartbeats,
+                 stale: StaleTrials) -> tuple[str, list[tuple[optuna.Trial, Hyperparams]]]:
     """Under the claim lock: why the study must stop (then no trials), or the trials to run next, at most
     `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
     spec, study = opened.spec, opened.study
-    fail_stale(study)
+    stale.fail(study)  # trials of dead workers: failed, settled, re-queued
     trials = study.get_trials(deepcopy=False)
+    opened.settler.sweep_unqueued(study, trials)
     spent = tally(trials)
     values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     progress.budget_spent(spent, (max if study.direction == StudyDirection.MAXIMIZE else min)(values, default=None))
@@ -270,7 +300,7 @@ def _claim_group(opened: OpenStudy, group_size: int,
     assert isinstance(sampler, BatchSizeSampler)
     batch_size, has = sampler.least_covered(study)
     k = min(group_size, _fits_budget(opened, spent, batch_size, has))
-    return "", _ask_group(study, opened.space, batch_size, k) if k else []
+    return "", _ask_group(study, opened.space, batch_size, k, beats) if k else []
 
 
 def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> int:
@@ -298,10 +328,10 @@ def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> 
     return max(0, int(min(k, 1 << 30)))
 
 
-def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int,
-               k: int) -> list[tuple[optuna.Trial, Hyperparams]]:
-    """Ask Optuna for `k` trials at `batch_size` (re-queued trials come first and keep their own batch size).
-    Ctrl-C meanwhile leaves no trial unrecorded."""
+def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int,
+               beats: Heartbeats) -> list[tuple[optuna.Trial, Hyperparams]]:
+    """Ask Optuna for `k` trials at `batch_size` (re-queued trials come first and keep their own batch size),
+    each beating from its ask on. Ctrl-C meanwhile leaves no trial unrecorded."""
     asked: list[tuple[optuna.Trial, Hyperparams | None]] = []
     sampler = study.sampler
     assert isinstance(sampler, BatchSizeSampler)
@@ -310,7 +340,11 @@ def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int,
         for _ in range(k):
             trial = ask(study)
             asked.append((trial, None))
+            kill_point("asked")
+            beats.add(trial)
+            kill_point("beat")
             asked[-1] = (trial, space.suggest(trial))
+            kill_point("suggested")
     except KeyboardInterrupt:
         for trial, point in asked:
             interrupt_unstarted(study, trial, requeue_it=point is not None)
@@ -333,6 +367,7 @@ def finish_study(opened: OpenStudy, stop_reason: str, *, interrupted: bool = Fal
                  close: bool = True, status: str | None = None) -> StudyResult:
     """The study's result now. With `close`, its summary goes to the MLflow parent run, which is closed with
     `status` (default: KILLED if interrupted, else FINISHED)."""
+    opened.settler.sweep(opened.study)  # MLflow runs a worker killed after telling Optuna left RUNNING
     table = from_study(opened.study, n_train=opened.data.n_train)
     spent = tally(opened.study.get_trials(deepcopy=False))
     summary = summarize(table, spent, stop_reason)

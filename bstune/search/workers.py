@@ -33,7 +33,15 @@ from typing import Any, TextIO
 from bstune import signals
 from bstune.errors import BstuneError
 from bstune.search.status import worker_id
-from bstune.search.study import INTERRUPTED, StudyResult, finish_study, open_study, run_study
+from bstune.search.study import (
+    INTERRUPTED,
+    OpenStudy,
+    StudyResult,
+    finish_study,
+    open_study,
+    run_study,
+    stores_failing,
+)
 from bstune.spec import StudySpec
 from bstune.stores import grace_seconds
 from bstune.tracking import RUN_FAILED
@@ -110,7 +118,12 @@ def launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Calla
     """Create the study once, run one worker process per plan until the budget is spent, close the study."""
     from bstune.search.progress import ConsoleProgress
 
-    opened = open_study(spec, progress=ConsoleProgress(spec.search.objective))  # for its warnings
+    with stores_failing(spec):
+        return _launch(spec, spec_file, plans, echo, open_study(spec, progress=ConsoleProgress(spec.search.objective)))
+
+
+def _launch(spec: StudySpec, spec_file: str, plans: list[WorkerPlan], echo: Callable[[str], None],
+            opened: OpenStudy) -> Launched:
     echo(f"study {spec.name}: starting {len(plans)} workers"
          + "".join(f"; w{p.index} on GPU {p.env['CUDA_VISIBLE_DEVICES']}" for p in plans
                    if "CUDA_VISIBLE_DEVICES" in p.env))

@@ -6,10 +6,10 @@ the augmentation; only the update differs. `train_fused` builds the standalone m
 generator seeded as `train`'s, and updates the stacked weights with per-member hyperparameters
 (`stacked_optim`). Each member's numbers are then `train`'s for its config, to float tolerance.
 
-A member whose loss turns non-finite or explodes (`train`'s checks), or whose `on_epoch` raises, leaves the
-stack: parameters, buffers and optimizer state are re-sliced to the members that go on, so the work shrinks.
-Each member is charged its share of the group's time: each epoch's seconds split over the optimizer steps
-the members took in it.
+A member whose loss turns non-finite or explodes (`train`'s checks), or whose `on_epoch` returns True (a
+pruner's decision), leaves the stack: parameters, buffers and optimizer state are re-sliced to the members
+that go on, so the work shrinks. Each member is charged its share of the group's time: each epoch's seconds
+split over the optimizer steps the members took in it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class MemberResult:
 
     index: int  # position in `configs`
     history: list[EpochStats] = field(default_factory=list)  # one per epoch it completed
-    error: BaseException | None = None  # None: trained every epoch; Diverged; or whatever on_epoch raised for it
+    error: BaseException | None = None  # Diverged, or None: trained every epoch, or stopped
+    stopped: bool = False  # on_epoch returned True: stopped after its last epoch
 
 
 def check_fusable(configs: Sequence[TrainConfig]) -> TrainConfig:
@@ -138,12 +139,14 @@ def _start(configs: Sequence[TrainConfig], data: Dataset, device: torch.device) 
     )
 
 
-def _leave(g: _Group, errors: dict[int, BaseException]) -> None:
-    """Members at stack positions `errors` leave with those errors; the stack is re-sliced to the rest."""
+def _leave(g: _Group, errors: dict[int, BaseException | None]) -> None:
+    """Members at stack positions `errors` leave with those errors (None: stopped by on_epoch); the stack is
+    re-sliced to the rest."""
     if not errors:
         return
     for j, e in errors.items():
         g.results[g.members[j]].error = e
+        g.results[g.members[j]].stopped = e is None
     stay = [j for j in range(g.k) if j not in errors]
     g.members = [g.members[j] for j in stay]
     if not stay:
@@ -241,13 +244,13 @@ def train_fused(
     configs: Sequence[TrainConfig],
     data: Dataset,
     device: torch.device | str = "cpu",
-    on_epoch: Callable[[int, EpochStats], None] | None = None,
+    on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
 ) -> list[MemberResult]:
     """K runs that differ only in lr, momentum and weight_decay, trained as one stacked model.
 
-    `on_epoch(i, stats)` is called after each epoch for each member i still training, in member order; an
-    Exception it raises takes member i out with that error (a KeyboardInterrupt propagates at once). Members
-    that diverge leave with Diverged; the others go on unchanged. Raises OutOfMemory for the whole group."""
+    `on_epoch(i, stats)` is called after each epoch for each member i still training, in member order; True
+    from it stops member i there (`stopped`); what it raises propagates. Members that diverge leave with
+    Diverged; the others go on unchanged. Raises OutOfMemory for the whole group."""
     cfg = check_fusable(configs)
     if cfg.batch_size % cfg.accumulation_steps:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accumulation_steps "
@@ -258,7 +261,7 @@ def train_fused(
 
 
 def _train_fused(configs: Sequence[TrainConfig], data: Dataset, device: torch.device,
-                 on_epoch: Callable[[int, EpochStats], None] | None) -> list[MemberResult]:
+                 on_epoch: Callable[[int, EpochStats], bool | None] | None) -> list[MemberResult]:
     g = _start(configs, data, device)
     cfg = g.cfg
     blowup = blowup_threshold(data, cfg)  # as `train`
@@ -289,18 +292,15 @@ def _train_fused(configs: Sequence[TrainConfig], data: Dataset, device: torch.de
 
 
 def _finish_epoch(g: _Group, epoch: int, stats: list[EpochStats],
-                  on_epoch: Callable[[int, EpochStats], None] | None) -> None:
-    """Record each member's epoch and report it; members with a non-finite validation loss, or whose report
-    raised, leave."""
-    errors: dict[int, BaseException] = {}
+                  on_epoch: Callable[[int, EpochStats], bool | None] | None) -> None:
+    """Record each member's epoch and report it; members with a non-finite validation loss, or that on_epoch
+    stops, leave."""
+    errors: dict[int, BaseException | None] = {}
     for j, (m, s) in enumerate(zip(g.members, stats, strict=True)):
         if not math.isfinite(s.val_loss):
             errors[j] = Diverged(epoch, g.step, "is non-finite on the validation set")
             continue
         g.results[m].history.append(s)
-        if on_epoch is not None:
-            try:
-                on_epoch(m, s)
-            except Exception as e:  # a pruning signal, or any failure of the caller's: this member stops
-                errors[j] = e
+        if on_epoch is not None and on_epoch(m, s):
+            errors[j] = None
     _leave(g, errors)

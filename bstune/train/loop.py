@@ -3,7 +3,8 @@
 The loop follows the fast CIFAR trainers: the data set lives on the device, each epoch is a random
 permutation sliced into batches, augmentation happens on the device, and the step loop never waits for the
 host: losses are summed on the device and checked for divergence only every `check_every` steps.
-Nothing here knows about Optuna or MLflow; the caller gets each epoch's numbers through `on_epoch`.
+Nothing here knows about Optuna or MLflow; the caller gets each epoch's numbers through `on_epoch`, which
+returns whether the run stops there (a pruner's decision, say).
 
 Sections, in the order the data flows: what a run returns; data on the device and augmentation; the model;
 the optimizer and its schedule; the step loop; evaluation; and `train`, which runs them epoch by epoch.
@@ -394,10 +395,10 @@ def train(
     cfg: TrainConfig,
     data: Dataset,
     device: torch.device | str = "cpu",
-    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_epoch: Callable[[EpochStats], bool | None] | None = None,
 ) -> list[EpochStats]:
-    """Train and evaluate every epoch. Raises Diverged or OutOfMemory; whatever `on_epoch` raises (a
-    pruning signal, say) propagates and ends the run."""
+    """Train and evaluate every epoch; the epochs trained. `on_epoch(stats)` returns True to stop the run
+    after that epoch (a pruner's decision); what it raises propagates. Raises Diverged or OutOfMemory."""
     device = torch.device(device)
     with device_guard(cfg, device):
         return _train(cfg, data, device, on_epoch)
@@ -441,7 +442,7 @@ def device_guard(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
 
 
 def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
-           on_epoch: Callable[[EpochStats], None] | None) -> list[EpochStats]:
+           on_epoch: Callable[[EpochStats], bool | None] | None) -> list[EpochStats]:
     if cfg.batch_size % cfg.accumulation_steps:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by accumulation_steps "
                          f"{cfg.accumulation_steps}")
@@ -467,6 +468,6 @@ def _train(cfg: TrainConfig, data: Dataset, device: torch.device,
         if not math.isfinite(stats.val_loss):
             raise Diverged(epoch, run.step, "is non-finite on the validation set")
         history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
+        if on_epoch is not None and on_epoch(stats):
+            break
     return history
