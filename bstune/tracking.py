@@ -56,7 +56,17 @@ def mlflow_client(tracking_uri: str) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=_absolute_sqlite(tracking_uri))
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """A relative SQLite URI made absolute: MLflow keeps one store per URI for the whole process, so the default
+    `sqlite:///mlruns/mlflow.db` would go on naming the folder it was first opened in after a change of folder
+    (a notebook's os.chdir, or the Python API called from two projects)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or ":memory:" in uri:
+        return uri
+    return prefix + os.path.abspath(uri[len(prefix):])
 
 # The experiment tag that opens the MLflow UI on an experiment's training runs rather than its GenAI views.
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
