@@ -7,7 +7,7 @@ the augmentation; only the update differs. `train_fused` builds the standalone m
 is the model itself, its outputs given a member axis of 1), draws batches and augmentation from one generator
 seeded by the config, and updates the stacked weights with per-member hyperparameters (`stacked_optim`).
 Each member's numbers are then its lone run's, to float tolerance. A group of one trains as fast as the lone
-trainer it replaced (benchmarks/FUSED.md, "A group of one").
+trainer it replaced (benchmarks/FUSED.md, "A lone trial is a group of one").
 
 A member whose loss turns non-finite or explodes, or whose `on_epoch` returns True (a pruner's decision),
 leaves the stack: parameters, buffers and optimizer state are re-sliced to the members that go on, so the work
@@ -127,8 +127,8 @@ def _start(configs: Sequence[TrainConfig], data: Dataset, device: torch.device) 
     alone = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width)
     small_on_cpu(cfg, alone, device)
     model = _stack(cfg, alone, k).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)  # 4-D weights only: a group of one's convolutions
+    if cuda and k == 1:  # a stacked convolution's weights are 5-D, which channels_last refuses
+        model = model.to(memory_format=torch.channels_last)
     # reduce-overhead records CUDA graphs: at B = 32 a step is launch-bound, and replaying a graph removes
     # the per-kernel launch cost. A last, smaller batch would record a second graph, so compiled runs drop it.
     forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
