@@ -58,13 +58,28 @@ class RowColumns:
     blank: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CurvePoints:
+    """Every learning-curve point of a table's records, end to end: by record (its index in the table),
+    each record's points in epoch order, as its ``curve`` holds them (nan where a count was not recorded).
+    A table read from a CSV carries it, so that the steps fit reads its curves without a Python loop per
+    point; it describes ``n_records`` records, and is not used for a table of another length."""
+
+    record: np.ndarray
+    epoch: np.ndarray
+    value: np.ndarray
+    optimizer_steps: np.ndarray
+    examples_seen: np.ndarray
+    n_records: int
+
+
 class _Decline(Exception):
     """The table is not one the fast path takes as it is."""
 
 
-def read_columns(reader: Any, cols: Columns, states: Sequence[str],
-                 max_batch_size: int) -> RowColumns | None:
-    """The rows after the header as columns, checked; None where the row-by-row reader must decide."""
+def read_columns(reader: Any, cols: Columns, states: Sequence[str], max_batch_size: int) -> RowColumns | None:
+    """The rows after the header as columns, checked; None where the row-by-row reader must decide.
+    ``states``: the states a row may name, the first of them what a blank state means."""
     try:
         out = _read(reader, cols)
         _check(out, cols, states, max_batch_size)
@@ -160,7 +175,7 @@ def _check(out: RowColumns, cols: Columns, states: Sequence[str], max_batch_size
     if not ((b == b[f]) & (lr == lr[f]) & (m == m[f])).all():
         raise _Decline
     allowed = set(states)
-    if any((s or "COMPLETE").upper() not in allowed for s in set(out.states)):
+    if any((s or states[0]).upper() not in allowed for s in set(out.states)):
         raise _Decline
 
 

@@ -23,7 +23,16 @@ import numpy as np
 
 from bstune.errors import BstuneError, redact
 from bstune.spec import Budget
-from bstune.tablecsv import CSV_COLUMNS, REQUIRED_COLUMNS, Columns, RowColumns, num, opt_int, read_columns
+from bstune.tablecsv import (
+    CSV_COLUMNS,
+    REQUIRED_COLUMNS,
+    Columns,
+    CurvePoints,
+    RowColumns,
+    num,
+    opt_int,
+    read_columns,
+)
 
 __all__ = ["CSV_COLUMNS", "REQUIRED_COLUMNS"]  # and the rest: the CSV's columns are part of the contract
 
@@ -141,6 +150,9 @@ class TrialTable:
     n_train: int | None = None
     study_name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # the records' curve points as arrays, where the reader made them (from_csv); records are not changed
+    # in place once read
+    curve_points: CurvePoints | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.direction not in ("minimize", "maximize"):
@@ -351,8 +363,9 @@ def from_csv(path: str | Path, direction: str = "minimize", metric: str = "value
             reader = csv.reader(f)
             cols = Columns(next(reader, []), str(path))
             fast = read_columns(reader, cols, CSV_STATES, MAX_BATCH_SIZE)
+        points = None
         if fast is not None:
-            records = _records(fast)
+            records, points = _records(fast)
         else:  # row by row: it accepts what it always did, and names the line of the first problem
             with open(p, newline="", encoding="utf-8-sig") as f:
                 records = _read_trials(csv.reader(f), str(path))
@@ -362,10 +375,10 @@ def from_csv(path: str | Path, direction: str = "minimize", metric: str = "value
         raise BstuneError(f"{path}: not a readable CSV ({e}); save it as plain comma-separated text") from None
     except OSError as e:
         raise BstuneError(f"{path}: cannot read it ({e.strerror})") from None
-    return TrialTable(records, direction=direction, metric=metric)
+    return TrialTable(records, direction=direction, metric=metric, curve_points=points)
 
 
-def _records(c: RowColumns) -> list[TrialRecord]:
+def _records(c: RowColumns) -> tuple[list[TrialRecord], CurvePoints]:
     """The records of a table read by columns (``tablecsv``), as ``_read_trials`` makes them."""
     f, num_, blank = c.first, c.num, c.blank
     value = num_["value"][f]
@@ -374,7 +387,9 @@ def _records(c: RowColumns) -> list[TrialRecord]:
     rows = np.flatnonzero(~blank["epoch"])
     rows = rows[np.lexsort((num_["epoch"][rows], c.trial[rows]))]  # stable: ties keep the file's order
     ev = np.where(blank["epoch_value"][rows], num_["value"][rows], num_["epoch_value"][rows])
-    points = list(map(EpochPoint, num_["epoch"][rows].astype(np.int64).tolist(), ev.tolist(),
+    arrays = CurvePoints(c.trial[rows], num_["epoch"][rows], ev, num_["optimizer_steps"][rows],
+                         num_["examples_seen"][rows], len(f))
+    points = list(map(EpochPoint, arrays.epoch.astype(np.int64).tolist(), ev.tolist(),
                       _ints_or_none(num_["optimizer_steps"][rows], blank["optimizer_steps"][rows]),
                       _ints_or_none(num_["examples_seen"][rows], blank["examples_seen"][rows])))
     bounds = np.searchsorted(c.trial[rows], np.arange(len(f) + 1)).tolist()
@@ -385,7 +400,7 @@ def _records(c: RowColumns) -> list[TrialRecord]:
         out.append(TrialRecord(number=int(key) if key.isdigit() else n, batch_size=int(b[n]), lr=lr[n],
                                momentum=m[n], value=values[n], state=State((c.states[n] or State.COMPLETE).upper()),
                                curve=curve, examples_seen=(curve[-1].examples_seen or 0) if curve else ex_first[n]))
-    return out
+    return out, arrays
 
 
 def _ints_or_none(v: np.ndarray, blank: np.ndarray) -> list[int | None]:

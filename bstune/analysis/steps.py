@@ -59,22 +59,22 @@ class _Flat:
 def _curves(table: TrialTable, groups: dict[int, list[TrialRecord]], sign: float) -> _Curves:
     """Every trial's learning curve in optimizer steps, points without steps or a finite value left out.
 
-    Read once into flat arrays (no list per trial): a table of 10^6 curve points costs a few passes over
-    them, not a Python loop per point."""
+    Read into flat arrays (no list per trial): from the table's own arrays where its reader made them (a CSV),
+    else from the records' points once."""
     curves: _Curves = {}
-    nan = math.nan
+    cp = table.curve_points
+    if cp is not None and cp.n_records != len(table.records):  # made for other records
+        cp = None
+    if cp is not None:
+        sizes = np.fromiter((r.batch_size for r in table.records), dtype=np.int64, count=len(table.records))
+        of_b = sizes[cp.record]
     for b, records in groups.items():
-        points = [(i, p) for i, r in enumerate(records) for p in r.curve]
-        if not points:
-            continue
-        trial = np.fromiter((i for i, _ in points), dtype=np.int64, count=len(points))
-        epoch = np.fromiter((p.epoch for _, p in points), dtype=float, count=len(points))
-        value = np.fromiter((nan if p.value is None else p.value for _, p in points), dtype=float,
-                            count=len(points))
-        steps = np.fromiter((nan if p.optimizer_steps is None else p.optimizer_steps for _, p in points),
-                            dtype=float, count=len(points))
-        seen = np.fromiter((p.examples_seen or 0 for _, p in points), dtype=float, count=len(points))
-        del points
+        if cp is not None:
+            at = np.flatnonzero(of_b == b)
+            trial, epoch, value = cp.record[at], cp.epoch[at], cp.value[at]
+            steps, seen = cp.optimizer_steps[at], np.nan_to_num(cp.examples_seen[at])
+        else:
+            trial, epoch, value, steps, seen = _points(records)
         # as EpochPoint.steps: recorded, else epochs x ceil(n_train / B), else examples seen / B
         if table.n_train:
             steps = np.where(np.isnan(steps), epoch * math.ceil(table.n_train / b), steps)
@@ -85,6 +85,20 @@ def _curves(table: TrialTable, groups: dict[int, list[TrialRecord]], sign: float
         if len(keep):
             curves[b] = _Flat(steps[keep], sign * value[keep], trial[keep])
     return curves
+
+
+def _points(records: list[TrialRecord]) -> tuple[np.ndarray, ...]:
+    """The records' curve points as arrays: trial (index in ``records``), epoch, value, optimizer steps and
+    examples seen (nan and 0 where not recorded)."""
+    nan = math.nan
+    points = [(i, p) for i, r in enumerate(records) for p in r.curve]
+    n = len(points)
+    return (np.fromiter((i for i, _ in points), dtype=np.int64, count=n),
+            np.fromiter((p.epoch for _, p in points), dtype=float, count=n),
+            np.fromiter((nan if p.value is None else p.value for _, p in points), dtype=float, count=n),
+            np.fromiter((nan if p.optimizer_steps is None else p.optimizer_steps for _, p in points), dtype=float,
+                        count=n),
+            np.fromiter((p.examples_seen or 0 for _, p in points), dtype=float, count=n))
 
 
 def _goal(curves: _Curves, per_batch: list[BatchOptimum], sign: float,
