@@ -245,22 +245,40 @@ def _median_gns(records: Sequence[TrialRecord]) -> float | None:
 # ------------------------------------------------------------------------------------ per-batch optimum
 
 
+class _Trials:
+    """A batch size's trials as arrays (one pass over the records): lr, effective lr, sign * value (nan where
+    none), and which say COMPLETE, are complete (with a finite value), diverged (or COMPLETE without a finite
+    value), pruned, failed."""
+
+    def __init__(self, records: Sequence[TrialRecord], sign: float) -> None:
+        n = len(records)
+        state = np.array([r.state for r in records], dtype=str) if n else np.zeros(0, dtype=str)
+        self.lr = np.fromiter((r.lr for r in records), dtype=float, count=n)
+        self.one_minus_m = np.fromiter((1.0 - r.momentum for r in records), dtype=float, count=n)
+        self.effective_lr = np.fromiter((r.effective_lr for r in records), dtype=float, count=n)
+        value = np.fromiter((math.nan if r.value is None else r.value for r in records), dtype=float, count=n)
+        self.value = sign * value
+        finite = np.isfinite(value)
+        self.said_complete = state == State.COMPLETE.value
+        self.complete = self.said_complete & finite
+        self.diverged = (state == State.DIVERGED.value) | (self.said_complete & ~finite)
+        self.pruned = state == State.PRUNED.value
+        self.failed = np.isin(state, [s.value for s in FAILED_STATES])
+
+
 def _batch_basics(b: int, records: list[TrialRecord], done: list[TrialRecord], sign: float,
                   min_trials: int) -> BatchOptimum:
     """A batch size's counts, best trial and divergence edge, before any fit."""
-    # a COMPLETE trial without a finite value blew up: it counts as diverged
-    diverged = [r for r in records
-                if r.state == State.DIVERGED or (r.state == State.COMPLETE and not _is_complete(r))]
-    stable = [r for r in records if r.state == State.PRUNED or _is_complete(r)]
-    best = min(done, key=lambda r: sign * float(r.value or 0.0)) if done else None
+    t = _Trials(records, sign)
+    best = records[int(np.argmin(np.where(t.complete, t.value, np.inf)))] if done else None  # the first best
+    stable = t.pruned | t.complete
     return BatchOptimum(
-        batch_size=b, n_complete=len(done), n_pruned=sum(r.state == State.PRUNED for r in records),
-        n_diverged=len(diverged), n_failed=sum(r.state in FAILED_STATES for r in records),
+        batch_size=b, n_complete=len(done), n_pruned=int(t.pruned.sum()),
+        n_diverged=int(t.diverged.sum()), n_failed=int(t.failed.sum()),
         best_lr=best.lr if best else None, best_momentum=best.momentum if best else None,
         best_value=best.value if best else None, status=f"too few trials ({len(done)} < {min_trials})",
-        max_stable_lr=_max_stable([r.lr for r in stable], [r.lr for r in diverged]),
-        max_stable_effective_lr=_max_stable([r.effective_lr for r in stable],
-                                            [r.effective_lr for r in diverged]),
+        max_stable_lr=_max_stable(t.lr[stable], t.lr[t.diverged]),
+        max_stable_effective_lr=_max_stable(t.effective_lr[stable], t.effective_lr[t.diverged]),
     )
 
 
@@ -295,7 +313,8 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
-    below, above = _bracket(records, sign, v, lx[0], leff[0])
+    t = _Trials(records, sign)
+    below, above = _bracket(t, v, lx[0], leff[0])
     out.bracketed = below and above
     out.status = "fitted"
     if not out.bracketed:
@@ -308,29 +327,26 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
         warnings.append(f"B={b}: the fitted effective lr* is within half an octave of the divergence edge "
                         f"({format_number(out.max_stable_effective_lr)}); the valley's right wall is cut off by "
                         "divergence")
-    near = [r for r in records
-            if r.state in (State.PRUNED, State.COMPLETE) and abs(math.log2(r.effective_lr) - leff[0]) <= 0.5]
-    if len(near) >= 4 and sum(r.state == State.PRUNED for r in near) > len(near) / 2:
+    near = (t.pruned | t.said_complete) & (np.abs(np.log2(t.effective_lr) - leff[0]) <= 0.5)
+    if near.sum() >= 4 and (near & t.pruned).sum() > near.sum() / 2:
         warnings.append(f"B={b}: most trials within half an octave of the fitted effective lr* were pruned; "
                         "the pruner may be cutting into the valley (give it more warm-up epochs)")
 
 
-def _bracket(records: list[TrialRecord], sign: float, v: Valley, log2_lr: float,
-             log2_eff: float) -> tuple[bool, bool]:
+def _bracket(t: _Trials, v: Valley, log2_lr: float, log2_eff: float) -> tuple[bool, bool]:
     """Whether some trial more than half an octave below, and some above, the optimum is clearly worse:
     pruned, diverged, or completed more than twice the fit's residual RMS above the fitted optimum value.
     Checked in the coordinate the fit used (either one for the 2-D fit; across the floor, at the trial's own
     momentum, for the pooled fit)."""
-    worse = [r for r in records if r.state in (State.PRUNED, State.DIVERGED)
-             or (r.state == State.COMPLETE and (not _is_complete(r) or sign * r.value > v.value + 2.0 * v.noise))]
+    worse = t.pruned | t.diverged | (t.complete & (t.value > v.value + 2.0 * v.noise))
     offsets = []
     if v.tilt is not None:  # distance from the floor at the trial's own momentum
-        offsets.append(np.log2([r.lr for r in worse]) - log2_lr
-                       - v.tilt * (np.log2([1.0 - r.momentum for r in worse]) - float(v.log2_one_minus_m[0])))
+        offsets.append(np.log2(t.lr[worse]) - log2_lr
+                       - v.tilt * (np.log2(t.one_minus_m[worse]) - float(v.log2_one_minus_m[0])))
     elif v.kind in ("1d-lr", "2d", "smooth"):
-        offsets.append(np.log2([r.lr for r in worse]) - log2_lr)
+        offsets.append(np.log2(t.lr[worse]) - log2_lr)
     if v.tilt is None and v.kind in ("1d-effective", "2d"):
-        offsets.append(np.log2([r.effective_lr for r in worse]) - log2_eff)
+        offsets.append(np.log2(t.effective_lr[worse]) - log2_eff)
     return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
 
 
@@ -339,10 +355,9 @@ def _holding(point: float, interval: Interval) -> Interval:
     return (min(interval[0], point), max(interval[1], point))
 
 
-def _max_stable(stable: list[float], diverged: list[float]) -> float | None:
+def _max_stable(stable: np.ndarray, diverged: np.ndarray) -> float | None:
     """The largest lr that did not diverge, below the smallest that did (None without a divergence)."""
-    if not diverged:
+    if not len(diverged):
         return None
-    edge = min(diverged)
-    below = [lr for lr in stable if lr < edge]
-    return max(below) if below else None
+    below = stable[stable < diverged.min()]
+    return float(below.max()) if len(below) else None
