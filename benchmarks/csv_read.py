@@ -9,7 +9,8 @@ each (one per epoch, a number column naming the trial), 8 batch sizes from 16 to
 past the valley's cliff DIVERGED (one row, no curve), a few PRUNED after 3 epochs; every epoch row carries
 epoch_value, optimizer_steps and examples_seen. It then runs ``python -m bstune.cli analyze --csv FILE
 --json -`` in a child process and prints its wall seconds and peak resident memory (the child's own
-``ru_maxrss``, from ``os.wait4``), with the machine's load average before the run (the CPUs are shared).
+``ru_maxrss``, from ``os.wait4``) and CPU seconds (user + system: what the run costs whatever else the
+machine is doing), with the machine's load average before the run (the CPUs are shared).
 ``--read-only`` times ``bstune.trials.from_csv`` alone instead, in the same way. Targets (issue 31): 10^6 rows
 read and analysed in under a minute and 2 GB. Results: benchmarks/ANALYSIS_SCALE.md.
 """
@@ -68,8 +69,9 @@ def write_table(path: Path, rows: int, epochs: int, seed: int = 0) -> int:
     return n
 
 
-def measure(cmd: list[str]) -> tuple[float, float, int, str]:
-    """Wall seconds and peak RSS (MB) of a child process, its exit code and the tail of its output."""
+def measure(cmd: list[str]) -> tuple[float, float, float, int, str]:
+    """Wall and CPU (user + system) seconds and peak RSS (MB) of a child process, its exit code and the tail
+    of its output."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read() if proc.stdout else ""
@@ -77,7 +79,7 @@ def measure(cmd: list[str]) -> tuple[float, float, int, str]:
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kib = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss // 1024
-    return seconds, peak_kib / 1024, proc.returncode, out[-1500:]
+    return seconds, usage.ru_utime + usage.ru_stime, peak_kib / 1024, proc.returncode, out[-1500:]
 
 
 def main() -> None:
@@ -89,7 +91,8 @@ def main() -> None:
     what = "from_csv" if args.read_only else "bstune analyze --csv FILE --json -"
     print(f"{what}, in a child process; {args.epochs} epoch rows per completed trial, {len(BATCH_SIZES)} batch "
           f"sizes; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print(f"{'rows':>10} {'trials':>8} {'MB':>6} {'load':>5} {'wall s':>7} {'peak RSS MB':>11} {'exit':>4}")
+    print(f"{'rows':>10} {'trials':>8} {'MB':>6} {'load':>5} {'wall s':>7} {'CPU s':>6} {'peak RSS MB':>11} "
+          f"{'exit':>4}")
     for rows in args.rows:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "trials.csv"
@@ -100,9 +103,9 @@ def main() -> None:
             cmd = ([sys.executable, "-c", _READ_ONLY, str(path)] if args.read_only
                    else [sys.executable, "-m", "bstune.cli", "analyze", "--csv", str(path), "--json", "-"])
             load = os.getloadavg()[0]
-            seconds, mb, code, tail = measure(cmd)
+            seconds, cpu, mb, code, tail = measure(cmd)
         print(f"{written:>10,} {trials:>8,} {size:>6.0f} "
-              f"{load:>5.1f} {seconds:>7.1f} {mb:>11.0f} {code:>4d}", flush=True)
+              f"{load:>5.1f} {seconds:>7.1f} {cpu:>6.1f} {mb:>11.0f} {code:>4d}", flush=True)
         if code:
             print(tail, file=sys.stderr)
 
