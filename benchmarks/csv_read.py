@@ -1,13 +1,14 @@
 """Wall time and peak memory of the whole `bstune analyze --csv` (read and analysis) on large CSVs of trials.
 A script, not a test:
 
-    python benchmarks/csv_read.py [--rows 10000 100000 1000000] [--epochs 10] [--read-only]
+    python benchmarks/csv_read.py [--rows 10000 100000 1000000] [--epochs 10 | 0] [--read-only]
 
 For each ``--rows`` it writes a CSV to a temporary folder (writing is not timed): trials of ``--epochs`` rows
 each (one per epoch, a number column naming the trial), 8 batch sizes from 16 to 2048, lr log-uniform over
 1e-4..10 at momentum 0.9, the final value from a lopsided valley around a saturating lr*(B) plus noise, trials
 past the valley's cliff DIVERGED (one row, no curve), a few PRUNED after 3 epochs; every epoch row carries
-epoch_value, optimizer_steps and examples_seen. It then runs ``python -m bstune.cli analyze --csv FILE
+epoch_value, optimizer_steps and examples_seen (``--epochs 0``: one row per trial, without a number column or a
+curve, so 10^6 rows are 10^6 trials). It then runs ``python -m bstune.cli analyze --csv FILE
 --json -`` in a child process and prints its wall seconds and peak resident memory (the child's own
 ``ru_maxrss``, from ``os.wait4``) and CPU seconds (user + system: what the run costs whatever else the
 machine is doing), with the machine's load average before the run (the CPUs are shared).
@@ -38,7 +39,8 @@ _READ_ONLY = "from bstune.trials import from_csv; import sys; print(len(from_csv
 def write_table(path: Path, rows: int, epochs: int, seed: int = 0) -> int:
     """A realistic CSV of about ``rows`` rows (see the module doc); returns the trials written."""
     rng = np.random.default_rng(seed)
-    n = max(2 * rows // epochs, 2)  # drawn generously, then cut where the rows add up to ``rows``
+    per_trial, epochs = (epochs, epochs) if epochs else (1, 10)  # 0: one row per trial, no curve
+    n = max(2 * rows // per_trial, 2)  # drawn generously, then cut where the rows add up to ``rows``
     b = rng.choice(BATCH_SIZES, size=n)
     lr_star = 0.1 * 8.0 / (1.0 + 256.0 / b)  # at m = 0.9: the effective lr* saturates at 8
     x = rng.uniform(math.log2(1e-4), math.log2(10.0), size=n)
@@ -54,7 +56,12 @@ def write_table(path: Path, rows: int, epochs: int, seed: int = 0) -> int:
     diverged = d > 1.5 + 0.25 * rng.standard_normal(n)
     pruned = ~diverged & (s > 0.5) & (rng.random(n) < 0.3)
     last = np.where(pruned, min(3, epochs), epochs)
-    n = max(int(np.searchsorted(np.cumsum(np.where(diverged, 1, last)), rows, side="right")), 1)
+    n = max(int(np.searchsorted(np.cumsum(np.where(diverged, 1, last if per_trial > 1 else 1)), rows,
+                                side="right")), 1)
+    if per_trial == 1:
+        _write_trial_rows(path, n, b, x, diverged, pruned, curve[np.arange(len(last)), last - 1],
+                          last * steps_per_epoch * b)
+        return n
     with open(path, "w") as f:
         f.write("number,batch_size,lr,momentum,value,state,epoch,epoch_value,optimizer_steps,examples_seen\n")
         for i in range(n):
@@ -67,6 +74,19 @@ def write_table(path: Path, rows: int, epochs: int, seed: int = 0) -> int:
             f.writelines(f"{head},{j + 1},{curve[i, j]:.5g},{(j + 1) * spe},{(j + 1) * spe * bi}\n"
                          for j in range(k))
     return n
+
+
+def _write_trial_rows(path: Path, n: int, b: np.ndarray, x: np.ndarray, diverged: np.ndarray, pruned: np.ndarray,
+                      final: np.ndarray, examples: np.ndarray) -> None:
+    """One row per trial, no number column and no curve (each row its own trial)."""
+    with open(path, "w") as f:
+        f.write("batch_size,lr,momentum,value,state,examples_seen\n")
+        for i in range(n):
+            head = f"{b[i]},{2.0 ** x[i]:.6g},{MOMENTUM}"
+            if diverged[i]:
+                f.write(f"{head},,DIVERGED,\n")
+            else:
+                f.write(f"{head},{final[i]:.5g},{'PRUNED' if pruned[i] else 'COMPLETE'},{examples[i]}\n")
 
 
 def measure(cmd: list[str]) -> tuple[float, float, float, int, str]:
@@ -85,7 +105,8 @@ def measure(cmd: list[str]) -> tuple[float, float, float, int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--epochs", type=int, default=10, help="epoch rows per completed trial")
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="epoch rows per completed trial (0: one row per trial, no number, no curve)")
     parser.add_argument("--read-only", action="store_true", help="time bstune.trials.from_csv alone")
     args = parser.parse_args()
     what = "from_csv" if args.read_only else "bstune analyze --csv FILE --json -"
