@@ -362,7 +362,7 @@ def from_csv(path: str | Path, direction: str = "minimize", metric: str = "value
         with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             cols = Columns(next(reader, []), str(path))
-            fast = read_columns(reader, cols, CSV_STATES, MAX_BATCH_SIZE)
+            fast = read_columns(f, reader.line_num, cols, CSV_STATES, MAX_BATCH_SIZE)
         points = None
         if fast is not None:
             records, points = _records(fast)

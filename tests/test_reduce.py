@@ -122,5 +122,6 @@ def test_the_columnar_read_gives_the_row_by_row_records(tmp_path: Path, kind: st
     # clean tables are read by columns; a blank line or a field over two lines goes row by row
     with open(path, newline="") as f:
         reader = csv.reader(f)
-        fast = read_columns(reader, Columns(next(reader), "t"), CSV_STATES, MAX_BATCH_SIZE)
+        cols = Columns(next(reader), "t")
+        fast = read_columns(f, reader.line_num, cols, CSV_STATES, MAX_BATCH_SIZE)
     assert (fast is None) == (kind in ("blank-line", "quoted-newline"))
