@@ -110,8 +110,9 @@ def main() -> None:
     parser.add_argument("--read-only", action="store_true", help="time bstune.trials.from_csv alone")
     args = parser.parse_args()
     what = "from_csv" if args.read_only else "bstune analyze --csv FILE --json -"
-    print(f"{what}, in a child process; {args.epochs} epoch rows per completed trial, {len(BATCH_SIZES)} batch "
-          f"sizes; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    layout = f"{args.epochs} epoch rows per completed trial" if args.epochs else "one row per trial, no curve"
+    print(f"{what}, in a child process; {layout}, {len(BATCH_SIZES)} batch sizes; {os.cpu_count()} CPUs, "
+          f"Python {sys.version.split()[0]}")
     print(f"{'rows':>10} {'trials':>8} {'MB':>6} {'load':>5} {'wall s':>7} {'CPU s':>6} {'peak RSS MB':>11} "
           f"{'exit':>4}")
     for rows in args.rows:
