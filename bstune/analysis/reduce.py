@@ -13,9 +13,9 @@ those sums are exact whatever the number of trials. A bootstrap resample drawn t
 
 Walls (diverged trials, all at one value) have var 0, so their sums are exact. The data's row, and with it the
 point estimates, the value and the plateau, are the same as without the reduction up to the order of
-floating-point sums; the intervals are another draw of nearly the same bootstrap (tests/test_reduce.py). At a
-bin's typical size beyond the threshold (4,000 trials over ~100 bins: 40 a bin, hundreds in the valley) the
-normal approximation's error is far below the resampling's own noise.
+floating-point sums; the intervals are another draw of nearly the same bootstrap (tests/test_reduce.py). Beyond the
+threshold a bin holds tens of trials (4,000 over ~100 bins), and the resamples' quantiles agree with the
+trial-by-trial bootstrap's within their Monte Carlo error already at 300 trials.
 """
 
 from __future__ import annotations
