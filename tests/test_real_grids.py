@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks import real_grids
 from benchmarks.real_coverage import Tally, draw_study, ref_alpha, reference, score
-from benchmarks.real_grids import GRIDS, load, mnist1d_dataset
+from benchmarks.real_grids import GRIDS, Grid, load, mnist1d_dataset, read_rows, write
 from bstune.analysis import analyze
 
 
@@ -40,3 +41,19 @@ def test_lr_star_intervals_hold_the_multi_seed_reference_on_real_digits_studies(
         score(t, a, ref, ref_alpha(ref, sizes), seed)
     assert np.mean(t.lr_hold) >= 0.8 and not any(t.outside)
     assert np.median(t.lr_width) < 3.5
+
+
+@pytest.mark.slow
+def test_a_stopped_build_resumes_from_its_partial_file_without_retraining(tmp_path, monkeypatch):
+    monkeypatch.setattr(real_grids, "GRID_DIR", tmp_path)
+    grid = Grid("tiny", "digits", "sgd", (512,), (-3.0, -2.0), (0.9,), epochs=1)
+    # a group kept from a stopped build, marked by a value no training gives
+    kept = [{"batch_size": 512, "lr": 2.0**x, "momentum": 0.9, "seed": 0, "state": "COMPLETE", "value": 123.0,
+             "epoch_values": "123"} for x in grid.log2_lrs]
+    write(grid.path.with_suffix(".partial"), kept)
+    real_grids.build(grid, [0, 1], [512])
+    rows = read_rows(grid.path)
+    assert not grid.path.with_suffix(".partial").exists() and not list(tmp_path.glob("*.tmp"))
+    assert [r["value"] for r in rows if r["seed"] == 0] == [123.0, 123.0]
+    trained = [r for r in rows if r["seed"] == 1]
+    assert len(trained) == 2 and all(0 < r["value"] < 5 for r in trained)
