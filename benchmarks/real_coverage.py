@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.real_grids import GRIDS, load  # noqa: E402
 from bstune.analysis import analyze  # noqa: E402
+from bstune.analysis.laws import fit_forms  # noqa: E402
 from bstune.errors import BstuneError  # noqa: E402
 from bstune.trials import State, TrialRecord, TrialTable  # noqa: E402
 
@@ -346,10 +347,11 @@ def named_lines(grid: str, tallies: dict[int, Tally | MomentumTally]) -> list[st
 
 def summary(rows: Sequence[dict], rng: np.random.Generator) -> list[str]:
     """What a grid shows, per (batch size, momentum), from all its seeds: the seed-mean vertex lr*, its 95%
-    interval over a seed bootstrap, the best seed-mean value, the sd over seeds there, the sd of each seed's
-    own lr*, and the alpha of the seed-mean lr*(B) at each momentum (least squares on log2 B)."""
+    interval over a seed bootstrap (one resample of the seeds shared by every batch size), the best seed-mean
+    value, the sd over seeds there, the sd of each seed's own lr*; then how lr*(B) moves (``_law_lines``)."""
     xs = np.unique(np.round(np.log2([r["lr"] for r in rows]), 6))
     seeds = sorted({r["seed"] for r in rows})
+    picks = rng.integers(0, len(seeds), size=(REF_BOOT, len(seeds)))
     out = ["| B | momentum | lr\\* (log2) | 95% interval (seed bootstrap) | best seed-mean value | sd over seeds there "
            "| each seed's own lr\\* (sd, octaves) |", "|---" * 7 + "|"]
     by_m: dict[float, list[tuple[int, float, np.ndarray]]] = {}
@@ -360,7 +362,6 @@ def summary(rows: Sequence[dict], rng: np.random.Generator) -> list[str]:
                 if r["batch_size"] == b and r["momentum"] == m:
                     mat[seeds.index(r["seed"]), np.searchsorted(xs, round(math.log2(r["lr"]), 6))] = r["value"]
             curve = _seed_mean(mat)
-            picks = rng.integers(0, len(seeds), size=(REF_BOOT, len(seeds)))
             boot = np.array([_vertex(xs, _seed_mean(mat[p])) for p in picks])
             by_m.setdefault(m, []).append((b, _vertex(xs, curve), boot))
             at = mat[:, int(np.argmin(curve))]
@@ -369,11 +370,30 @@ def summary(rows: Sequence[dict], rng: np.random.Generator) -> list[str]:
                        f"{np.quantile(boot, 0.975):.2f} | {curve.min():.4f} | {np.nanstd(at, ddof=1):.4f} | "
                        f"{np.std(own, ddof=1):.2f} |")
     for m, pts in by_m.items():
-        lb = np.log2([b for b, _, _ in pts])
-        slope = float(np.polyfit(lb, [x for _, x, _ in pts], 1)[0])
-        boot = [np.polyfit(lb, [bt[i] for _, _, bt in pts], 1)[0] for i in range(REF_BOOT)]
-        out.append(f"- momentum {m:g}: alpha (least squares of the seed-mean lr* on log2 B) {slope:.2f} "
-                   f"[{np.quantile(boot, 0.025):.2f}, {np.quantile(boot, 0.975):.2f}]")
+        out += _law_lines(m, pts)
+    return out
+
+
+def _law_lines(m: float, pts: list[tuple[int, float, np.ndarray]]) -> list[str]:
+    """How the reference lr*(B) moves at one momentum: the least-squares alpha on log2 B, the form bstune's
+    ``fit_forms`` prefers for it (AICc, the seed-bootstrap replicates as its rows), and where lr* peaks, with
+    the fall (octaves) from the peak to the largest batch size over the seed bootstrap."""
+    sizes = np.array([b for b, _, _ in pts], dtype=float)
+    rows = np.vstack([[x for _, x, _ in pts], np.stack([bt for _, _, bt in pts], axis=1)])
+    lb = np.log2(sizes)
+    slope = np.polyfit(lb, rows.T, 1)[0]
+    out = [f"- momentum {m:g}: alpha (least squares of the seed-mean log2 lr* on log2 B) {slope[0]:.2f} "
+           f"[{np.quantile(slope[1:], 0.025):.2f}, {np.quantile(slope[1:], 0.975):.2f}]"]
+    if len(sizes) >= 3:
+        fits, preferred = fit_forms(sizes, rows, "AICc" if len(sizes) >= 5 else "AIC")
+        weights = ", ".join(f"{f} {fits[f].weight:.2f}" for f in sorted(fits, key=lambda f: -fits[f].weight))
+        out.append(f"  - forms (bstune's fit_forms on the reference): preferred {preferred}; weights {weights}")
+    k = int(np.argmax(rows[0]))
+    if k < len(sizes) - 1:
+        fall = rows[:, -1] - rows[:, k]
+        out.append(f"  - lr* peaks at B = {int(sizes[k])} (2^{rows[0, k]:.2f}) and moves {fall[0]:+.2f} octave "
+                   f"[{np.quantile(fall[1:], 0.025):+.2f}, {np.quantile(fall[1:], 0.975):+.2f}] to B = "
+                   f"{int(sizes[-1])}")
     return out
 
 
