@@ -353,8 +353,10 @@ def summary(rows: Sequence[dict], rng: np.random.Generator) -> list[str]:
     seeds = sorted({r["seed"] for r in rows})
     picks = rng.integers(0, len(seeds), size=(REF_BOOT, len(seeds)))
     out = ["| B | momentum | lr\\* (log2) | 95% interval (seed bootstrap) | best seed-mean value | sd over seeds there "
-           "| each seed's own lr\\* (sd, octaves) |", "|---" * 7 + "|"]
+           "| each seed's own lr\\* (sd, octaves) | within 1.5x of the best (log2 lr) | its centre [95%] |",
+           "|---" * 9 + "|"]
     by_m: dict[float, list[tuple[int, float, np.ndarray]]] = {}
+    centres: dict[float, list[tuple[int, float, np.ndarray]]] = {}
     for m in sorted({r["momentum"] for r in rows}):
         for b in sorted({r["batch_size"] for r in rows}):
             mat = np.full((len(seeds), len(xs)), np.nan)
@@ -366,15 +368,37 @@ def summary(rows: Sequence[dict], rng: np.random.Generator) -> list[str]:
             by_m.setdefault(m, []).append((b, _vertex(xs, curve), boot))
             at = mat[:, int(np.argmin(curve))]
             own = [_vertex(xs, np.where(np.isfinite(v), v, np.nanmax(mat))) for v in mat]
+            lo, hi = _span(xs, curve)
+            mid = np.array([sum(_span(xs, _seed_mean(mat[p]))) / 2.0 for p in picks])
+            centres.setdefault(m, []).append((b, (lo + hi) / 2.0, mid))
             out.append(f"| {b} | {m:g} | {_vertex(xs, curve):.2f} | {np.quantile(boot, 0.025):.2f} .. "
                        f"{np.quantile(boot, 0.975):.2f} | {curve.min():.4f} | {np.nanstd(at, ddof=1):.4f} | "
-                       f"{np.std(own, ddof=1):.2f} |")
+                       f"{np.std(own, ddof=1):.2f} | {lo:.2f} .. {hi:.2f} | {(lo + hi) / 2:.2f} "
+                       f"[{np.quantile(mid, 0.025):.2f}, {np.quantile(mid, 0.975):.2f}] |")
     for m, pts in by_m.items():
-        out += _law_lines(m, pts)
+        out += _law_lines(m, pts, "the seed-mean vertex")
+        out += _law_lines(m, centres[m], "the centre of the span within 1.5x of the best")
     return out
 
 
-def _law_lines(m: float, pts: list[tuple[int, float, np.ndarray]]) -> list[str]:
+def _span(xs: np.ndarray, curve: np.ndarray, factor: float = 1.5) -> tuple[float, float]:
+    """log2 lr at the two ends of the stretch around the curve's minimum where it lies within ``factor`` of
+    it (linear between grid points; the grid's end where the curve does not rise that far)."""
+    i, level = int(np.argmin(curve)), factor * float(curve.min())
+    ends = []
+    for step in (-1, 1):
+        j = i
+        while 0 <= j + step < len(xs) and curve[j + step] <= level:
+            j += step
+        k = j + step
+        if not 0 <= k < len(xs):
+            ends.append(float(xs[j]))
+            continue
+        ends.append(float(xs[j] + (level - curve[j]) / (curve[k] - curve[j]) * (xs[k] - xs[j])))
+    return ends[0], ends[1]
+
+
+def _law_lines(m: float, pts: list[tuple[int, float, np.ndarray]], what: str) -> list[str]:
     """How the reference lr*(B) moves at one momentum: the least-squares alpha on log2 B, the form bstune's
     ``fit_forms`` prefers for it (AICc, the seed-bootstrap replicates as its rows), and where lr* peaks, with
     the fall (octaves) from the peak to the largest batch size over the seed bootstrap."""
@@ -382,7 +406,7 @@ def _law_lines(m: float, pts: list[tuple[int, float, np.ndarray]]) -> list[str]:
     rows = np.vstack([[x for _, x, _ in pts], np.stack([bt for _, _, bt in pts], axis=1)])
     lb = np.log2(sizes)
     slope = np.polyfit(lb, rows.T, 1)[0]
-    out = [f"- momentum {m:g}: alpha (least squares of the seed-mean log2 lr* on log2 B) {slope[0]:.2f} "
+    out = [f"- momentum {m:g}, lr* as {what}: alpha (least squares on log2 B) {slope[0]:.2f} "
            f"[{np.quantile(slope[1:], 0.025):.2f}, {np.quantile(slope[1:], 0.975):.2f}]"]
     if len(sizes) >= 3:
         fits, preferred = fit_forms(sizes, rows, "AICc" if len(sizes) >= 5 else "AIC")
