@@ -30,11 +30,12 @@ trial, against the reference at the recommended (lr, m); how often the value is 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,9 +284,11 @@ def ref_alpha(ref: Reference, sizes: Sequence[int]) -> tuple[float, float, float
 
 
 def run_cell(rows: Sequence[dict], grid: str, seeds: Sequence[int], sizes: Sequence[int], n: int,
-             replicates: int, all_seeds: Sequence[int], n_boot: int) -> Tally | MomentumTally:
+             replicates: int, all_seeds: Sequence[int], n_boot: int,
+             progress: Callable[[Tally | MomentumTally, int], None] | None = None) -> Tally | MomentumTally:
     """``replicates`` studies spread over the training ``seeds``, each scored against the other seeds; a grid
-    with several momenta is scored as a momentum-searched study (``MomentumTally``)."""
+    with several momenta is scored as a momentum-searched study (``MomentumTally``). ``progress(t, done)``
+    is called after every round of the seeds (the tally so far is a table of its own, seeds balanced)."""
     searched = len({r["momentum"] for r in rows}) > 1
     t = MomentumTally() if searched else Tally()
     refs = {}
@@ -306,6 +309,8 @@ def run_cell(rows: Sequence[dict], grid: str, seeds: Sequence[int], sizes: Seque
             score_momentum(t, a, refs[s][0], s)
         else:
             score(t, a, refs[s][0], refs[s][1], s)
+        if progress is not None and (i + 1) % len(seeds) == 0:
+            progress(t, i + 1)
     return t
 
 
@@ -421,6 +426,11 @@ def _law_lines(m: float, pts: list[tuple[int, float, np.ndarray]], what: str) ->
     return out
 
 
+def _so_far(grid: str, cell: str, n: int, t0: float, t: Tally | MomentumTally, done: int) -> None:
+    fmt = momentum_row if isinstance(t, MomentumTally) else row
+    print("so far:", fmt(grid, cell, n, t, done), f"{time.perf_counter() - t0:.0f}s", flush=True)
+
+
 def _seeds(text: str) -> list[int]:
     lo, _, hi = text.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
@@ -435,6 +445,7 @@ def main() -> None:
     p.add_argument("--cells", default="all,16-256")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--out", default="")
+    p.add_argument("--progress", action="store_true", help="print each cell's row so far after every round of seeds")
     p.add_argument("--summary", action="store_true", help="print what each grid shows (all seeds) and stop")
     args = p.parse_args()
     if args.summary:
@@ -458,8 +469,9 @@ def main() -> None:
                 continue  # the grid has no batch size outside the cell
             tallies = {}
             for n in map(int, args.trials.split(",")):
+                progress = functools.partial(_so_far, grid, cell, n, t0) if args.progress else None
                 tallies[n] = t = run_cell(rows, grid, _seeds(args.seeds), sizes, n, args.replicates, all_seeds,
-                                          args.n_boot)
+                                          args.n_boot, progress)
                 lines.append((momentum_row if searched else row)(grid, cell, n, t, args.replicates))
                 print(lines[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
             if cell == "all":

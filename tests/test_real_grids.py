@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from benchmarks import real_grids
-from benchmarks.real_coverage import Tally, draw_study, ref_alpha, reference, score
+from benchmarks.real_coverage import (
+    MomentumTally,
+    Tally,
+    draw_study,
+    ref_alpha,
+    reference,
+    score,
+    score_momentum,
+)
 from benchmarks.real_grids import GRIDS, Grid, load, mnist1d_dataset, read_rows, write
 from bstune.analysis import analyze
 
@@ -20,10 +28,13 @@ def test_mnist1d_is_generated_offline_with_its_papers_shape():
     assert ds.num_classes == 10 and set(ds.train_y.unique().tolist()) == set(range(10))
 
 
-def test_the_cached_digits_grid_is_whole():
-    rows = load("digits-sgd")
-    g = GRIDS["digits-sgd"]
-    assert len(rows) == len(g.batch_sizes) * len(g.log2_lrs) * 8
+@pytest.mark.parametrize("name", ["digits-sgd", "digits-momentum", "digits-adam"])
+def test_the_cached_digits_grids_are_whole(name):
+    rows = load(name)
+    g = GRIDS[name]
+    assert len(rows) == len(g.batch_sizes) * len(g.log2_lrs) * len(g.momenta) * 8
+    assert {(r["batch_size"], r["momentum"], r["seed"]) for r in rows} == {
+        (b, m, s) for b in g.batch_sizes for m in g.momenta for s in range(8)}
     done = [r for r in rows if r["state"] == "COMPLETE"]
     assert all(math.isfinite(r["value"]) and len(r["epoch_values"].split()) == g.epochs for r in done)
     assert all(math.isnan(r["value"]) for r in rows if r["state"] == "DIVERGED")
@@ -57,3 +68,20 @@ def test_a_stopped_build_resumes_from_its_partial_file_without_retraining(tmp_pa
     assert [r["value"] for r in rows if r["seed"] == 0] == [123.0, 123.0]
     trained = [r for r in rows if r["seed"] == 1]
     assert len(trained) == 2 and all(0 < r["value"] < 5 for r in trained)
+
+
+def test_the_momentum_reference_is_the_lowest_momentum_curve_and_studies_are_scored_against_it():
+    rows = load("digits-momentum")
+    ref = reference(rows, list(range(1, 8)), np.random.default_rng(0))
+    for b in GRIDS["digits-momentum"].batch_sizes:
+        lows = {m: float(c.min()) for (bb, m), c in ref.curves.items() if bb == b}
+        assert len(lows) == 4 and lows[ref.momentum[b]] == min(lows.values()) == float(ref.curve[b].min())
+        assert ref.lr_interval[b][0] <= ref.lr[b] <= ref.lr_interval[b][1] and ref.sd[b] > 0
+    t = MomentumTally()
+    table = draw_study(rows, 0, [16, 64, 256], 16, np.random.default_rng(0))
+    assert len({r.momentum for r in table.records}) > 1
+    a = analyze(table, n_boot=50, seed=0)
+    score_momentum(t, a, ref, 0)
+    fitted = [o for o in a.per_batch if o.fitted]
+    assert len(t.lr_hold) == len(t.m_best) == len(fitted) >= 2
+    assert all(near for best, near in zip(t.m_best, t.m_near, strict=True) if best)
