@@ -212,6 +212,7 @@ class MomentumTally:
     m_hold: list[bool] = field(default_factory=list)  # the momentum interval holds m*
     plateau_hold: list[bool] = field(default_factory=list)  # the plateau holds lr* at the study's m
     value_err: list[float] = field(default_factory=list)  # value reported - reference at (lr, m) recommended
+    on_wall: list[bool] = field(default_factory=list)  # the reference there is >= 1.5x its best at that B
     fit_err: list[float] = field(default_factory=list)  # the same for the fit's value before its clip
     clipped: list[bool] = field(default_factory=list)  # the value reported is the best trial's
     best_other_m: list[bool] = field(default_factory=list)  # the best trial ran at another momentum than m
@@ -245,6 +246,7 @@ def score_momentum(t: MomentumTally, a, ref: Reference, seed: int) -> None:
         if o.value is not None:
             here = ref_value(ref, b, pt, m)
             t.value_err.append(float(o.value) - here)
+            t.on_wall.append(here >= 1.5 * float(ref.curve[b].min()))
             t.fit_err.append(float(o._fit_value) - here)
             t.clipped.append(float(o.value) == float(o.best_value))
             t.best_other_m.append(abs(float(o.best_momentum) - m) > 1e-6)
@@ -264,6 +266,7 @@ def momentum_row(grid: str, cell: str, n: int, t: MomentumTally, replicates: int
     return (f"| {grid} | {cell} | {n} | {replicates} | {_m(t.lr_hold)} | {_m(t.lr_hold_own)} | "
             f"{_m(t.eff_hold)} | {_med(t.lr_width)} | {_m(t.lr_err, '{:+.2f}')} | {_m(t.m_best)} | "
             f"{_m(t.m_near)} | {_m(t.m_hold)} | {_m(t.plateau_hold)} | {_m(t.value_err, '{:+.4f}')} | "
+            f"{_med(t.value_err, '{:+.4f}')} | {_m(t.on_wall)} | "
             f"{_m(t.fit_err, '{:+.4f}')} | {_m(t.clipped)} | {_m(t.best_other_m)} | "
             f"{_m(t.best_value_err, '{:+.4f}')} | {t.failed} |")
 
@@ -271,8 +274,9 @@ def momentum_row(grid: str, cell: str, n: int, t: MomentumTally, replicates: int
 MOMENTUM_HEADER = (
     "| grid | batch sizes | n (lr, m) per B | replicates | lr\\* holds (ref m\\*) | lr\\* holds (at the study's m) | "
     "effective lr\\* holds | lr\\* width (oct, median) | lr\\* bias (oct) | m = ref m\\* | m within 1 sd | "
-    "m interval holds m\\* | plateau holds lr\\*(m) | value bias | fit value bias (before clip) | "
-    "value = best trial's | best trial at another m | best-trial value bias | failed |\n" + "|---" * 19 + "|")
+    "m interval holds m\\* | plateau holds lr\\*(m) | value bias (mean) | value bias (median) | "
+    "reference there >= 1.5x its best | fit value bias (before clip) | "
+    "value = best trial's | best trial at another m | best-trial value bias | failed |\n" + "|---" * 21 + "|")
 
 
 def ref_alpha(ref: Reference, sizes: Sequence[int]) -> tuple[float, float, float]:
@@ -318,8 +322,8 @@ def _m(v: Sequence[float | bool], fmt: str = "{:.2f}") -> str:
     return fmt.format(float(np.mean(v))) if len(v) else "-"
 
 
-def _med(v: Sequence[float]) -> str:
-    return f"{float(np.median(v)):.2f}" if len(v) else "-"
+def _med(v: Sequence[float], fmt: str = "{:.2f}") -> str:
+    return fmt.format(float(np.median(v))) if len(v) else "-"
 
 
 def row(grid: str, cell: str, n: int, t: Tally, replicates: int) -> str:
