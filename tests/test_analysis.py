@@ -189,25 +189,45 @@ def test_too_few_trials_and_out_of_memory_batch_sizes_are_reported_not_fitted():
     assert a.effective_fits["saturating"].n_points == 7
 
 
-@pytest.mark.parametrize("direction", ["minimize", "maximize"])
-def test_the_optimum_value_is_never_better_than_the_best_trial(direction):
-    # Five trials per batch size: the fitted bottom of the valley usually lies beyond every trial (none sits
-    # on the optimum), and with few trials it can overshoot to a value no run could reach.
-    sign = 1.0 if direction == "minimize" else -1.0
-    clipped = 0
-    for seed in range(3):
-        a = analyze(_sim("saturating", seed, trials_per_batch=5, direction=direction), seed=seed, n_boot=50)
-        for o in a.per_batch:
-            if not o.fitted:
-                continue
-            assert sign * o.value >= sign * o.best_value
-            if sign * o._fit_value < sign * o.best_value:
-                clipped += 1
-                assert o.value == o.best_value
-            else:
-                assert o.value == o._fit_value
-            assert "_fit_value" not in o.to_dict()
-    assert clipped > 0
+def _expected_loss(b: int, lr: float, m: float, truth: dict, epochs: int = 20, n_train: int = 50_000,
+                   steps_scale: float = 40.0) -> float:
+    """The simulated loss at (B, lr, m) before its noise (tests/simulate.py's model, its defaults)."""
+    u, u_opt = math.log2(1.0 - m), math.log2(1.0 - truth["momentum"])
+    d = math.log2(lr) - u - math.log2(truth["effective_lr"][b])
+    s = valley_profile(d) + 0.005 * (u - u_opt) ** 2
+    asymptote = truth["floor"] + (truth["initial"] - truth["floor"]) * (1.0 - math.exp(-s))
+    rate = math.exp(-s) * b / (b + truth["b_crit"]) / steps_scale
+    return asymptote + (truth["initial"] - asymptote) * math.exp(-rate * epochs * math.ceil(n_train / b))
+
+
+def test_with_momentum_searched_the_value_is_the_fitted_expectation_at_the_recommended_point():
+    # The pooled 2-D fit: the value is its expectation at (lr*, m*), not clipped at the best trial's (the best
+    # of n noisy trials, at whatever momentum it ran, is optimistic by the noise times the expected maximum)
+    errors, best_errors = [], []
+    for seed in range(4):
+        table = _sim("saturating", seed, trials_per_batch=16)
+        truth = table.meta["truth"]
+        for o in analyze(table, seed=seed, n_boot=50).per_batch:
+            assert o.fitted and o.fit == "pooled" and o.value == o._fit_value
+            errors.append(o.value - _expected_loss(o.batch_size, o.lr, o.momentum, truth))
+            best_errors.append(o.best_value - _expected_loss(o.batch_size, o.best_lr, o.best_momentum, truth))
+    # 36 optima; one value's error has sd ~0.02 (the trials' noise): a bias of a quarter of a run's noise would
+    # show. Measured: -0.001 against the best trial's -0.011 (and +0.011 for the clip at the best trial)
+    assert abs(float(np.mean(errors))) < 0.005
+    assert float(np.mean(best_errors)) < -0.005
+
+
+def test_a_lone_quadratic_value_is_held_at_the_best_trial():
+    # One batch size with momentum searched: no pooled fit, no smoother, a quadratic alone. Its bottom can lie
+    # beyond every trial and overshoot what any run reached; only there is the value held at the best trial's
+    held = 0
+    for seed in range(4):
+        table = simulate_trials("saturating", seed=seed, trials_per_batch=6, batch_sizes=(64,), prune=False)
+        o = analyze(table, seed=seed, n_boot=50).per_batch[0]
+        assert o.fit in ("1d-lr", "1d-effective", "2d") and o.value >= o.best_value
+        assert o.value == max(o._fit_value, o.best_value)
+        held += o._fit_value < o.best_value
+    assert held > 0
 
 
 def test_a_batch_size_with_two_completed_trials_is_placed_by_the_shared_valley_shape():
