@@ -208,7 +208,9 @@ def test_with_momentum_searched_the_value_is_the_fitted_expectation_at_the_recom
         table = _sim("saturating", seed, trials_per_batch=16)
         truth = table.meta["truth"]
         for o in analyze(table, seed=seed, n_boot=50).per_batch:
-            assert o.fitted and o.fit == "pooled" and o.value == o._fit_value
+            assert o.fitted and o.fit == "pooled"
+            # held only where the fit claims more than one run's noise below every trial
+            assert o.value == max(o._fit_value, o.best_value - o.noise)
             errors.append(o.value - _expected_loss(o.batch_size, o.lr, o.momentum, truth))
             best_errors.append(o.best_value - _expected_loss(o.batch_size, o.best_lr, o.best_momentum, truth))
     # 36 optima; one value's error has sd ~0.02 (the trials' noise): a bias of a quarter of a run's noise would

@@ -251,12 +251,19 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
     out.effective_lr = float(2.0 ** leff[0])
     out.effective_lr_interval = _holding(out.effective_lr, quantile_interval(2.0 ** leff[1:]))
     # the value is the fit's expectation at the recommended (lr, m), never the best trial's (the best of n noisy
-    # trials is optimistic); only a lone quadratic's bottom, which can overshoot what any trial reached (even
-    # to a negative loss), is held at the best trial's
+    # trials is optimistic). A lone quadratic's bottom can overshoot what any trial reached (even to a negative
+    # loss), and so can the pooled shape on a real valley it does not describe (on the digits grid, at 16
+    # trials per batch size, where a valley is too sparse to smooth: floors 0.05-0.3 below every run): a
+    # lone quadratic's and the sparse fixed-momentum fallback's values are held at the best trial's, a pooled
+    # 2-D fit's (momentum searched) at one run's noise below it
     out._fit_value = sign * v.value
     out.value = out._fit_value
-    if v.kind in ("1d-lr", "1d-effective", "2d") and out.best_value is not None:
-        out.value = sign * max(v.value, sign * float(out.best_value))
+    if out.best_value is not None:
+        best = sign * float(out.best_value)
+        if v.kind in ("1d-lr", "1d-effective", "2d", "pooled-lr"):
+            out.value = sign * max(v.value, best)
+        elif v.kind == "pooled":
+            out.value = sign * max(v.value, best - PLATEAU_NOISE * v.noise)
     out.fit, out.n_window = v.kind, v.n_window
     out.noise = PLATEAU_NOISE * v.noise
     if v.plateau is not None:
