@@ -111,7 +111,7 @@ def smooth_valley(x: np.ndarray, y: np.ndarray, walls: np.ndarray, counts: np.nd
     value0 = float(math.exp(fmin[0]) if log_scale else fmin[0])  # sign-adjusted, as Valley.value
     scale0 = value0 * (math.exp(noise[0]) - 1.0) if log_scale else float(noise[0])
     lu = np.zeros(len(rows))
-    return Valley(log2_lr=x_best, log2_one_minus_m=lu, value=_value(grid, masked[0], x_best, log_scale), kind="smooth",
+    return Valley(log2_lr=x_best, log2_one_minus_m=lu, value=value0, kind="smooth",
                   n_window=int(len(x)), noise=scale0, plateau=plateau, near=near)
 
 
@@ -172,17 +172,6 @@ def _noise(curve: np.ndarray, ok: np.ndarray, lever: np.ndarray, fmin: np.ndarra
     loo = np.where(near, 1.0 / np.maximum(1.0 - np.where(near, lever, 0.0), 0.1) ** 2, 0.0)
     sse = (loo * np.where(near, s2 - 2.0 * fit * s1 + fit**2 * c, 0.0)).sum(axis=1)
     return np.sqrt(np.maximum(sse, 0.0) / np.maximum(np.where(near, c, 0.0).sum(axis=1), 1.0))
-
-
-def _value(grid: np.ndarray, curve: np.ndarray, x_best: np.ndarray, log_scale: bool) -> float:
-    """The value at the optimum: the data's smoothed curve at the optimum of each row (the data's, then each
-    resample's), averaged. The curve's own minimum is optimistic: it lies where this sample's noise happens to
-    be lowest, and an lr* as uncertain as the bootstrap says lands, on average, a little up the valley's
-    walls. On the digits grid (development seeds) this took the value's bias from -0.013 to -0.009 at 16
-    trials per batch size and from -0.0075 to -0.006 at 24 (benchmarks/REAL.md)."""
-    finite = np.isfinite(curve)
-    at = np.interp(x_best, grid[finite], curve[finite])
-    return float(np.mean(np.exp(at)) if log_scale else np.mean(at))
 
 
 def _bootstrap_plateau(near: np.ndarray) -> np.ndarray:
