@@ -20,6 +20,7 @@ from bstune.analysis.laws import estimate_b_noise, find_peak, fit_forms
 from bstune.analysis.pooled import pooled_valleys
 from bstune.analysis.reduce import smooth_batch
 from bstune.analysis.results import (
+    PLATEAU_NOISE,
     Analysis,
     BatchOptimum,
     Interval,
@@ -292,24 +293,35 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
     out.momentum, out.momentum_interval = float(1.0 - 2.0 ** lu[0]), quantile_interval(1.0 - 2.0 ** lu[1:])
     out.effective_lr = float(2.0 ** leff[0])
     out.effective_lr_interval = _holding(out.effective_lr, quantile_interval(2.0 ** leff[1:]))
-    # a sparsely sampled valley's fitted bottom can overshoot what any trial reached (even to a negative
-    # loss): the value reported is never better than the best trial's (the steps target keeps the fit's)
+    # the value is the fit's expectation at the recommended (lr, m), never the best trial's (the best of n noisy
+    # trials is optimistic). A lone quadratic's bottom can overshoot what any trial reached (even to a negative
+    # loss), and so can the pooled shape on a real valley it does not describe (on the digits grid, at 16
+    # trials per batch size, where a valley is too sparse to smooth: floors 0.05-0.3 below every run): a
+    # lone quadratic's and the sparse fixed-momentum fallback's values are held at the best trial's, a pooled
+    # 2-D fit's (momentum searched) at one run's noise below it
     out._fit_value = sign * v.value
     out.value = out._fit_value
-    if v.kind != "smooth" and out.best_value is not None:  # a quadratic's bottom can overshoot (even below 0)
-        out.value = sign * max(v.value, sign * float(out.best_value))
+    if out.best_value is not None:
+        best = sign * float(out.best_value)
+        if v.kind in ("1d-lr", "1d-effective", "2d", "pooled-lr"):
+            out.value = sign * max(v.value, best)
+        elif v.kind == "pooled":
+            out.value = sign * max(v.value, best - PLATEAU_NOISE * v.noise)
     out.fit, out.n_window = v.kind, v.n_window
+    out.noise = PLATEAU_NOISE * v.noise
     if v.plateau is not None:
         ends = 2.0 ** v.plateau
         out.plateau = (float(ends[0, 0]), float(ends[0, 1]))
         # one training seed's valley differs from another's by noise that neighbouring lrs share, which a
         # bootstrap of the trials does not see: lr* may lie anywhere within one run's noise of the bottom
-        if math.isfinite(v.plateau[0, 0]) and math.isfinite(v.plateau[0, 1]):
+        near = v.plateau if v.near is None else v.near
+        if math.isfinite(near[0, 0]) and math.isfinite(near[0, 1]):
+            n0, n1 = 2.0 ** float(near[0, 0]), 2.0 ** float(near[0, 1])
             lo, hi = out.lr_interval
-            out.lr_interval = (min(lo, out.plateau[0]), max(hi, out.plateau[1]))
+            out.lr_interval = (min(lo, n0), max(hi, n1))
             scale = 2.0 ** -float(lu[0])  # the same stretch in the effective lr, at m*
             lo, hi = out.effective_lr_interval
-            out.effective_lr_interval = (min(lo, out.plateau[0] * scale), max(hi, out.plateau[1] * scale))
+            out.effective_lr_interval = (min(lo, n0 * scale), max(hi, n1 * scale))
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
