@@ -200,22 +200,22 @@ def _expected_loss(b: int, lr: float, m: float, truth: dict, epochs: int = 20, n
     return asymptote + (truth["initial"] - asymptote) * math.exp(-rate * epochs * math.ceil(n_train / b))
 
 
-def test_with_momentum_searched_the_value_is_the_fitted_expectation_at_the_recommended_point():
-    # The pooled 2-D fit: the value is its expectation at (lr*, m*), not clipped at the best trial's (the best
-    # of n noisy trials, at whatever momentum it ran, is optimistic by the noise times the expected maximum)
+def test_with_momentum_searched_the_value_is_held_at_the_best_trial_and_is_not_optimistic():
+    # The pooled 2-D fit: its expectation at (lr*, m*), held at the best trial's where it claims less. Its
+    # residual scatter is the shape's misfit across momenta on a real valley (0.13 val_loss on the default
+    # digits study), so it cannot tell how far below every trial the value may go: the best trial bounds it.
+    # On the shape it assumes the hold costs some pessimism; the best trial alone is optimistic.
     errors, best_errors = [], []
     for seed in range(4):
         table = _sim("saturating", seed, trials_per_batch=16)
         truth = table.meta["truth"]
         for o in analyze(table, seed=seed, n_boot=50).per_batch:
             assert o.fitted and o.fit == "pooled"
-            # held only where the fit claims more than one run's noise below every trial
-            assert o.value == max(o._fit_value, o.best_value - o.noise)
+            assert o.value == max(o._fit_value, o.best_value)
             errors.append(o.value - _expected_loss(o.batch_size, o.lr, o.momentum, truth))
             best_errors.append(o.best_value - _expected_loss(o.batch_size, o.best_lr, o.best_momentum, truth))
-    # 36 optima; one value's error has sd ~0.02 (the trials' noise): a bias of a quarter of a run's noise would
-    # show. Measured: -0.001 against the best trial's -0.011 (and +0.011 for the clip at the best trial)
-    assert abs(float(np.mean(errors))) < 0.005
+    # 36 optima; one value's error has sd ~0.02 (the trials' noise). Measured: +0.011, the best trial's -0.011
+    assert -0.005 < float(np.mean(errors)) < 0.02
     assert float(np.mean(best_errors)) < -0.005
 
 
