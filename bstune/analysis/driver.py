@@ -60,7 +60,8 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     if nan_done:
         warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
     notes_by_batch: dict[int, list[str]] = {b: [] for b in groups}
-    per_batch = [_batch_basics(b, rs, done[b], sign, min_trials) for b, rs in groups.items()]
+    trials = {b: _Trials(rs, sign) for b, rs in groups.items()}  # each batch size's records as arrays, once
+    per_batch = [_batch_basics(b, rs, trials[b], done[b], min_trials) for b, rs in groups.items()]
     # each batch size's own smoothed valley first: the quadratic and pooled fits are made only where it
     # falls back to them (their results would be replaced), each stage drawing from its own stream
     smoothed = _smooth_all(groups, done, sign, n_boot, seed, min_trials)
@@ -68,11 +69,11 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     for o in per_batch:
         if o.batch_size in fall_back and len(done[o.batch_size]) >= min_trials:
             v = fit_valley(*valley_points(done[o.batch_size], sign, n_boot, _stream(seed, _OWN, o.batch_size)))
-            fill_optimum(o, v, groups[o.batch_size], sign, notes_by_batch[o.batch_size])
+            fill_optimum(o, v, trials[o.batch_size], sign, notes_by_batch[o.batch_size])
     if any(len(done[b]) >= 2 for b in fall_back):
-        _prefer_pooled(per_batch, groups, done, notes_by_batch, sign, n_boot, _stream(seed, _POOLED), min_trials,
+        _prefer_pooled(per_batch, trials, done, notes_by_batch, sign, n_boot, _stream(seed, _POOLED), min_trials,
                        fall_back)
-    _prefer_smooth(per_batch, groups, smoothed, notes_by_batch, sign)
+    _prefer_smooth(per_batch, trials, smoothed, notes_by_batch, sign)
     warnings += [w for b in groups for w in notes_by_batch[b]]
     if len(groups) == 1 and not per_batch[0].fitted:
         raise BstuneError(f"the trials cover one batch size (B={per_batch[0].batch_size}) with "
@@ -130,7 +131,7 @@ def _check_records(records: Sequence[TrialRecord]) -> None:
                               "(fix or drop that trial)")
 
 
-def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+def _prefer_pooled(per_batch: list[BatchOptimum], trials: dict[int, _Trials],
                    done: dict[int, list[TrialRecord]], notes_by_batch: dict[int, list[str]], sign: float, n_boot: int,
                    rng: np.random.Generator, min_trials: int, only: set[int]) -> None:
     """Replace each batch size's own fit (in place, with what it says) by the joint one where there is one,
@@ -144,7 +145,7 @@ def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
         if o.batch_size not in pooled or o.batch_size not in only:
             continue
         joint, notes = dataclasses.replace(o), []
-        fill_optimum(joint, pooled[o.batch_size], groups[o.batch_size], sign, notes)
+        fill_optimum(joint, pooled[o.batch_size], trials[o.batch_size], sign, notes)
         if o.bracketed and not joint.bracketed:
             continue
         if joint.n_complete < min_trials:
@@ -169,7 +170,7 @@ def _smooth_all(groups: dict[int, list[TrialRecord]], done: dict[int, list[Trial
     return out
 
 
-def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+def _prefer_smooth(per_batch: list[BatchOptimum], trials: dict[int, _Trials],
                    smoothed: dict[int, Valley | None], notes_by_batch: dict[int, list[str]], sign: float) -> None:
     """Replace each batch size's optimum (in place) by its own smoothed valley where there is one."""
     for i, o in enumerate(per_batch):
@@ -180,7 +181,7 @@ def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
             o.plateau = o.plateau_low_interval = o.plateau_high_interval = None
             continue
         out, notes = dataclasses.replace(o), []
-        fill_optimum(out, v, groups[o.batch_size], sign, notes)
+        fill_optimum(out, v, trials[o.batch_size], sign, notes)
         per_batch[i], notes_by_batch[o.batch_size] = out, notes
 
 
@@ -267,10 +268,9 @@ class _Trials:
         self.failed = np.isin(state, [s.value for s in FAILED_STATES])
 
 
-def _batch_basics(b: int, records: list[TrialRecord], done: list[TrialRecord], sign: float,
+def _batch_basics(b: int, records: list[TrialRecord], t: _Trials, done: list[TrialRecord],
                   min_trials: int) -> BatchOptimum:
-    """A batch size's counts, best trial and divergence edge, before any fit."""
-    t = _Trials(records, sign)
+    """A batch size's counts, best trial and divergence edge, before any fit (``t``: ``records`` as arrays)."""
     best = records[int(np.argmin(np.where(t.complete, t.value, np.inf)))] if done else None  # the first best
     stable = t.pruned | t.complete
     return BatchOptimum(
@@ -283,9 +283,10 @@ def _batch_basics(b: int, records: list[TrialRecord], done: list[TrialRecord], s
     )
 
 
-def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign: float,
+def fill_optimum(out: BatchOptimum, v: Valley, t: _Trials, sign: float,
                  warnings: list[str]) -> None:
-    """Fill in ``out`` from the valley fit ``v`` of its batch size: the optimum, its intervals, the bracket."""
+    """Fill in ``out`` from the valley fit ``v`` of its batch size (``t``: its trials): the optimum, its
+    intervals, the bracket."""
     b = out.batch_size
     lx, lu = v.log2_lr, v.log2_one_minus_m
     leff = lx - lu
@@ -323,7 +324,6 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
-    t = _Trials(records, sign)
     below, above = _bracket(t, v, lx[0], leff[0])
     out.bracketed = below and above
     out.status = "fitted"
