@@ -96,7 +96,10 @@ def trial_examples(spec: StudySpec, n_train: int) -> int:
 def workload_key(spec: StudySpec, grid: bool = True) -> str:
     """What the reference depends on: the workload (less its seed), the space, the objective and the grid
     (without ``grid``: what a search's runs depend on beside its own settings)."""
-    w = {k: v for k, v in dataclasses.asdict(spec.workload).items() if k != "seed"}
+    # fields added to the workload since the cached grid (a user's loss, trainer), at None (the built-in ones),
+    # leave the key as it was: the same training
+    w = {k: v for k, v in dataclasses.asdict(spec.workload).items()
+         if k != "seed" and not (k in ("loss", "trainer") and v is None)}
     s = spec.search
     what = {"workload": w, "batch_sizes": list(s.batch_sizes), "lr": list(s.lr), "momentum": list(s.momentum),
             "objective": s.objective} | ({"grid": [GRID_LOG2_EFF, GRID_MOMENTA, REFERENCE_SEEDS]} if grid else {})
