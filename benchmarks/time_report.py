@@ -12,10 +12,11 @@ from time_scoring import (
     ERROR_TARGET,
     OTHER_TARGETS,
     REGRET_TARGET,
-    ROWS,
     SCORING_N_BOOT,
-    SEARCHES,
     ReferenceSurface,
+    candidates,
+    describe,
+    describe_run,
     got_there,
     interpolation_check,
     median_bounds,
@@ -23,9 +24,11 @@ from time_scoring import (
     needs_at,
     one_seed_limit,
     ratio,
+    rows_of,
     same_as_default,
     score,
     score_run,
+    seed_role,
     show,
     spread,
     under,
@@ -59,6 +62,16 @@ COMPONENTS = (
 )
 
 
+def _rows(need: dict) -> list[str]:
+    """The rows scored, in order, from a dict keyed by (row, seed)."""
+    return list(dict.fromkeys(row for row, _ in need))
+
+
+def _components_of(need: dict) -> list[tuple[str, str, str]]:
+    """The parts whose two rows were both run (bstune --fuse 1 only where asked for)."""
+    rows = set(_rows(need))
+    return [c for c in COMPONENTS if c[0] in rows and c[1] in rows]
+
 def report(
     runs: Sequence[dict[str, Any]],
     spec: StudySpec,
@@ -75,7 +88,7 @@ def report(
     seeds = sorted({r["seed"] for r in runs})
     scored = {
         (row, seed): score_run(by[(src, seed)], answer, spec, ref, surface, step)
-        for row, src, answer in ROWS
+        for row, src, answer in rows_of(list(dict.fromkeys(r["label"] for r in runs)))
         for seed in seeds
     }
     need = needs_at(scored, by, seeds, unit)
@@ -87,7 +100,7 @@ def report(
     lines += _headline(need, seeds)
     lines += _per_seed(need, seeds)
     lines += _components(need, seeds, fuse)
-    lines += _curves(scored, by, seeds)
+    lines += _curves(scored, by, seeds, statistics.median(c[2] for c in interpolation_check(surface)))
     lines += _other_targets(others, seeds)
     lines += _one_seed(spec, ref, surface)
     lines += _where_time_goes(by, seeds, unit)
@@ -99,83 +112,65 @@ def report(
 
 def _methods(runs: Sequence[dict[str, Any]], scored: dict, spec: StudySpec, ref: dict[str, Any], budget: float,
              step: float, command: str, machine: str, fuse: int) -> list[str]:
-    """The title and how the searches were run and scored."""
+    """The title and how the searches were run and scored (the whole account: docs/time-to-answer.md)."""
     unit = trial_examples(spec, ref["n_train"])
     by = {(r["label"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     w, s = spec.workload, spec.search
-    total = sum(r["seconds"] for r in runs)
     clamped = sum(p["clamped"] for pts in scored.values() for p in pts)
     readings = sum(len(ref["per_batch"]) for pts in scored.values() for p in pts if math.isfinite(p["regret"]))
     same = sum(same_as_default(r, spec, ref["n_train"]) for r in runs)
-    lines = [
+    protocol_trials = statistics.median(len(by[("protocol", x)]["trials"]) for x in seeds)
+    return [
         "# Time to a trustworthy answer: bstune against the standard protocol, end to end",
         "",
         f"Written by `python benchmarks/time_to_answer.py{command}` ({machine}; the {len(runs)} searches ran "
-        f"{total / 60:.0f} min in all, one at a time).",
+        f"{sum(r['seconds'] for r in runs) / 60:.0f} min in all, one at a time). How it is run and scored, at "
+        "length: docs/time-to-answer.md.",
         "",
         f"- **Workload**: that of `benchmarks/search_efficiency.py` (SEARCH.md): {w.dataset} (n_train "
         f"{ref['n_train']}), {w.model} width {w.width}, {w.optimizer}, {w.epochs} epochs, {w.lr_schedule} "
         f"schedule, objective {s.objective}; batch sizes {', '.join(map(str, s.batch_sizes))}; lr "
         f"{s.lr[0]:g}..{s.lr[1]:g}, momentum {s.momentum[0]:g}..{s.momentum[1]:g}.",
         "- **protocol** (Shallue et al. 2018): scrambled Sobol (lr, momentum), an independent sequence per batch "
-        "size, one trial at a time, no pruning; its answer at each batch size is the best trial so far (its lr "
-        "and momentum as run).",
-        f"- **bstune**: the search of `studies/digits.yaml` as shipped: sampler `{s.sampler.name}` "
-        f"(n_startup_trials {s.sampler.n_startup_trials}), pruner `{s.pruner.name}` within a batch size "
-        f"(n_startup_trials {s.pruner.n_startup_trials}, n_warmup_epochs {s.pruner.n_warmup_epochs}), trials "
-        f"fused {fuse} at a time (the default for this device and model); its answer is `analyze()`'s lr* and "
-        "m* per batch size.",
-        "- **Component rows**: *protocol + analyze()*, the protocol's own runs (the same trials, the same clock) "
-        "answered by `analyze()` instead of the best trial; *bstune --fuse 1*, bstune's search run one trial "
-        "at a time.",
+        "size, one trial at a time, no pruning; its answer at each batch size is the best trial so far. "
+        "*protocol + analyze()*: the same runs answered by `analyze()`.",
+        f"- **bstune**: the search of `studies/digits.yaml` as shipped: {describe(s)}, trials fused {fuse} at a "
+        "time (the default for this device and model); its answer is `analyze()`'s lr* and m* per batch size."
+        + "".join(f" *{x}*: {describe_run(by[(x, seeds[0])])}, answered the same way." for x in candidates(runs)),
         f"- **Budget**: every search {budget:g} full trials' worth of examples ({w.epochs} epochs x "
-        f"{ref['n_train']} = {unit:,} examples a full trial; {budget * unit:,.0f} in all), the same for all, "
-        "examples counted as processed (a pruned trial counts the epochs it ran). A search has the answer "
-        "only if it keeps it to the end of that budget. For the protocol that is "
-        f"{statistics.median(len(by[('protocol', x)]['trials']) for x in seeds):g} trials (median), about "
-        f"{statistics.median(len(by[('protocol', x)]['trials']) for x in seeds) / len(s.batch_sizes):.0f} per "
-        "batch size; one training seed's whole reference grid has about a hundred.",
-        f"- **Seeds** {', '.join(map(str, seeds))}: seed k is the sampler seed of every search; every trial "
-        f"trains at the spec's training seed ({spec.workload.seed}: initial weights, data order), which the "
-        "reference does not use.",
-        "- **Clock and bookkeeping**: every search runs through bstune's real `run_study`, with a fresh Optuna "
-        "SQLite storage and a fresh MLflow SQLite tracking store in a temporary folder on disk (as a user's "
-        "`mlruns/` would be): the same bookkeeping for every search, each trial an Optuna trial and an MLflow "
-        "run. Wall time counts from the call of `run_study` (opening and creating the stores included; the "
-        "interpreter's start, imports and loading the data set not); a short search of each kind runs first, "
-        "unmeasured, to warm them. The searches run one at a time in one process, in the order protocol, bstune, "
-        "bstune --fuse 1 at even seeds and the reverse at odd ones.",
-        f"- **Scoring**, offline: while a search runs only the time each trial finishes is recorded; afterwards "
-        f"each row's answer is computed every {step:g} s of that clock (and at the search's end) from the trials "
-        "finished by then, so analysis time never counts as search time. Examples at a time: those of the "
-        "trials finished by then (a fused group's members finish together, at its end). (a) **lr error**: "
-        "|log2(lr / reference lr* at the answer's momentum)|, octaves, mean over the batch sizes (the "
-        "reference's valley floor, as in SEARCH.md). (b) **regret**: the reference's val_loss, averaged over "
-        f"its {len(ref['seeds'])} training seeds, at the answer's (lr, m), minus the reference grid's best, mean "
-        "over the batch sizes. A row **has the answer** from the first scoring time after which error <= "
-        f"{ERROR_TARGET:g} octave AND regret <= {REGRET_TARGET:g} hold at every scoring to the end of its budget; "
-        "a row that does not hold them at its end never got there, and what it needed is a bound (at least "
-        "its whole run), shown as >=.",
-        f"- **Reference**: the cached grid of `benchmarks/{REFERENCE.name}` ({ref['n_trials']} trials, "
-        f"effective lr 2^{GRID_LOG2_EFF[0]:g}..2^{GRID_LOG2_EFF[-1]:g} in half octaves x momentum "
-        f"{', '.join(f'{m:g}' for m in GRID_MOMENTA)}, training seeds none of the searches uses). The regret "
-        "reads it between grid points: a diverged reference trial counts as the worst val_loss any completed "
-        "one at its batch size reached (chance level: the cells beside a cliff are there already); within a "
-        "momentum column, linear in log2 lr; between two grid momenta, each column read at the same offset "
-        "from its own valley floor and interpolated linearly in log2(1 - m) (the floor runs along lr/(1 - m) "
-        "at small B: read at the same lr, a point on the floor between two columns lands on both columns' "
-        "walls; see the check at the end). A point outside the grid is read at its edge: "
-        f"{clamped} of {readings} readings (batch size x scoring time) were.",
-        f"- **analyze()** scores with {SCORING_N_BOOT} bootstrap resamples instead of its default 200 (they make "
-        "its intervals, not its lr* and m*): on all of each search's trials the answers were the same at "
-        f"{same} of {len(runs)} searches.",
+        f"{ref['n_train']} = {unit:,} a full trial), counted as processed (a pruned trial counts the epochs it "
+        f"ran). A search has the answer only if it keeps it to the end of that budget. The protocol ran "
+        f"{protocol_trials:g} trials (median), about {protocol_trials / len(s.batch_sizes):.0f} per batch size.",
+        f"- **Seeds** {', '.join(map(str, seeds))}: {seed_role(seeds)} Seed k is the sampler seed of every "
+        f"search; every trial trains at the spec's training seed ({spec.workload.seed}), which the reference "
+        "does not use.",
+        "- **Clock**: every search through bstune's real `run_study`, fresh Optuna and MLflow SQLite stores in a "
+        "temporary folder, one search at a time in one process (the order reversed every other seed), after a "
+        "short unmeasured warm-up of each; wall time from the call of `run_study`."
+        + (" **Scored against CPU seconds**: the clock is the CPU time of the search's process (user + system, "
+           "every thread: `resource.getrusage`) since the call of `run_study`, because the machine was shared "
+           "(the load average at each search's start is in \"The searches\" below) and wall seconds measured the "
+           "other jobs as much as the search; every \"wall s\" and \"time\" below reads CPU seconds."
+           if "--clock cpu" in command else ""),
+        f"- **Scoring**, offline, every {step:g} s of each search's clock from the trials finished by then: "
+        "**lr error**, |log2(lr / reference lr* at the answer's momentum)|, octaves; **regret**, the "
+        f"reference's val_loss (mean over its {len(ref['seeds'])} training seeds) at the answer's (lr, m) minus "
+        "the grid's best; each a mean over the batch sizes. A row **has the answer** from the first scoring "
+        f"after which error <= {ERROR_TARGET:g} octave AND regret <= {REGRET_TARGET:g} hold to the end of its "
+        "budget; one that does not hold them at its end never got there (a bound, shown >=).",
+        f"- **Reference**: `benchmarks/{REFERENCE.name}` ({ref['n_trials']} trials, effective lr "
+        f"2^{GRID_LOG2_EFF[0]:g}..2^{GRID_LOG2_EFF[-1]:g} in half octaves x momentum "
+        f"{', '.join(f'{m:g}' for m in GRID_MOMENTA)}), read between grid points along the valley floor (the "
+        f"check at the end); {clamped} of {readings} readings fell outside the grid and were read at its edge.",
+        f"- **analyze()** scores with {SCORING_N_BOOT} bootstrap resamples (they make its intervals, not its lr* "
+        f"and m*): on all of each search's trials the answers were the same as with 200 at {same} of "
+        f"{len(runs)} searches.",
     ]
-    return lines
 
 
 def _other_targets(others: dict[tuple[float, float], dict], seeds: Sequence[int]) -> list[str]:
-    rows = [r for r, _, _ in ROWS]
+    rows = _rows(next(iter(others.values())))
     lines = [
         "",
         "## At other targets",
@@ -204,7 +199,7 @@ def _other_targets(others: dict[tuple[float, float], dict], seeds: Sequence[int]
         "|---|---|" + "---:|" * len(OTHER_TARGETS),
     ]
     notes = []
-    for a, b, what in COMPONENTS:
+    for a, b, what in _components_of(need):
         ratios = {t: median_ratio(need, a, b, seeds) for t, need in others.items()}
         lines.append(f"| {what.split(':')[0]} | {a} / {b} | " + " | ".join(show(r) for r in ratios.values()) + " |")
         losing = [f"{e:g} / {r:g}" for (e, r), tr in ratios.items() if tr[1] <= 1.0]
@@ -329,7 +324,7 @@ def _headline(need: dict, seeds: Sequence[int]) -> list[str]:
         "(median of per-seed) | examples ratio protocol / row |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for row, _, _ in ROWS:
+    for row in _rows(need):
         secs = [need[(row, x)][0] for x in seeds]
         exs = [need[(row, x)][1] for x in seeds]
         got = got_there(need, row, seeds)
@@ -340,7 +335,7 @@ def _headline(need: dict, seeds: Sequence[int]) -> list[str]:
 
 
 def _per_seed(need: dict, seeds: Sequence[int]) -> list[str]:
-    rows = [r for r, _, _ in ROWS]
+    rows = _rows(need)
     lines = [
         "",
         "## Per seed",
@@ -371,7 +366,7 @@ def _components(need: dict, seeds: Sequence[int], fuse: int) -> list[str]:
         "|---|---|---:|---:|",
     ]
     notes = []
-    for a, b, what in COMPONENTS:
+    for a, b, what in _components_of(need):
         tr = median_ratio(need, a, b, seeds)
         er = median_ratio(need, a, b, seeds, k=1)
         what = what.format(fuse=fuse)
@@ -391,12 +386,12 @@ def _components(need: dict, seeds: Sequence[int], fuse: int) -> list[str]:
     return lines
 
 
-def _curves(scored: dict, by: dict, seeds: Sequence[int]) -> list[str]:
+def _curves(scored: dict, by: dict, seeds: Sequence[int], noise: float) -> list[str]:
     end = max(r["seconds"] for r in by.values())
     marks = [
-        m for m in (5, 10, 15, 20, 30, 45, 60, 90, 120, 150, 180, 240, 300, 360, 480, 600, 900, 1200) if m < end
+        m for m in (5, 10, 15, 20, 30, 45, 60, 75, 90, 120, 150, 180, 240, 300, 360, 480, 600, 900, 1200) if m < end
     ] + [math.ceil(end)]
-    rows = [r for r, _, _ in ROWS]
+    rows = _rows(scored)
     lines = [
         "",
         "## Scores against wall time (median over seeds)",
@@ -408,13 +403,45 @@ def _curves(scored: dict, by: dict, seeds: Sequence[int]) -> list[str]:
         "|---:|" + "---|" * len(rows),
     ]
     for t in marks:
-        cells = []
-        for row in rows:
-            err = statistics.median(_at(scored[(row, x)], t, "error") for x in seeds)
-            reg = statistics.median(_at(scored[(row, x)], t, "regret") for x in seeds)
-            cells.append(f"{_fmt(err, 2)} / {_fmt(reg, 4)}")
+        cells = [f"{_fmt(_median_at(scored, row, seeds, t, 'error'), 2)} / "
+                 f"{_fmt(_median_at(scored, row, seeds, t, 'regret'), 4)}" for row in rows]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Does the answer get worse as the search spends? From the first time the median curve is under both "
+        f"targets (error <= {ERROR_TARGET:g}, regret <= {REGRET_TARGET:g}) to the end, the most each median rose "
+        "above its value then, and where it ended (regret; lr error in octaves). The scorer's noise on the "
+        f"regret is {noise:.4f} (the interpolation's median error, the check at the end: a rise below it is not "
+        "told from the scorer's own error); on the lr error, a quarter octave (the reference's lr* is read to "
+        "within half a grid step of half an octave).",
+        "",
+        "| row | first under both (s) | regret then | most rise after | at the end | error then | most rise "
+        "after | at the end | rises beyond the noise |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(_rise_row(scored, row, seeds, end, noise))
     return lines
+
+
+def _median_at(scored: dict, row: str, seeds: Sequence[int], t: float, key: str) -> float:
+    return statistics.median(_at(scored[(row, x)], t, key) for x in seeds)
+
+
+def _rise_row(scored: dict, row: str, seeds: Sequence[int], end: float, noise: float) -> str:
+    """One row of the rise table: the median curves on a 1 s grid from their first answer to the end."""
+    times = [float(t) for t in range(1, math.ceil(end) + 1)]
+    curve = [(t, _median_at(scored, row, seeds, t, "error"), _median_at(scored, row, seeds, t, "regret"))
+             for t in times]
+    first = next((i for i, (_, e, r) in enumerate(curve) if e <= ERROR_TARGET and r <= REGRET_TARGET), None)
+    if first is None:
+        return f"| {row} | never | | | | | | | - |"
+    t0, e0, r0 = curve[first]
+    rise_r = max(r for _, _, r in curve[first:]) - r0
+    rise_e = max(e for _, e, _ in curve[first:]) - e0
+    worse = [w for w, v, n in (("regret", rise_r, noise), ("lr error", rise_e, 0.25)) if v > n]
+    return (f"| {row} | {t0:g} | {r0:.4f} | {rise_r:.4f} | {curve[-1][2]:.4f} | {e0:.2f} | {rise_e:.2f} | "
+            f"{curve[-1][1]:.2f} | {', '.join(worse) or 'no'} |")
 
 
 def _where_time_goes(by: dict, seeds: Sequence[int], unit: float) -> list[str]:
@@ -422,11 +449,11 @@ def _where_time_goes(by: dict, seeds: Sequence[int], unit: float) -> list[str]:
         "",
         "## The searches (median over seeds)",
         "",
-        "| search | wall s | to the first trial s | trials | completed | pruned | diverged | wall s per full "
-        "trial of examples |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| search | wall s | CPU s | load average at its start | to the first trial s | trials | completed | "
+        "pruned | diverged | wall s per full trial of examples |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label in SEARCHES:
+    for label in dict.fromkeys(label for label, _ in by):
         rs = [by[(label, x)] for x in seeds]
 
         def med(f: Callable[[dict], float], rs: list[dict] = rs) -> float:
@@ -437,7 +464,8 @@ def _where_time_goes(by: dict, seeds: Sequence[int], unit: float) -> list[str]:
 
         per = med(lambda r: r["seconds"] / max(sum(t["examples_seen"] for t in r["trials"]) / unit, 1e-9))
         lines.append(
-            f"| {label} | {med(lambda r: r['seconds']):.1f} | {med(lambda r: r['first_start']):.1f} | "
+            f"| {label} | {med(lambda r: r['seconds']):.1f} | {med(lambda r: r.get('cpu', math.nan)):.1f} | "
+            f"{med(lambda r: r.get('load', [math.nan])[0]):.1f} | {med(lambda r: r['first_start']):.1f} | "
             f"{med(lambda r: len(r['trials'])):g} | {count('COMPLETE'):g} | {count('PRUNED'):g} | "
             f"{count('DIVERGED'):g} | {per:.2f} |"
         )
