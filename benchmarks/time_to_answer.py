@@ -153,7 +153,7 @@ def _cpu_seconds() -> float:
 
 
 def run_all(specs: dict[str, StudySpec], seeds: Sequence[int], examples: float, unit: float,
-            log: Callable[[str], None]) -> list[dict]:
+            log: Callable[[str], None], keep: Callable[[list[dict]], None] = lambda runs: None) -> list[dict]:
     """Every search at every seed, one at a time, the order of the searches reversed every other seed (so a
     busy spell on the machine does not always fall on the same one); a short warm-up first, not measured."""
     labels = tuple(specs)
@@ -166,6 +166,7 @@ def run_all(specs: dict[str, StudySpec], seeds: Sequence[int], examples: float, 
             for label in order:
                 r = run_search(label, specs[label], seed, examples, Path(tmp))
                 runs.append(r)
+                keep(runs)  # after every search: a stopped run keeps what it measured
                 log(f"{label} seed {seed}: {len(r['trials'])} trials in {r['seconds']:.1f}s, {r['cpu']:.0f} cpu s, "
                     f"load {r['load'][0]:.1f}")
     return runs
@@ -208,24 +209,30 @@ def _measure(args: argparse.Namespace, spec: StudySpec, n_train: int, log: Calla
     load = os.getloadavg()[0]
     log(f"{len(specs)} searches x {seeds} seeds, {budget:g} full trials each, one at a time")
     t0 = time.perf_counter()
-    runs = run_all(specs, list(range(args.first_seed, args.first_seed + seeds)), budget * unit, unit, log)
+
+    def keep(runs: list[dict], machine: str = "stopped before its end") -> None:
+        if args.save_runs:
+            saved = {"runs": runs, "budget": budget, "command": command(), "machine": machine}
+            Path(args.save_runs).write_text(json.dumps(saved))
+
+    def command() -> str:
+        return " --quick" * args.quick + "".join(
+            f" --{k} {v:g}" for k, v in (("seeds", args.seeds), ("first-seed", args.first_seed),
+                                         ("budget", args.budget)) if v
+        ) + "".join(f" --candidates {' '.join(args.candidates)}" for _ in args.candidates[:1]) + (
+            " --no-fuse-one" * args.no_fuse_one + " --candidates-only" * args.candidates_only)
+
+    runs = run_all(specs, list(range(args.first_seed, args.first_seed + seeds)), budget * unit, unit, log, keep)
     import torch
 
-    command = " --quick" * args.quick + "".join(
-        f" --{k} {v:g}" for k, v in (("seeds", args.seeds), ("first-seed", args.first_seed), ("budget", args.budget))
-        if v
-    ) + "".join(f" --candidates {' '.join(args.candidates)}" for _ in args.candidates[:1]) + (
-        " --no-fuse-one" * args.no_fuse_one + " --candidates-only" * args.candidates_only)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, device {pick_device(None).type}, torch "
         f"{torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}; load "
         f"average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
         f"{(time.perf_counter() - t0) / 60:.0f} min with the warm-up"
     )
-    saved = {"runs": runs, "budget": budget, "command": command, "machine": machine}
-    if args.save_runs:
-        Path(args.save_runs).write_text(json.dumps(saved))
-    return saved
+    keep(runs, machine)
+    return {"runs": runs, "budget": budget, "command": command(), "machine": machine}
 
 
 def _load(paths: Sequence[str]) -> dict:
