@@ -15,7 +15,6 @@ from time_scoring import (
     SCORING_N_BOOT,
     ReferenceSurface,
     candidates,
-    describe,
     describe_run,
     got_there,
     interpolation_check,
@@ -135,7 +134,9 @@ def _methods(runs: Sequence[dict[str, Any]], scored: dict, spec: StudySpec, ref:
         "- **protocol** (Shallue et al. 2018): scrambled Sobol (lr, momentum), an independent sequence per batch "
         "size, one trial at a time, no pruning; its answer at each batch size is the best trial so far. "
         "*protocol + analyze()*: the same runs answered by `analyze()`.",
-        f"- **bstune**: the search of `studies/digits.yaml` as shipped: {describe(s)}, trials fused {fuse} at a "
+        f"- **bstune**: the search of `studies/digits.yaml` as shipped: {describe_run(by[('bstune', seeds[0])])}"
+        f"{' (chosen by the screen, TIME-SCREEN.md; it replaced law+median)' if '--shipped' in command else ''}"
+        f", trials fused {fuse} at a "
         "time (the default for this device and model); its answer is `analyze()`'s lr* and m* per batch size."
         + "".join(f" *{x}*: {describe_run(by[(x, seeds[0])])}, answered the same way." for x in candidates(runs)),
         f"- **Budget**: every search {budget:g} full trials' worth of examples ({w.epochs} epochs x "

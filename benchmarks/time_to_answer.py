@@ -191,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fuse-one", action="store_true", help="leave out the bstune --fuse 1 component")
     parser.add_argument("--candidates-only", action="store_true",
                         help="run the candidates alone (their runs joined to others' by --rescore a.json b.json)")
+    parser.add_argument("--shipped", default="", help="with --rescore: the candidate that studies/digits.yaml "
+                        "now ships, read as bstune (the runs of the search shipped before become law+median)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="score against wall seconds or the search process's CPU seconds (a loaded machine)")
     parser.add_argument("--step", type=float, default=2.0, help="seconds between scorings of each answer")
@@ -274,9 +276,13 @@ def main() -> None:
     ref = load_reference(spec, n_train, jobs=1, log=log)
     saved = _load(args.rescore) if args.rescore else _measure(args, spec, n_train, log)
     runs = saved["runs"] if args.clock == "wall" else [on_cpu_clock(r) for r in saved["runs"]]
+    if args.shipped:  # bstune as shipped now is that candidate; what it was, the candidate it matches
+        names = {"bstune": "law+median", args.shipped: "bstune"}
+        runs = [r | {"label": names.get(r["label"], r["label"])} for r in runs]
     write = report if any(r["label"] == "protocol" for r in runs) else screen_report  # the screen: no protocol
-    lines = write(runs, spec, ref, saved["budget"], args.step, saved["command"] + " --clock cpu" * (
-        args.clock == "cpu"), saved["machine"], ReferenceSurface(ref))
+    command = saved["command"] + " --clock cpu" * (args.clock == "cpu") + f" --shipped {args.shipped}" * bool(
+        args.shipped)
+    lines = write(runs, spec, ref, saved["budget"], args.step, command, saved["machine"], ReferenceSurface(ref))
     text = "\n".join(lines) + "\n"
     if out:
         Path(out).write_text(text)
