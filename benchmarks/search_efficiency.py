@@ -132,3 +132,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
