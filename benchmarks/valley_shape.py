@@ -20,7 +20,7 @@ import multiprocessing as mp
 import numpy as np
 
 # the sibling benchmark's grid runner and readers (the script runs from benchmarks/, which is on the path)
-from search_efficiency import _init_worker, _run_point, column_optimum, column_profile, trial_table  # noqa: I001
+from searchbench import _init_worker, _run_point, column_optimum, column_profile, trial_table  # noqa: I001
 
 import bstune.analysis.pooled as pooled  # the valley profile's power, swapped below
 from bstune.analysis import analyze

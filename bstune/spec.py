@@ -24,7 +24,7 @@ MODELS = tuple(registry.MODELS)
 OPTIMIZERS = tuple(registry.OPTIMIZERS)
 SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("law", "tpe", "random", "qmc", "gp")  # law: bstune.search.law_sampler, pooled across batch sizes
-PRUNERS = ("none", "median", "percentile", "hyperband")
+PRUNERS = ("none", "median", "percentile", "hyperband", "dead")
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "train_loss": "minimize"}
 HOLD = ("epochs", "steps")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -84,7 +84,7 @@ class Sampler:
 
 @dataclass(frozen=True)
 class Pruner:
-    name: str = "median"
+    name: str = "median"  # none, median, percentile, hyperband, dead (only trials at chance level after the warm-up)
     n_startup_trials: int = 3  # completed trials of the same batch size before pruning starts
     n_warmup_epochs: int = 4  # never prune before this many epochs
     percentile: float = 75.0  # percentile: keep the best 75% of the batch size's trials at each epoch

@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 
 from bstune.search._optuna import PruneRound, batch_size_view, set_user_attrs
 from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
-from bstune.search.space import BatchSizeSampler, SearchSpace, make_pruner, make_sampler
+from bstune.search.space import DEAD_MARGIN, BatchSizeSampler, SearchSpace, chance_level, make_pruner, make_sampler
 from bstune.spec import Pruner, Sampler, Search, load_spec
 from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M
 from tests.conftest import write_spec
@@ -220,7 +220,7 @@ def _sampler(search: Search, **changes: object) -> Search:
 
 
 @pytest.mark.parametrize(("sampler", "pruner"), [("tpe", "median"), ("random", "percentile"), ("qmc", "hyperband"),
-                                                 ("gp", "median"), ("law", "hyperband")])
+                                                 ("gp", "median"), ("law", "hyperband"), ("qmc", "dead")])
 def test_every_sampler_and_pruner_works_through_the_per_batch_size_view(tmp_path: Path, sampler: str,
                                                                         pruner: str) -> None:
     search = Search(batch_sizes=SIZES, lr=(1e-3, 8.0), momentum=(0.0, 0.98),
@@ -244,6 +244,37 @@ def test_every_sampler_and_pruner_works_through_the_per_batch_size_view(tmp_path
     states = [t.state for t in study.trials]
     assert TrialState.FAIL not in states, "the view lacks something the sampler or pruner asks for"
     assert sorted(t.params[BATCH_SIZE] for t in study.trials) == sorted(SIZES * 4)
+
+
+@pytest.mark.parametrize(("objective", "classes"), [("val_loss", 10), ("val_accuracy", 10), ("val_loss", 0)])
+def test_the_dead_pruner_ends_only_trials_at_chance_or_not_finite_after_the_warm_up(objective: str,
+                                                                                    classes: int) -> None:
+    search = Search(batch_sizes=SIZES, objective=objective, pruner=Pruner(name="dead", n_warmup_epochs=3))
+    chance = chance_level(objective, classes)
+    assert chance == (None if classes == 0 else math.log(10) if objective == "val_loss" else 0.1)
+    study = optuna.create_study(direction=search.direction, pruner=make_pruner(search, lambda b: 6, classes))
+    at_chance = chance if chance is not None else 2.3
+    worse = -1.0 if search.direction == "maximize" else 1.0  # a step away from learning, in the objective's sense
+    curves = {
+        "at chance": [at_chance] * 6,
+        "just off chance": [at_chance] * 2 + [at_chance * (1.0 - worse * 2 * DEAD_MARGIN)] * 4,
+        "learning": [at_chance - worse * 0.5 * k for k in range(6)],
+        "not finite": [at_chance - worse * 0.5 * k for k in range(3)] + [math.nan] * 3,
+    }
+    pruned_at = {}
+    for name, curve in curves.items():
+        trial = study.ask()
+        for epoch, value in enumerate(curve, start=1):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                pruned_at[name] = epoch
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, curve[-1] if math.isfinite(curve[-1]) else 0.0)
+    # never before the warm-up's end (epoch 3), however dead; a trial with no chance level only when not finite
+    expected = {"not finite": 4} | ({"at chance": 3} if chance is not None else {})
+    assert pruned_at == expected
 
 
 def test_the_per_batch_size_view_shows_one_batch_size_and_allows_only_what_it_lists() -> None:

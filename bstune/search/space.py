@@ -14,6 +14,7 @@ the study in which only the trials of one batch size exist. The exception is the
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,11 +206,52 @@ class WithinBatchSizePruner(BasePruner):
         return inner.prune(batch_size_view(study, b, trial, pruner=inner), trial)
 
 
-def make_pruner(search: Search, epochs_at: Callable[[int], int]) -> BasePruner:
-    """The spec's pruner, per batch size; ``epochs_at(batch_size)`` is how many epochs a run there lasts."""
+# Within this fraction of the chance level a trial counts as at chance: a loss of 2.19 or more for 10 classes
+# (chance ln 10 = 2.30), an accuracy of 10.5% or less. Far from any trial that is learning after the warm-up.
+DEAD_MARGIN = 0.05
+
+
+def chance_level(objective: str, num_classes: int) -> float | None:
+    """The objective of a model that gives every class the same probability: ln C for a loss, 1/C for the
+    accuracy; None where the targets are not class labels (a user's regression: nothing is at chance)."""
+    if num_classes < 2:
+        return None
+    return 1.0 / num_classes if objective == "val_accuracy" else math.log(num_classes)
+
+
+class DeadPruner(BasePruner):
+    """Prunes only the clearly dead trials: after the warm-up, one whose objective is not finite or is still at
+    chance level (within DEAD_MARGIN of it). It compares a trial with nothing but the chance level, never
+    with the other trials, so the valley's walls, which the analysis fits, run to the end. (A run whose loss
+    explodes is stopped by the trainer already, as DIVERGED.)"""
+
+    def __init__(self, chance: float | None, warmup: int) -> None:
+        self._chance = chance
+        self._warmup = warmup
+        self.finished_only = True  # reads no other trial: one read of the study a round is plenty (PruneRound)
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self._warmup:
+            return False
+        value = trial.intermediate_values[step]
+        if not math.isfinite(value):
+            return True
+        if self._chance is None:
+            return False
+        if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            return value <= self._chance * (1.0 + DEAD_MARGIN)
+        return value >= self._chance * (1.0 - DEAD_MARGIN)
+
+
+def make_pruner(search: Search, epochs_at: Callable[[int], int], num_classes: int = 0) -> BasePruner:
+    """The spec's pruner, per batch size; ``epochs_at(batch_size)`` is how many epochs a run there lasts,
+    ``num_classes`` the data's (the ``dead`` pruner's chance level)."""
     p = search.pruner
     if p.name == "none":
         return optuna.pruners.NopPruner()
+    if p.name == "dead":
+        return DeadPruner(chance_level(search.objective, num_classes), p.n_warmup_epochs)
 
     def make_inner(batch_size: int) -> BasePruner:
         if p.name == "median":

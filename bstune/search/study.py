@@ -144,7 +144,7 @@ def open_study(
     study = optuna.create_study(
         study_name=spec.name, storage=storage, direction=spec.search.direction, load_if_exists=True,
         sampler=make_sampler(spec.search, space, seed_offset=worker * 1000 + len(existing.trials if existing else [])),
-        pruner=make_pruner(spec.search, epochs_at),
+        pruner=make_pruner(spec.search, epochs_at, data.num_classes),
     )
     # Rewritten on resume too: the fixed fields are checked equal above, and the budget may have been raised.
     study.set_user_attr(StudyAttr.SPEC, _public_spec(spec))
