@@ -175,6 +175,8 @@ class PruneRound:
                                    sampler=study.sampler, pruner=study.pruner)
         self._once = bool(getattr(study.pruner, "finished_only", False))
         self._epoch: int | None = None
+        # No pruner reads the reports (nor does the law sampler: it reads a PRUNED trial's, and none is pruned)
+        self.reads_reports = not isinstance(study.pruner, optuna.pruners.NopPruner)
 
     def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
         if epoch != self._epoch or not self._once:

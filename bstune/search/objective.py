@@ -286,8 +286,10 @@ class _TrialRun:
             if time.perf_counter() - self.saved > 5.0:  # spend is saved every few seconds, and at the end
                 set_user_attrs(self.trial, self.spend())
                 self.saved = time.perf_counter()
-            self.trial.report(value, s.epoch)
-            prune = self.pruning.should_prune(self.trial, s.epoch)
+            prune = False
+            if self.pruning.reads_reports:  # one write an epoch, for the pruner alone (the curve is kept apart)
+                self.trial.report(value, s.epoch)
+                prune = self.pruning.should_prune(self.trial, s.epoch)
         kill_point("epoch")
         if self.ended:
             return True
