@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,9 @@ import yaml
 DEFINITIONS = """\
 - start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
 - training: time inside the trainer (`train`, `train_fused`), less the per-epoch callbacks it makes;
-- logging/storage: the rest, split into MLflow (the trial runs' writes: `Tracker.start_trial`, `log_epoch`,
-  `end_trial`) and Optuna (its storage, the samplers and the pruners, the progress output)."""
+- logging/storage: the rest, split into MLflow (the trial runs' writes on the trainer's side: `Tracker`'s
+  `start_trial`, `log_epoch`, `end_trial`, or the lines spooled to the writer process, waits for it included)
+  and Optuna (its storage, the samplers and the pruners, the progress output)."""
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "studies" / "digits.yaml"
 TINY = {"name": "tiny", "workload": {"dataset": "digits", "model": "linear", "n_train": 128, "epochs": 2},
@@ -70,6 +72,12 @@ objective._TrialRun.on_epoch = timed(objective._TrialRun.on_epoch, "callbacks")
 Tracker.start_trial = timed(Tracker.start_trial, "mlflow")
 Tracker.end_trial = timed(Tracker.end_trial, "mlflow")
 Tracker.log_epoch = timed(Tracker.log_epoch, "mlflow")  # called inside the callbacks: counted in both
+try:  # the trial runs spooled to a writer process: the trainer's side (the lines, waiting for a run id)
+    from bstune.run_spool import SpooledRuns
+    for name in ("start_trial", "log_epoch", "end_trial", "run_id", "close"):
+        setattr(SpooledRuns, name, timed(getattr(SpooledRuns, name), "mlflow"))
+except ImportError:  # an older bstune: no spool
+    pass
 
 class FirstTrial(SilentProgress):
     def trial_started(self, number, config):
@@ -77,7 +85,7 @@ class FirstTrial(SilentProgress):
             clock["first_trial"] = time.perf_counter() - t0
 
     def trial_finished(self, *args, **kwargs):  # when, and the training so far (a fused group's ends together)
-        clock["marks"].append((time.perf_counter() - t0, clock["training"] - clock["callbacks"]))
+        clock["marks"].append((time.perf_counter() - t0, clock["training"] - clock["callbacks"], time.process_time()))
 
 result = run_study(load_spec(sys.argv[1]), progress=FirstTrial())
 clock.update(total=time.perf_counter() - t0, trials=result.spent.trials)
@@ -145,11 +153,15 @@ def tiny(trials: int, folder: Path) -> dict[str, float]:
     window = min(1000, len(marks) // 3)
 
     def bookkeeping(i: int, j: int) -> float:  # ms a trial from the end of trial i to the end of trial j
-        (t0, train0), (t1, train1) = marks[i], marks[j]
+        (t0, train0, _), (t1, train1, _) = marks[i], marks[j]
         return 1000 * ((t1 - t0) - (train1 - train0)) / (j - i)
 
     span = marks[-1][0] - c["first_trial"]
-    return {"trials": c["trials"], "per_trial": 1000 * span / c["trials"],
+    # the trainer's CPU time a trial (training included): what its critical path costs on an idle core, where a
+    # shared machine's load stretches the wall times
+    cpu = 1000 * (marks[-1][2] - marks[0][2]) / max(len(marks) - 1, 1)
+    return {"trials": c["trials"], "per_trial": 1000 * span / c["trials"], "cpu": cpu,
+            "load": os.getloadavg()[0],
             "training": 1000 * marks[-1][1] / c["trials"], "mlflow": 1000 * c["mlflow"] / c["trials"],
             "window": window, "first": bookkeeping(0, window), "last": bookkeeping(len(marks) - 1 - window,
                                                                                     len(marks) - 1)}
@@ -157,12 +169,13 @@ def tiny(trials: int, folder: Path) -> dict[str, float]:
 
 def tiny_row(r: dict[str, float]) -> str:
     """One Markdown row of a tiny study's numbers."""
-    return (f"| {r['trials']:,} | {r['per_trial']:.0f} | {r['training']:.1f} | {r['mlflow']:.0f} | "
-            f"{r['first']:.0f} | {r['last']:.0f} (trials {r['window']:,} a window) |")
+    return (f"| {r['trials']:,} | {r['per_trial']:.0f} | {r['cpu']:.0f} | {r['training']:.1f} | {r['mlflow']:.1f} | "
+            f"{r['first']:.0f} | {r['last']:.0f} ({r['window']:,} trials a window) | {r['load']:.1f} |")
 
 
-TINY_HEADER = ("| trials | ms a trial, all | of it training | MLflow writes on the critical path | bookkeeping "
-               "a trial, first window | last window |\n|---:|---:|---:|---:|---:|---|")
+TINY_HEADER = ("| trials | ms a trial, all | trainer CPU ms a trial | of it training | MLflow on the critical path | "
+               "bookkeeping a trial, first window | last window | load at the end |\n"
+               "|---:|---:|---:|---:|---:|---:|---|---:|")
 
 
 def main() -> None:
