@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +79,12 @@ def _record(pos: Path, done: int, applying: int) -> None:
 
 
 def apply_pending(log: Path, tracker: Any, run_ids: dict[int, str], fresh: bool,
-                  on_start: Callable[[int, str], None] | None = None) -> tuple[int, bool]:
+                  on_start: Callable[[int, str], None] | None = None,
+                  defer: Callable[[list[dict[str, Any]]], bool] | None = None) -> tuple[int, bool]:
     """Apply the spool's complete lines not yet applied, under its apply lock; (lines applied, whether its
     owner closed it). `run_ids` (trial id -> run id) is what this applier made; `fresh`: nothing of this spool
-    may have been applied past the recorded position by another applier (else every run is looked up first)."""
+    may have been applied past the recorded position by another applier (else every run is looked up first);
+    `defer(lines)`: leave them for a later call, all together."""
     pos = log.with_suffix(".pos")
     with _locked(log.with_suffix(".lock")):
         if not log.exists():
@@ -96,7 +98,9 @@ def apply_pending(log: Path, tracker: Any, run_ids: dict[int, str], fresh: bool,
             return 0, False
         end = done + len(data)
         _record(pos, done, end)
-        lines = [json.loads(line) for line in data.splitlines()]
+        lines = _parsed(data.splitlines())
+        if defer is not None and defer(lines):
+            return 0, False
         closed = _apply(lines, tracker, run_ids, look_up=not fresh or applying > done, on_start=on_start)
         _record(pos, end, end)
         return len(lines), closed
@@ -146,10 +150,20 @@ def remove(log: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _parsed(lines: Iterable[bytes]) -> list[dict[str, Any]]:
+    """A spool's lines as records; one cut short by a full disk (then joined to the next) is skipped: its trial
+    stopped with that write's error, is RUNNING, and is settled as a lost one."""
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 def ended_trials(log: Path) -> set[int]:
     """The trials that have an end in a spool (read whole: done once per dead process's spool)."""
     with open(log, "rb") as f:
-        return {r["trial_id"] for r in map(json.loads, f) if r["op"] in ("end", "settle")}
+        return {r["trial_id"] for r in _parsed(f) if r["op"] in ("end", "settle")}
 
 
 def repair_orphans(folder: Path | None, tracker: Any) -> set[int]:
@@ -185,7 +199,9 @@ class SpooledRuns:
         self._parent = ""
 
     def _spool(self, record: dict[str, Any]) -> None:
-        self._owner.write((json.dumps(record, default=str) + "\n").encode())
+        line = memoryview((json.dumps(record, default=str) + "\n").encode())
+        while line:  # one write, but a full disk may take part of it first
+            line = line[self._owner.write(line):]
         if self._writer is None or self._writer.poll() is not None:  # not started yet, or died: (re)start
             self._start_writer()
 
@@ -252,7 +268,7 @@ class SpooledRuns:
 
     def close(self) -> None:
         """Wait until the writer has applied the whole spool (or apply what is left here), then remove it."""
-        self._owner.write(b'{"op": "close"}\n')
+        self._owner.write(b'\n{"op": "close"}\n')  # (a line cut short before it stays apart)
         end = time.monotonic() + CLOSE_SECONDS
         while self._writer is not None and self._writer.poll() is None and time.monotonic() < end:
             self._read_run_ids()  # its pipe must not fill while it finishes
@@ -276,6 +292,11 @@ def _serve(log: Path, tracking_uri: str, experiment: str, owner: int) -> None:
     def started(trial_id: int, run_id: str) -> None:
         print(trial_id, run_id, flush=True)
 
+    def defer(lines: list[dict[str, Any]]) -> bool:
+        """Epochs alone are written a few seconds at a time: a run's metrics then go in one write (MLflow costs
+        ms a write, and a fused group's epochs come many a second); a start, end or settle at once."""
+        return all(r["op"] == "epoch" for r in lines) and time.time() - lines[0]["ts"] / 1000 < tracker.flush_seconds
+
     fresh = False  # a writer restarted after another one died looks its first runs up
     size = -1
     while True:
@@ -289,10 +310,14 @@ def _serve(log: Path, tracking_uri: str, experiment: str, owner: int) -> None:
             time.sleep(POLL_SECONDS)
             continue
         size = log.stat().st_size
-        n, closed = apply_pending(log, tracker, run_ids, fresh=fresh, on_start=started)
-        fresh = True
+        n, closed = apply_pending(log, tracker, run_ids, fresh=fresh, on_start=started, defer=defer)
         if closed:
             return
+        if n:
+            fresh = True
+        else:  # deferred: looked at again in a while, grown or not
+            size = -1
+            time.sleep(10 * POLL_SECONDS)
 
 
 if __name__ == "__main__":
