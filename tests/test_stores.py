@@ -17,8 +17,6 @@ from click.testing import CliRunner
 from bstune.cli import main
 from tests.conftest import small_spec, write_spec
 
-pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
-
 TINY = {"workload.epochs": 1, "workload.n_train": 200, "search.pruner": "none", "budget.trials": 2}
 
 
@@ -37,6 +35,7 @@ def _digest(*paths: Path) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "" for p in paths]
 
 
+@pytest.mark.slow  # real studies and subprocesses
 def test_a_garbled_optuna_database_is_one_line_everywhere(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **TINY)
     assert _run("study", str(path))[0] == 0
@@ -50,6 +49,7 @@ def test_a_garbled_optuna_database_is_one_line_everywhere(tmp_path: Path) -> Non
     _one_line_error(*_run("validate", str(path)), "file is not a database")
 
 
+@pytest.mark.slow  # real studies and subprocesses
 def test_swapped_stores_are_refused_before_either_is_written(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **TINY)
     assert _run("study", str(path))[0] == 0
@@ -66,6 +66,7 @@ def test_swapped_stores_are_refused_before_either_is_written(tmp_path: Path) -> 
     _one_line_error(*_run("validate", str(path)), "swapped?")
 
 
+@pytest.mark.slow  # real studies and subprocesses
 def test_a_read_only_store_folder_is_one_line_before_anything_runs(tmp_path: Path) -> None:
     folder = tmp_path / "stores"
     folder.mkdir()
@@ -86,6 +87,7 @@ def test_a_read_only_store_folder_is_one_line_before_anything_runs(tmp_path: Pat
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow  # real studies and subprocesses
 def test_a_lost_tracking_store_is_said_in_one_line(tmp_path: Path) -> None:
     """The MLflow store deleted while the Optuna storage stays: the study goes on with a new parent run, and
     says which trials MLflow no longer has."""
@@ -102,6 +104,7 @@ def test_a_lost_tracking_store_is_said_in_one_line(tmp_path: Path) -> None:
     assert "MLflow parent run" in warning and "the 2 trials run before it are in the Optuna storage only" in warning
 
 
+@pytest.mark.slow  # real studies and subprocesses
 def test_the_default_store_folder_is_made_and_only_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A spec copied into a fresh folder, naming no stores: mlruns/ is made. A named folder that is not there
     stays an error (it is usually a typo)."""
@@ -117,6 +120,7 @@ def test_the_default_store_folder_is_made_and_only_it(tmp_path: Path, monkeypatc
                     f"folder {tmp_path}/typo does not exist")
 
 
+@pytest.mark.slow  # real studies and subprocesses
 def test_two_studies_started_at_once_on_fresh_stores_both_run(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **TINY | {"budget.trials": 4})
     cmd = [sys.executable, "-m", "bstune.cli", "study", str(path)]
