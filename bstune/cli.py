@@ -5,6 +5,7 @@ Bad input of any kind ends with one line on stderr and exit code 2, never a trac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -35,6 +36,17 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow logs a database error with its traceback before raising it; bstune says it in one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """BLAS held to one thread while the analysis runs: its matrices are small (a few hundred rows), and on a
+    busy machine OpenBLAS's threads wait on each other (10^5 CSV rows analysed in 12 s with its default two
+    threads at a load of 9 on 2 cores, in 3.9 s with one: benchmarks/ANALYSIS_SCALE.md)."""
+    import numpy  # noqa: F401  threadpoolctl limits the libraries already loaded
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 class _Group(click.Group):
@@ -150,7 +162,8 @@ def _study_answer(table: TrialTable) -> str:
     from bstune.report import answer_lines
 
     try:
-        return "\n".join(answer_lines(analyze(table), trend=False))
+        with _one_blas_thread():
+            return "\n".join(answer_lines(analyze(table), trend=False))
     except BstuneError as e:
         return f"Which batch size to use: not yet ({e})"
 
@@ -274,8 +287,9 @@ def report(spec_file: str | None, fmt: str, out_dir: str | None, batch_sizes: tu
     spec = _study_spec(spec_file, storage, study_name, tracking_uri)
     table = _table(spec)
     log_to = (tracking_uri or _stored_tracking_uri(spec, table)) if log_mlflow else ""
-    rep, files = make_report(table, Path(out_dir) if out_dir else Path("reports") / spec.name, fmt,
-                             batch_sizes=batch_sizes, target=target)
+    with _one_blas_thread():
+        rep, files = make_report(table, Path(out_dir) if out_dir else Path("reports") / spec.name, fmt,
+                                 batch_sizes=batch_sizes, target=target)
     click.echo(f"report: {files[0]}")
     if log_to:
         run_id = publish(rep, files, log_to)
@@ -332,7 +346,8 @@ def _analysis(spec_file: str | None, storage: str | None, study_name: str | None
 
     spec = None if csv else _study_spec(spec_file, storage, study_name, None)
     table = _table(spec, csv, direction)
-    return spec, table, analyze(table, target=target)
+    with _one_blas_thread():
+        return spec, table, analyze(table, target=target)
 
 
 @main.command()

@@ -19,8 +19,22 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bstune.errors import BstuneError, redact
 from bstune.spec import Budget
+from bstune.tablecsv import (
+    CSV_COLUMNS,
+    REQUIRED_COLUMNS,
+    Columns,
+    CurvePoints,
+    RowColumns,
+    num,
+    opt_int,
+    read_columns,
+)
+
+__all__ = ["CSV_COLUMNS", "REQUIRED_COLUMNS"]  # and the rest: the CSV's columns are part of the contract
 
 
 class State(StrEnum):
@@ -136,6 +150,9 @@ class TrialTable:
     n_train: int | None = None
     study_name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # the records' curve points as arrays, where the reader made them (from_csv); records are not changed
+    # in place once read
+    curve_points: CurvePoints | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.direction not in ("minimize", "maximize"):
@@ -327,10 +344,6 @@ def from_study(study: Any, n_train: int | None = None, trials: Iterable[Any] | N
                       meta={"spec": spec, "mlflow_parent_run_id": study.user_attrs.get(StudyAttr.PARENT_RUN)})
 
 
-REQUIRED_COLUMNS = ("batch_size", "lr", "momentum", "value", "state")
-CSV_COLUMNS = ("number", *REQUIRED_COLUMNS, "epoch", "epoch_value", "optimizer_steps", "examples_seen")
-
-
 def from_csv(path: str | Path, direction: str = "minimize", metric: str = "value") -> TrialTable:
     """Read a CSV of trials: columns batch_size, lr, momentum, value, state, and optionally number, epoch,
     epoch_value (or the row's value), optimizer_steps, examples_seen for learning curves.
@@ -347,34 +360,58 @@ def from_csv(path: str | Path, direction: str = "minimize", metric: str = "value
         raise BstuneError(f"{path}: is a directory, not a CSV file of trials")
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
-            records = _read_trials(csv.reader(f), str(path))
+            reader = csv.reader(f)
+            cols = Columns(next(reader, []), str(path))
+            fast = read_columns(f, reader.line_num, cols, CSV_STATES, MAX_BATCH_SIZE)
+        points = None
+        if fast is not None:
+            records, points = _records(fast)
+        else:  # row by row: it accepts what it always did, and names the line of the first problem
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                records = _read_trials(csv.reader(f), str(path))
     except UnicodeDecodeError as e:
         raise BstuneError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the CSV as UTF-8") from None
     except csv.Error as e:
         raise BstuneError(f"{path}: not a readable CSV ({e}); save it as plain comma-separated text") from None
     except OSError as e:
         raise BstuneError(f"{path}: cannot read it ({e.strerror})") from None
-    return TrialTable(records, direction=direction, metric=metric)
+    return TrialTable(records, direction=direction, metric=metric, curve_points=points)
 
 
-class _Columns:
-    """Where each known column is in a CSV's rows."""
+def _records(c: RowColumns) -> tuple[list[TrialRecord], CurvePoints]:
+    """The records of a table read by columns (``tablecsv``), as ``_read_trials`` makes them."""
+    f, num_, blank = c.first, c.num, c.blank
+    value = num_["value"][f]
+    values = [v if math.isfinite(v) else None for v in value.tolist()]
+    ex_first = np.where(blank["examples_seen"][f], 0, num_["examples_seen"][f]).astype(np.int64).tolist()
+    rows = np.flatnonzero(~blank["epoch"])
+    rows = rows[np.lexsort((num_["epoch"][rows], c.trial[rows]))]  # stable: ties keep the file's order
+    ev = np.where(blank["epoch_value"][rows], num_["value"][rows], num_["epoch_value"][rows])
+    arrays = CurvePoints(c.trial[rows], num_["epoch"][rows], ev, num_["optimizer_steps"][rows],
+                         num_["examples_seen"][rows], len(f))
+    points = list(map(EpochPoint, arrays.epoch.astype(np.int64).tolist(), ev.tolist(),
+                      _ints_or_none(num_["optimizer_steps"][rows], blank["optimizer_steps"][rows]),
+                      _ints_or_none(num_["examples_seen"][rows], blank["examples_seen"][rows])))
+    bounds = np.searchsorted(c.trial[rows], np.arange(len(f) + 1)).tolist()
+    b, lr, m = (num_[k][f].tolist() for k in ("batch_size", "lr", "momentum"))
+    out = []
+    for n, key in enumerate(c.keys):
+        curve = tuple(points[bounds[n]:bounds[n + 1]])
+        out.append(TrialRecord(number=int(key) if key.isdigit() else n, batch_size=int(b[n]), lr=lr[n],
+                               momentum=m[n], value=values[n], state=State((c.states[n] or State.COMPLETE).upper()),
+                               curve=curve, examples_seen=(curve[-1].examples_seen or 0) if curve else ex_first[n]))
+    return out, arrays
 
-    def __init__(self, header: list[str], source: str) -> None:
-        cols = [c.strip() for c in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in cols]
-        if missing:
-            raise BstuneError(f"{source}: missing column(s) {', '.join(missing)}; a trial table needs "
-                              f"{', '.join(REQUIRED_COLUMNS)}")
-        self.index = {c: cols.index(c) for c in CSV_COLUMNS if c in cols}
 
-    def get(self, row: list[str], col: str) -> str:
-        i = self.index.get(col)
-        return row[i].strip() if i is not None and i < len(row) else ""
+def _ints_or_none(v: np.ndarray, blank: np.ndarray) -> list[int | None]:
+    out: list[int | None] = np.where(blank, 0, v).astype(np.int64).tolist()
+    for i in np.flatnonzero(blank).tolist():
+        out[i] = None
+    return out
 
 
 def _read_trials(reader: Any, source: str) -> list[TrialRecord]:
-    cols = _Columns(next(reader, []), source)
+    cols = Columns(next(reader, []), source)
     by_number = "number" in cols.index
     trials: dict[str, _CsvTrial] = {}
     for row in reader:
@@ -400,7 +437,7 @@ class _CsvTrial:
 
     __slots__ = ("source", "line", "batch_size", "lr", "momentum", "value", "state", "examples", "curve")
 
-    def __init__(self, cols: _Columns, row: list[str], source: str, line: int) -> None:
+    def __init__(self, cols: Columns, row: list[str], source: str, line: int) -> None:
         self.source, self.line = source, line
         self.batch_size, self.lr, self.momentum = _config(cols, row, source, line)
         state = (cols.get(row, "state") or State.COMPLETE).upper()
@@ -409,12 +446,12 @@ class _CsvTrial:
                               f"use one of {', '.join(CSV_STATES)}")
         self.state = State(state)
         text = cols.get(row, "value")
-        value = _num(text, "value", source, line) if text else None
+        value = num(text, "value", source, line) if text else None
         self.value = value if value is not None and math.isfinite(value) else None
-        self.examples = _opt_int(cols.get(row, "examples_seen"), "examples_seen", source, line) or 0
+        self.examples = opt_int(cols.get(row, "examples_seen"), "examples_seen", source, line) or 0
         self.curve: list[EpochPoint] = []
 
-    def check_same(self, cols: _Columns, row: list[str], line: int) -> None:
+    def check_same(self, cols: Columns, row: list[str], line: int) -> None:
         """Rows of one trial number must be the same point."""
         if _config(cols, row, self.source, line) != (self.batch_size, self.lr, self.momentum):
             raise BstuneError(f"{self.source}: line {line}: trial {cols.get(row, 'number')} has another "
@@ -428,47 +465,27 @@ class _CsvTrial:
                            value=self.value, state=self.state, curve=curve, examples_seen=examples)
 
 
-def _config(cols: _Columns, row: list[str], source: str, line: int) -> tuple[int, float, float]:
+def _config(cols: Columns, row: list[str], source: str, line: int) -> tuple[int, float, float]:
     """A row's (batch_size, lr, momentum), each checked."""
     text = cols.get(row, "batch_size")
-    b = _num(text, "batch_size", source, line)
+    b = num(text, "batch_size", source, line)
     if not (b >= 1 and b == int(b)):  # also refuses nan
         raise BstuneError(f"{source}: line {line}: batch_size must be a positive integer, got {text!r}")
     if b > MAX_BATCH_SIZE:
         raise BstuneError(f"{source}: line {line}: batch_size {text} is beyond any batch size trained with (at most "
                           f"2^24 = {MAX_BATCH_SIZE:,}); check the column's values and units")
-    lr = _num(cols.get(row, "lr"), "lr", source, line)
+    lr = num(cols.get(row, "lr"), "lr", source, line)
     if not lr > 0:
         raise BstuneError(f"{source}: line {line}: lr must be > 0, got {cols.get(row, 'lr')}")
-    m = _num(cols.get(row, "momentum"), "momentum", source, line)
+    m = num(cols.get(row, "momentum"), "momentum", source, line)
     if not 0 <= m < 1:
         raise BstuneError(f"{source}: line {line}: momentum must lie in [0, 1), got {cols.get(row, 'momentum')}")
     return int(b), lr, m
 
 
-def _point(cols: _Columns, row: list[str], source: str, line: int) -> EpochPoint:
-    epoch = _opt_int(cols.get(row, "epoch"), "epoch", source, line)
-    return EpochPoint(epoch=epoch, value=_num(cols.get(row, "epoch_value") or cols.get(row, "value"),
+def _point(cols: Columns, row: list[str], source: str, line: int) -> EpochPoint:
+    epoch = opt_int(cols.get(row, "epoch"), "epoch", source, line)
+    return EpochPoint(epoch=epoch, value=num(cols.get(row, "epoch_value") or cols.get(row, "value"),
                                               "epoch_value", source, line),
-                      optimizer_steps=_opt_int(cols.get(row, "optimizer_steps"), "optimizer_steps", source, line),
-                      examples_seen=_opt_int(cols.get(row, "examples_seen"), "examples_seen", source, line))
-
-
-def _num(text: str, col: str, source: str, line: int) -> float:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise BstuneError(f"{source}: line {line}: {col} must be a number, got {text!r}") from None
-    if math.isinf(v) and col != "value" and col != "epoch_value":
-        raise BstuneError(f"{source}: line {line}: {col} must be finite, got {text!r}")
-    return v
-
-
-def _opt_int(text: str, col: str, source: str, line: int) -> int | None:
-    """A count (>= 0) or None for an empty cell."""
-    if not text:
-        return None
-    v = _num(text, col, source, line)
-    if not (v >= 0 and v == int(v)):
-        raise BstuneError(f"{source}: line {line}: {col} must be a whole number >= 0, got {text!r}")
-    return int(v)
+                      optimizer_steps=opt_int(cols.get(row, "optimizer_steps"), "optimizer_steps", source, line),
+                      examples_seen=opt_int(cols.get(row, "examples_seen"), "examples_seen", source, line))

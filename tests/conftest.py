@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,3 +71,27 @@ def _one_thread_fixture() -> Iterator[None]:
     """`one_thread` for a whole test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     with one_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def _empty_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store made once, as bstune makes one: each new store runs MLflow's schema migrations,
+    seconds of CPU that would otherwise be paid by every test that runs a study."""
+    from bstune.tracking import Tracker
+
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{db}")
+    tracker.client.search_experiments(max_results=1)
+    tracker.client._tracking_client.store.engine.dispose()  # closed: its WAL folded into the file
+    return db
+
+
+@pytest.fixture(autouse=True)
+def _tracking_store(request: pytest.FixtureRequest) -> None:
+    """tmp_path/mlflow.db (small_spec's tracking store) starts as a copy of the empty store, unless the test is
+    marked `fresh_stores` (it checks what is created, and when)."""
+    if "tmp_path" not in request.fixturenames or request.node.get_closest_marker("fresh_stores"):
+        return
+    target = request.getfixturevalue("tmp_path") / "mlflow.db"
+    if not target.exists():
+        shutil.copyfile(request.getfixturevalue("_empty_tracking_store"), target)

@@ -46,18 +46,28 @@ def _killed_then_rerun(path: Path, *kills: str) -> None:
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
 
 
-# Points reached in the claim of a later run (the stale-trial check, the settling): a first kill makes work
-# for them. The others are the worker's own trial, killed on its second time there (a group of two, fused).
-_LATER = {"stale_failed": "end_state:2", "settled_run": "epoch:3"}
+# Each group is one study killed at each of its points in turn (every run resuming the study), then re-run in
+# peace: a process per kill, not a study per point. A worker's own trial is killed on its second time at the
+# point (a group of two, fused); the points reached in the claim of a later run (the stale-trial check, the
+# settling) follow a kill that makes work for them.
+_GROUPS = {"start": ("parent_run:1", "asked:2", "beat:2", "suggested:2"),
+           "train": ("point:2", "run_started:2", "run_recorded:2", "epoch:2"),
+           "end": ("end_state:2", "end_run:2", "told:2"),
+           "later": ("end_state:2", "stale_failed:1", "epoch:3", "settled_run:1")}
+_NO_LOST = {"parent_run", "told", "stale_failed", "settled_run"}  # a kill there leaves no trial of its own LOST
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_a_worker_killed_at_any_step_leaves_a_study_that_finishes_exactly(tmp_path: Path, point: str) -> None:
-    path = write_spec(tmp_path, **{"budget.trials": 6, "search.pruner": "none", "execution.fuse": 2})
-    kills = (_LATER[point], f"{point}:1") if point in _LATER else (f"{point}:{1 if point == 'parent_run' else 2}",)
+def test_every_kill_point_is_in_a_group() -> None:
+    assert {k.partition(":")[0] for kills in _GROUPS.values() for k in kills} == set(POINTS)
+
+
+@pytest.mark.parametrize("group", list(_GROUPS))
+def test_a_worker_killed_at_any_step_leaves_a_study_that_finishes_exactly(tmp_path: Path, group: str) -> None:
+    path = write_spec(tmp_path, **{"budget.trials": 8, "search.pruner": "none", "execution.fuse": 2})
+    kills = _GROUPS[group]
     _killed_then_rerun(path, *kills)
-    counts = check_consistent(load_spec(path), 6)
-    assert counts.get("LOST", 0) >= (0 if point in ("told", "parent_run") else 1), counts
+    counts = check_consistent(load_spec(path), 8)
+    assert counts.get("LOST", 0) >= sum(k.partition(":")[0] not in _NO_LOST for k in kills), counts
 
 
 def test_a_trial_that_never_beat_is_failed_after_the_grace_period(tmp_path: Path) -> None:

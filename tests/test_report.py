@@ -123,6 +123,7 @@ def test_recommendation_table_agrees_with_analysis_recommend(report_study: Repor
             assert row.seconds == pytest.approx(row.steps * row.batch_size / row.examples_per_second)
 
 
+@pytest.mark.fresh_stores
 def test_html_report_is_one_file_with_every_plot_embedded(report_study: ReportStudy, tmp_path: Path) -> None:
     files = write_report(report_study.report, tmp_path, "html")
     assert files == [tmp_path / "report.html"] and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

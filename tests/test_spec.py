@@ -15,6 +15,8 @@ from bstune.errors import first_line
 from bstune.spec import load_spec
 from tests.conftest import small_spec
 
+pytestmark = pytest.mark.fresh_stores  # these tests check what is created, and when
+
 BAD_SPECS = [
     # (overrides, words the one-line message must contain)
     ({"workload.datset": "digits"}, ["workload.datset", "did you mean 'dataset'"]),

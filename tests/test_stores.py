@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from bstune.cli import main
 from tests.conftest import small_spec, write_spec
 
+pytestmark = pytest.mark.fresh_stores  # these tests check what is created, and when
+
 TINY = {"workload.epochs": 1, "workload.n_train": 200, "search.pruner": "none", "budget.trials": 2}
 
 

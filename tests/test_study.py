@@ -191,6 +191,7 @@ def test_trials_that_diverge_at_once_still_spend_the_budget(tmp_path: Path, limi
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_stores
 def test_a_study_writes_its_sqlite_stores_through_a_write_ahead_log(tmp_path: Path) -> None:
     import sqlite3
 

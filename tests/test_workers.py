@@ -347,6 +347,7 @@ def test_workers_are_pinned_round_robin_and_share_the_cpu() -> None:
         plan_workers(0, None)
 
 
+@pytest.mark.fresh_stores
 def test_bad_scale_out_input_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     path = write_spec(tmp_path)
     for args in (["study", str(path), "--workers", "2", "--trials-per-device", "2"],

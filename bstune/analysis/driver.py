@@ -1,6 +1,7 @@
 """``analyze``: from a TrialTable to an Analysis, one batch size at a time and then across them.
 
-Per batch size: counts, the best trial and the divergence edge (``_batch_optimum``); its valley fitted alone
+Per batch size: counts, the best trial and the divergence edge (``_batch_basics``); its valley smoothed on its
+own (``smooth``, through ``reduce``); where that does not apply or falls back, its valley fitted alone
 (``valley.fit_valley``) and with the other batch sizes (``pooled.pooled_valleys``); the optimum filled in from
 the fit that places it best (``fill_optimum``). Across batch sizes: the forms of lr*(B) and B_noise
 (``laws``), and the steps to a target (``steps``).
@@ -17,6 +18,7 @@ import numpy as np
 from bstune.analysis.answer import answer, throughput
 from bstune.analysis.laws import estimate_b_noise, find_peak, fit_forms
 from bstune.analysis.pooled import pooled_valleys
+from bstune.analysis.reduce import smooth_batch
 from bstune.analysis.results import (
     Analysis,
     BatchOptimum,
@@ -26,11 +28,12 @@ from bstune.analysis.results import (
     is_int,
     quantile_interval,
 )
-from bstune.analysis.smooth import smooth_optimum
 from bstune.analysis.steps import steps_fit
 from bstune.analysis.valley import Valley, fit_valley, valley_points
 from bstune.errors import BstuneError
 from bstune.trials import FAILED_STATES, State, TrialRecord, TrialTable
+
+_OWN, _POOLED, _SMOOTH, _STEPS = range(4)  # the stages that draw bootstrap resamples (see _stream)
 
 
 def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200, seed: int = 0,
@@ -46,7 +49,6 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     """
     _check_arguments(table, target, n_boot, min_trials)
     sign = 1.0 if table.direction == "minimize" else -1.0
-    rng = np.random.default_rng(seed)
     warnings: list[str] = []
     groups = table.by_batch_size()
     done = {b: [r for r in rs if _is_complete(r)] for b, rs in groups.items()}
@@ -57,10 +59,19 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     if nan_done:
         warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
     notes_by_batch: dict[int, list[str]] = {b: [] for b in groups}
-    per_batch = [_batch_optimum(b, rs, done[b], sign, n_boot, rng, min_trials, notes_by_batch[b])
-                 for b, rs in groups.items()]
-    _prefer_pooled(per_batch, groups, done, notes_by_batch, sign, n_boot, rng, min_trials)
-    _prefer_smooth(per_batch, groups, done, notes_by_batch, sign, n_boot, rng, min_trials)
+    per_batch = [_batch_basics(b, rs, done[b], sign, min_trials) for b, rs in groups.items()]
+    # each batch size's own smoothed valley first: the quadratic and pooled fits are made only where it
+    # falls back to them (their results would be replaced), each stage drawing from its own stream
+    smoothed = _smooth_all(groups, done, sign, n_boot, seed, min_trials)
+    fall_back = {b for b in groups if smoothed.get(b) is None}
+    for o in per_batch:
+        if o.batch_size in fall_back and len(done[o.batch_size]) >= min_trials:
+            v = fit_valley(*valley_points(done[o.batch_size], sign, n_boot, _stream(seed, _OWN, o.batch_size)))
+            fill_optimum(o, v, groups[o.batch_size], sign, notes_by_batch[o.batch_size])
+    if any(len(done[b]) >= 2 for b in fall_back):
+        _prefer_pooled(per_batch, groups, done, notes_by_batch, sign, n_boot, _stream(seed, _POOLED), min_trials,
+                       fall_back)
+    _prefer_smooth(per_batch, groups, smoothed, notes_by_batch, sign)
     warnings += [w for b in groups for w in notes_by_batch[b]]
     if len(groups) == 1 and not per_batch[0].fitted:
         raise BstuneError(f"the trials cover one batch size (B={per_batch[0].batch_size}) with "
@@ -77,7 +88,7 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
                         "batch sizes in the spec's search.batch_sizes")
     grad_noise = {b: _median_gns(rs) for b, rs in groups.items()}
     laws = _LawFits.of(per_batch, warnings)
-    steps = steps_fit(table, groups, per_batch, sign, target, n_boot, rng, warnings)
+    steps = steps_fit(table, groups, per_batch, sign, target, n_boot, _stream(seed, _STEPS), warnings)
     choice = answer(per_batch, steps, throughput(table), sign, laws.b_noise, laws.b_noise_interval)
     return Analysis(per_batch=per_batch, fits=laws.fits, effective_fits=laws.effective_fits,
                     preferred=laws.preferred, effective_preferred=laws.effective_preferred,
@@ -120,15 +131,16 @@ def _check_records(records: Sequence[TrialRecord]) -> None:
 
 def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
                    done: dict[int, list[TrialRecord]], notes_by_batch: dict[int, list[str]], sign: float, n_boot: int,
-                   rng: np.random.Generator, min_trials: int) -> None:
-    """Replace each batch size's own fit (in place, with what it says) by the joint one where there is one.
+                   rng: np.random.Generator, min_trials: int, only: set[int]) -> None:
+    """Replace each batch size's own fit (in place, with what it says) by the joint one where there is one,
+    for the batch sizes in ``only`` (the joint fit is made over all of them).
 
     The joint fit places batch sizes with only 2-3 completed trials, and the separate 2-D fits wobble with
     the momenta drawn unless each valley holds many trials (benchmarks/SEARCH.md). Not where the joint fit's
     optimum is only a bound and the batch size's own fit is bracketed."""
     pooled = pooled_valleys(done, sign, n_boot, rng)
     for i, o in enumerate(per_batch):
-        if o.batch_size not in pooled:
+        if o.batch_size not in pooled or o.batch_size not in only:
             continue
         joint, notes = dataclasses.replace(o), []
         fill_optimum(joint, pooled[o.batch_size], groups[o.batch_size], sign, notes)
@@ -140,25 +152,41 @@ def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
         per_batch[i], notes_by_batch[o.batch_size] = joint, notes
 
 
-def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
-                   done: dict[int, list[TrialRecord]], notes_by_batch: dict[int, list[str]], sign: float, n_boot: int,
-                   rng: np.random.Generator, min_trials: int) -> None:
-    """Replace each batch size's optimum (in place) by its own smoothed valley (``smooth``) where its completed
-    trials share one momentum and number at least ``min_trials``: a real valley changes shape with B, and a
-    shape pooled over the batch sizes places lr* off where it does."""
-    for i, o in enumerate(per_batch):
-        rs = done[o.batch_size]
+def _smooth_all(groups: dict[int, list[TrialRecord]], done: dict[int, list[TrialRecord]], sign: float,
+                n_boot: int, seed: int, min_trials: int) -> dict[int, Valley | None]:
+    """Each batch size's own smoothed valley (``smooth``; ``reduce`` beyond a few thousand trials) where its
+    completed trials share one momentum and number at least ``min_trials``: a real valley changes shape
+    with B, and a shape pooled over the batch sizes places lr* off where it does. None where there are too
+    few trials in its valley to smooth it; batch sizes it does not apply to are left out."""
+    out: dict[int, Valley | None] = {}
+    for b, rs in done.items():
         if len(rs) < min_trials or len({r.momentum for r in rs}) != 1:
             continue
-        diverged = [r for r in groups[o.batch_size] if r.state == State.DIVERGED
+        diverged = [r for r in groups[b] if r.state == State.DIVERGED
                     or (r.state == State.COMPLETE and not _is_complete(r))]
-        v = smooth_optimum(rs, diverged, sign, n_boot, rng)
+        out[b] = smooth_batch(rs, diverged, sign, n_boot, _stream(seed, _SMOOTH, b))
+    return out
+
+
+def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+                   smoothed: dict[int, Valley | None], notes_by_batch: dict[int, list[str]], sign: float) -> None:
+    """Replace each batch size's optimum (in place) by its own smoothed valley where there is one."""
+    for i, o in enumerate(per_batch):
+        if o.batch_size not in smoothed:
+            continue
+        v = smoothed[o.batch_size]
         if v is None:  # too few trials in its valley to say how flat it is: no plateau is claimed
             o.plateau = o.plateau_low_interval = o.plateau_high_interval = None
             continue
         out, notes = dataclasses.replace(o), []
         fill_optimum(out, v, groups[o.batch_size], sign, notes)
         per_batch[i], notes_by_batch[o.batch_size] = out, notes
+
+
+def _stream(seed: int, stage: int, batch_size: int = 0) -> np.random.Generator:
+    """The random stream of one stage of the analysis (and one batch size): independent of the others, so
+    that a fit skipped (or made) leaves every other's draws as they were."""
+    return np.random.default_rng([seed, stage, batch_size])
 
 
 @dataclasses.dataclass
@@ -217,26 +245,41 @@ def _median_gns(records: Sequence[TrialRecord]) -> float | None:
 # ------------------------------------------------------------------------------------ per-batch optimum
 
 
-def _batch_optimum(b: int, records: list[TrialRecord], done: list[TrialRecord], sign: float, n_boot: int,
-                   rng: np.random.Generator, min_trials: int, warnings: list[str]) -> BatchOptimum:
-    # a COMPLETE trial without a finite value blew up: it counts as diverged
-    diverged = [r for r in records
-                if r.state == State.DIVERGED or (r.state == State.COMPLETE and not _is_complete(r))]
-    stable = [r for r in records if r.state == State.PRUNED or _is_complete(r)]
-    best = min(done, key=lambda r: sign * float(r.value or 0.0)) if done else None
-    out = BatchOptimum(
-        batch_size=b, n_complete=len(done), n_pruned=sum(r.state == State.PRUNED for r in records),
-        n_diverged=len(diverged), n_failed=sum(r.state in FAILED_STATES for r in records),
+class _Trials:
+    """A batch size's trials as arrays (one pass over the records): lr, effective lr, sign * value (nan where
+    none), and which say COMPLETE, are complete (with a finite value), diverged (or COMPLETE without a finite
+    value), pruned, failed."""
+
+    def __init__(self, records: Sequence[TrialRecord], sign: float) -> None:
+        n = len(records)
+        state = np.array([r.state for r in records], dtype=str) if n else np.zeros(0, dtype=str)
+        self.lr = np.fromiter((r.lr for r in records), dtype=float, count=n)
+        self.one_minus_m = np.fromiter((1.0 - r.momentum for r in records), dtype=float, count=n)
+        self.effective_lr = np.fromiter((r.effective_lr for r in records), dtype=float, count=n)
+        value = np.fromiter((math.nan if r.value is None else r.value for r in records), dtype=float, count=n)
+        self.value = sign * value
+        finite = np.isfinite(value)
+        self.said_complete = state == State.COMPLETE.value
+        self.complete = self.said_complete & finite
+        self.diverged = (state == State.DIVERGED.value) | (self.said_complete & ~finite)
+        self.pruned = state == State.PRUNED.value
+        self.failed = np.isin(state, [s.value for s in FAILED_STATES])
+
+
+def _batch_basics(b: int, records: list[TrialRecord], done: list[TrialRecord], sign: float,
+                  min_trials: int) -> BatchOptimum:
+    """A batch size's counts, best trial and divergence edge, before any fit."""
+    t = _Trials(records, sign)
+    best = records[int(np.argmin(np.where(t.complete, t.value, np.inf)))] if done else None  # the first best
+    stable = t.pruned | t.complete
+    return BatchOptimum(
+        batch_size=b, n_complete=len(done), n_pruned=int(t.pruned.sum()),
+        n_diverged=int(t.diverged.sum()), n_failed=int(t.failed.sum()),
         best_lr=best.lr if best else None, best_momentum=best.momentum if best else None,
         best_value=best.value if best else None, status=f"too few trials ({len(done)} < {min_trials})",
-        max_stable_lr=_max_stable([r.lr for r in stable], [r.lr for r in diverged]),
-        max_stable_effective_lr=_max_stable([r.effective_lr for r in stable],
-                                            [r.effective_lr for r in diverged]),
+        max_stable_lr=_max_stable(t.lr[stable], t.lr[t.diverged]),
+        max_stable_effective_lr=_max_stable(t.effective_lr[stable], t.effective_lr[t.diverged]),
     )
-    if len(done) < min_trials:
-        return out
-    fill_optimum(out, fit_valley(*valley_points(done, sign, n_boot, rng)), records, sign, warnings)
-    return out
 
 
 def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign: float,
@@ -270,7 +313,8 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
-    below, above = _bracket(records, sign, v, lx[0], leff[0])
+    t = _Trials(records, sign)
+    below, above = _bracket(t, v, lx[0], leff[0])
     out.bracketed = below and above
     out.status = "fitted"
     if not out.bracketed:
@@ -283,29 +327,26 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
         warnings.append(f"B={b}: the fitted effective lr* is within half an octave of the divergence edge "
                         f"({format_number(out.max_stable_effective_lr)}); the valley's right wall is cut off by "
                         "divergence")
-    near = [r for r in records
-            if r.state in (State.PRUNED, State.COMPLETE) and abs(math.log2(r.effective_lr) - leff[0]) <= 0.5]
-    if len(near) >= 4 and sum(r.state == State.PRUNED for r in near) > len(near) / 2:
+    near = (t.pruned | t.said_complete) & (np.abs(np.log2(t.effective_lr) - leff[0]) <= 0.5)
+    if near.sum() >= 4 and (near & t.pruned).sum() > near.sum() / 2:
         warnings.append(f"B={b}: most trials within half an octave of the fitted effective lr* were pruned; "
                         "the pruner may be cutting into the valley (give it more warm-up epochs)")
 
 
-def _bracket(records: list[TrialRecord], sign: float, v: Valley, log2_lr: float,
-             log2_eff: float) -> tuple[bool, bool]:
+def _bracket(t: _Trials, v: Valley, log2_lr: float, log2_eff: float) -> tuple[bool, bool]:
     """Whether some trial more than half an octave below, and some above, the optimum is clearly worse:
     pruned, diverged, or completed more than twice the fit's residual RMS above the fitted optimum value.
     Checked in the coordinate the fit used (either one for the 2-D fit; across the floor, at the trial's own
     momentum, for the pooled fit)."""
-    worse = [r for r in records if r.state in (State.PRUNED, State.DIVERGED)
-             or (r.state == State.COMPLETE and (not _is_complete(r) or sign * r.value > v.value + 2.0 * v.noise))]
+    worse = t.pruned | t.diverged | (t.complete & (t.value > v.value + 2.0 * v.noise))
     offsets = []
     if v.tilt is not None:  # distance from the floor at the trial's own momentum
-        offsets.append(np.log2([r.lr for r in worse]) - log2_lr
-                       - v.tilt * (np.log2([1.0 - r.momentum for r in worse]) - float(v.log2_one_minus_m[0])))
+        offsets.append(np.log2(t.lr[worse]) - log2_lr
+                       - v.tilt * (np.log2(t.one_minus_m[worse]) - float(v.log2_one_minus_m[0])))
     elif v.kind in ("1d-lr", "2d", "smooth"):
-        offsets.append(np.log2([r.lr for r in worse]) - log2_lr)
+        offsets.append(np.log2(t.lr[worse]) - log2_lr)
     if v.tilt is None and v.kind in ("1d-effective", "2d"):
-        offsets.append(np.log2([r.effective_lr for r in worse]) - log2_eff)
+        offsets.append(np.log2(t.effective_lr[worse]) - log2_eff)
     return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
 
 
@@ -314,10 +355,9 @@ def _holding(point: float, interval: Interval) -> Interval:
     return (min(interval[0], point), max(interval[1], point))
 
 
-def _max_stable(stable: list[float], diverged: list[float]) -> float | None:
+def _max_stable(stable: np.ndarray, diverged: np.ndarray) -> float | None:
     """The largest lr that did not diverge, below the smallest that did (None without a divergence)."""
-    if not diverged:
+    if not len(diverged):
         return None
-    edge = min(diverged)
-    below = [lr for lr in stable if lr < edge]
-    return max(below) if below else None
+    below = stable[stable < diverged.min()]
+    return float(below.max()) if len(below) else None

@@ -42,6 +42,7 @@ _TILT_PRIOR = 1.0  # ... that the floor's tilt is 1/2, between the plain lr's (0
 _STAND_ALONE = 4  # distinct trials in its valley from which a batch size's valley is placed by its own trials
 _GAUGE = 1e-3  # the share of those priors left where it stands alone (see FloorFit._priors)
 _LM_STEPS = 40
+_ROWS_AT_ONCE = 25  # bootstrap rows solved together
 _LM_TOL = 1e-9  # relative decrease of the cost below which a row has converged
 _FLOOR_SHARED = 5  # the model's shared parameters: a, b, g, h, kappa
 _WALL_POWER = 0.5  # the valley is a parabola in (lr / lr*)^this (see wall)
@@ -214,8 +215,11 @@ class FloorFit:
         sw, pw = np.sqrt(self.weights), self.prior_w
         theta = self.solve(self.theta0[None, :], sw[:1], pw[:1])
         resid = self.residuals(theta, np.ones((1, self.n)), pw[:1])[0][0, : self.n]
-        rest = self.solve(np.tile(theta[0], (self.weights.shape[0] - 1, 1)), sw[1:], pw[1:])
-        return np.concatenate([theta, rest]), resid
+        # the resamples a block at a time (each row is solved on its own: the same numbers), so that the
+        # normal equations' (rows, trials, 15) terms stay small whatever the number of resamples
+        rest = [self.solve(np.tile(theta[0], (len(sw[i : i + _ROWS_AT_ONCE]), 1)), sw[i : i + _ROWS_AT_ONCE],
+                           pw[i : i + _ROWS_AT_ONCE]) for i in range(1, self.weights.shape[0], _ROWS_AT_ONCE)]
+        return np.concatenate([theta, *rest]), resid
 
     def residuals(self, theta: np.ndarray, sw: np.ndarray,
                   prior_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

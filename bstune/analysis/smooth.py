@@ -61,6 +61,25 @@ def smooth_valley(x: np.ndarray, y: np.ndarray, walls: np.ndarray, counts: np.nd
     log2 lr of the diverged trials; ``counts`` (rows, n) and ``wall_counts`` (rows, n_walls): how often each
     trial is drawn in each row (row 0: the data). None where the trials do not span a valley (fewer than 3
     distinct lrs)."""
+    scaled = valley_scale(x, y, walls)
+    if scaled is None:
+        return None
+    xa, za, keep, log_scale = scaled
+    ca = np.concatenate([counts, wall_counts[:, keep]], axis=1)
+    grid, member = bin_grid(xa)
+    scatter = np.zeros((len(xa), len(grid)))
+    scatter[np.arange(len(xa)), member] = 1.0
+    c = ca @ scatter  # (rows, bins): draws per bin
+    s1 = (ca * za) @ scatter
+    s2 = (ca * za**2) @ scatter
+    return smooth_bins(grid, c, s1, s2, x, log_scale)
+
+
+def valley_scale(x: np.ndarray, y: np.ndarray,
+                 walls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None:
+    """The points the smoother fits: log2 lr of the completed trials then of the walls it keeps, their values
+    on its scale (log, capped), which walls it keeps, and whether the scale is log; None where too few
+    distinct lrs lie in the valley."""
     in_valley = x[y <= y.min() + abs(y.min()) * (VALLEY_TRIALS_WITHIN - 1.0)]
     if len(np.unique(in_valley)) < MIN_VALLEY_TRIALS:
         return None
@@ -73,15 +92,22 @@ def smooth_valley(x: np.ndarray, y: np.ndarray, walls: np.ndarray, counts: np.nd
     keep = walls > float(x.min())
     xa = np.concatenate([x, walls[keep]])
     za = np.concatenate([z, np.full(int(keep.sum()), top)])
-    ca = np.concatenate([counts, wall_counts[:, keep]], axis=1)
+    return xa, za, keep, log_scale
+
+
+def bin_grid(xa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grid of bins (log2 lr at their centres) over the points ``xa``, and each point's bin."""
     lo = math.floor(float(xa.min()) / BIN)
     grid = (np.arange(lo, math.ceil(float(xa.max()) / BIN) + 1)) * BIN
     member = np.clip(np.rint(xa / BIN).astype(int) - lo, 0, len(grid) - 1)
-    scatter = np.zeros((len(xa), len(grid)))
-    scatter[np.arange(len(xa)), member] = 1.0
-    c = ca @ scatter  # (rows, bins): draws per bin
-    s1 = (ca * za) @ scatter
-    s2 = (ca * za**2) @ scatter
+    return grid, member
+
+
+def smooth_bins(grid: np.ndarray, c: np.ndarray, s1: np.ndarray, s2: np.ndarray, x: np.ndarray,
+                log_scale: bool) -> Valley | None:
+    """The smoothed valley from the binned points, for every row: ``c``, ``s1``, ``s2`` (rows, bins) the
+    draws, the sum of their values and of their squares per bin (on the scale ``valley_scale`` gives);
+    ``x`` the completed trials' log2 lr (their range bounds the optimum; only its min and max matter)."""
     fits = [_local_quadratic(grid, c, s1, s2, h) for h in BANDWIDTHS]
     gcv = np.stack([f[2] for f in fits], axis=1)  # (rows, bandwidths)
     finite = np.isfinite(gcv)

@@ -15,7 +15,7 @@ from bstune.trials import TrialRecord, TrialTable
 _TARGET_SHARE = 0.75  # default target: near the fitted optimum value that 3/4 of the batch sizes reach ...
 _TARGET_SLACK = 0.1  # ... less 10% of the way back to the median first-epoch value
 
-_Curves = dict[int, list[tuple[np.ndarray, np.ndarray]]]  # per batch size: (steps, sign * value) per trial
+_Curves = dict[int, "_Flat"]  # per batch size: every trial's curve, in optimizer steps, end to end
 
 
 def steps_fit(table: TrialTable, groups: dict[int, list[TrialRecord]], per_batch: list[BatchOptimum],
@@ -43,21 +43,62 @@ def steps_fit(table: TrialTable, groups: dict[int, list[TrialRecord]], per_batch
     return _fit_tradeoff(points, reached_sizes, crossings, target_value, rule, n_boot, rng, warnings)
 
 
+class _Flat:
+    """The learning curves of one batch size end to end (at least one point): ``steps`` and ``vals`` (sign *
+    value) per point, each trial's points in epoch order from ``starts[i]`` on; trials without a point left
+    out."""
+
+    def __init__(self, steps: np.ndarray, vals: np.ndarray, trial: np.ndarray) -> None:
+        self.steps, self.vals = steps, vals
+        self.starts = np.flatnonzero(np.r_[True, trial[1:] != trial[:-1]])
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
 def _curves(table: TrialTable, groups: dict[int, list[TrialRecord]], sign: float) -> _Curves:
-    """Every trial's learning curve in optimizer steps, points without steps or a finite value left out."""
+    """Every trial's learning curve in optimizer steps, points without steps or a finite value left out.
+
+    Read into flat arrays (no list per trial): from the table's own arrays where its reader made them (a CSV),
+    else from the records' points once."""
     curves: _Curves = {}
+    cp = table.curve_points
+    if cp is not None and cp.n_records != len(table.records):  # made for other records
+        cp = None
+    if cp is not None:
+        sizes = np.fromiter((r.batch_size for r in table.records), dtype=np.int64, count=len(table.records))
+        of_b = sizes[cp.record]
     for b, records in groups.items():
-        for r in records:
-            steps, vals = [], []
-            for p in sorted(r.curve, key=lambda p: p.epoch):
-                s = p.steps(b, table.n_train)
-                if p.value is None or not math.isfinite(p.value) or s is None:
-                    continue
-                steps.append(s)
-                vals.append(sign * p.value)
-            if steps:
-                curves.setdefault(b, []).append((np.array(steps, dtype=float), np.array(vals)))
+        if cp is not None:
+            at = np.flatnonzero(of_b == b)
+            trial, epoch, value = cp.record[at], cp.epoch[at], cp.value[at]
+            steps, seen = cp.optimizer_steps[at], np.nan_to_num(cp.examples_seen[at])
+        else:
+            trial, epoch, value, steps, seen = _points(records)
+        # as EpochPoint.steps: recorded, else epochs x ceil(n_train / B), else examples seen / B
+        if table.n_train:
+            steps = np.where(np.isnan(steps), epoch * math.ceil(table.n_train / b), steps)
+        else:
+            steps = np.where(np.isnan(steps) & (seen > 0), seen / b, steps)
+        order = np.lexsort((epoch, trial))  # stable: each trial's points in epoch order
+        keep = order[np.isfinite(value[order]) & ~np.isnan(steps[order])]
+        if len(keep):
+            curves[b] = _Flat(steps[keep], sign * value[keep], trial[keep])
     return curves
+
+
+def _points(records: list[TrialRecord]) -> tuple[np.ndarray, ...]:
+    """The records' curve points as arrays: trial (index in ``records``), epoch, value, optimizer steps and
+    examples seen (nan and 0 where not recorded)."""
+    nan = math.nan
+    points = [(i, p) for i, r in enumerate(records) for p in r.curve]
+    n = len(points)
+    return (np.fromiter((i for i, _ in points), dtype=np.int64, count=n),
+            np.fromiter((p.epoch for _, p in points), dtype=float, count=n),
+            np.fromiter((nan if p.value is None else p.value for _, p in points), dtype=float, count=n),
+            np.fromiter((nan if p.optimizer_steps is None else p.optimizer_steps for _, p in points), dtype=float,
+                        count=n),
+            np.fromiter((p.examples_seen or 0 for _, p in points), dtype=float, count=n))
 
 
 def _goal(curves: _Curves, per_batch: list[BatchOptimum], sign: float,
@@ -69,7 +110,7 @@ def _goal(curves: _Curves, per_batch: list[BatchOptimum], sign: float,
     # fitted optimum values instead, and leave a margin.
     optima = sorted(sign * o._fit_value for o in per_batch if o._fit_value is not None)
     ref = optima[math.ceil(_TARGET_SHARE * len(optima)) - 1]
-    start = float(np.median([v[0] for cs in curves.values() for _, v in cs]))
+    start = float(np.median(np.concatenate([c.vals[c.starts] for c in curves.values()])))
     goal = ref + _TARGET_SLACK * max(start - ref, 0.0)
     return goal, "10% of the way from the optimum 3/4 of the batch sizes reach to the median first-epoch value"
 
@@ -79,12 +120,11 @@ def _fewest_steps(curves: _Curves, goal: float) -> tuple[list[StepsPoint], list[
     and those crossings (one per trial, inf where never), and the batch sizes that only give a bound."""
     points, reached_sizes, crossings, bounds = [], [], [], []
     for b, cs in curves.items():
-        found = [_first_crossing(s, v, goal) for s, v in cs]
-        cross = np.array([f[0] for f in found])
+        cross, first = _first_crossings(cs, goal)
         ok = np.isfinite(cross)
         s_b = float(cross.min()) if ok.any() else None
         # reached at the first recorded point: the steps it took are only bounded from above
-        bound = s_b is not None and found[int(cross.argmin())][1]
+        bound = s_b is not None and bool(first[int(cross.argmin())])
         points.append(StepsPoint(batch_size=b, steps=s_b, examples=None if s_b is None else s_b * b,
                                  n_reached=int(ok.sum()), n_curves=len(cs), upper_bound=bound))
         if bound:
@@ -126,14 +166,17 @@ def _fit_tradeoff(points: list[StepsPoint], reached_sizes: list[int], crossings:
     return fit
 
 
-def _first_crossing(steps: np.ndarray, vals: np.ndarray, goal: float) -> tuple[float, bool]:
-    """Steps at which the curve first reaches ``goal`` (inf if never): the first epoch at or below it,
-    refined by linear interpolation from the epoch before; and whether that was the first point."""
-    hit = np.flatnonzero(vals <= goal)
-    if not len(hit):
-        return math.inf, False
-    i = int(hit[0])
-    if i == 0:
-        return float(steps[0]), True
-    frac = (vals[i - 1] - goal) / (vals[i - 1] - vals[i])
-    return float(steps[i - 1] + frac * (steps[i] - steps[i - 1])), False
+def _first_crossings(cs: _Flat, goal: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per trial, the steps at which its curve first reaches ``goal`` (inf if never): the first epoch at or
+    below it, refined by linear interpolation from the epoch before; and whether that was its first point."""
+    n_points = len(cs.vals)
+    at = np.where(cs.vals <= goal, np.arange(n_points), n_points)
+    hit = np.minimum.reduceat(at, cs.starts)  # each trial's first point at or below the goal (n_points: none)
+    reached = hit < n_points
+    first = reached & (hit == cs.starts)
+    i = np.where(reached & ~first, hit, 0)  # the point after the crossing (0: unused)
+    s, v = cs.steps, cs.vals
+    with np.errstate(divide="ignore", invalid="ignore"):  # only the unused rows can divide by zero
+        frac = (v[i - 1] - goal) / (v[i - 1] - v[i])
+        cross = np.where(first, s[np.minimum(hit, n_points - 1)], s[i - 1] + frac * (s[i] - s[i - 1]))
+    return np.where(reached, cross, math.inf), first
