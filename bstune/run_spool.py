@@ -197,6 +197,7 @@ class SpooledRuns:
         self._writer: subprocess.Popen | None = None
         self._said = b""  # what the writer has said (trial id, run id lines), not yet read whole
         self._parent = ""
+        self._start_writer()  # now: its start-up (importing MLflow) overlaps the trainer's, not its first trial
 
     def _spool(self, record: dict[str, Any]) -> None:
         line = memoryview((json.dumps(record, default=str) + "\n").encode())
