@@ -42,7 +42,9 @@ def test_a_dead_workers_spool_is_applied_once_however_often_it_is_repaired(tmp_p
     tracker, parent = _tracker(tmp_path)
     folder = spool_folder(tracker.uri, "spool", "s")
     runs = SpooledRuns(folder, tracker)
-    runs._start_writer = lambda: None  # no writer: as if the worker died before its writer applied anything
+    runs._writer.kill()  # no writer: as if the worker died before its writer applied anything
+    runs._writer.wait()
+    runs._start_writer = lambda: None
     _spool_two_trials(runs, parent)
     log = runs.log
     assert repair_orphans(folder, tracker) == set(), "a live worker's spool is not touched"
