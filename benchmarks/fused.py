@@ -3,7 +3,7 @@
 Not a test: prints a Markdown table and writes it into benchmarks/FUSED.md under "Trainer throughput"; on the CPU
 it then splits the default study's wall time at --fuse 1 and at the default (benchmarks/study_time.py), and
 FUSED.md's last line is that study's speedup.
-K = 1 is the unfused trainer (`train`, one trial at a time); K > 1 is `train_fused`. A cell times whole trials
+K = 1 is one trial at a time (`train`, a group of one); K > 1 is `train_fused`. A cell times whole trials
 (set-up, training, evaluation every epoch, the in-trial probes), best of --repeats taken in turns across K, so
 trials per minute is what a study's training gets. The members differ in lr and momentum, all in a range where
 none diverges (a member that left early would flatter the number; the table says so if one does).
@@ -49,13 +49,9 @@ def members(w: Workload, name: str, b: int, k: int, epochs: int) -> list[TrainCo
 
 
 def run_seconds(configs: list[TrainConfig], data: Dataset, device: str) -> tuple[float, int]:
-    """Wall time of training the configs (one `train`, or one `train_fused`), and the members that left early."""
+    """Wall time of training the configs as one group (`train_fused`), and the members that left early."""
     t0 = time.perf_counter()
-    left = 0
-    if len(configs) == 1:
-        train(configs[0], data, device)
-    else:
-        left = sum(r.error is not None for r in train_fused(configs, data, device))
+    left = sum(r.error is not None for r in train_fused(configs, data, device))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, left
@@ -118,7 +114,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--workload", choices=["digits", "cifar"], help="default: digits on cpu, cifar on cuda")
     p.add_argument("--batch-sizes", help="default: 16,32,128,512 (digits), 64,128,256,512 (cifar)")
-    p.add_argument("--ks", default="1,2,4,8,16", help="members per fused group; 1 is the unfused trainer")
+    p.add_argument("--ks", default="1,2,4,8,16", help="members per fused group; 1 is one trial at a time")
     p.add_argument("--epochs", type=int, help="default: the workload's (digits), 2 (cifar)")
     p.add_argument("--n", type=int, default=10_000, help="cifar: random training images (validation: n/5)")
     p.add_argument("--width", type=int, help="cifar: net width (default: studies/cifar.yaml's)")
@@ -152,12 +148,12 @@ def main() -> int:
         device_name = (f"CPU ({platform.processor() or platform.machine()}, {threads}; {os.cpu_count()} cores, "
                        f"load average {os.getloadavg()[0]:.1f} at the start)")
     print(f"{what}; {device_name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n")
-    print("trials per minute (speedup over K = 1, one unfused trial at a time):\n")
+    print("trials per minute (speedup over K = 1, one trial at a time):\n")
     table = throughput_table(w, name, data, args.device, sizes, ks, epochs, repeats)
     if not args.no_write:
         sub = "### GPU: CIFAR net" if args.device == "cuda" else f"### CPU: {name} {w.model}"
         body = (f"{what}; {device_name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
-                f"best of {repeats}. Trials per minute (speedup over K = 1, one unfused trial at a time):\n\n"
+                f"best of {repeats}. Trials per minute (speedup over K = 1, one trial at a time):\n\n"
                 f"{table}\n\n`python benchmarks/fused.py{' --device cuda' if args.device == 'cuda' else ''}`")
         write_section(OUTPUT, sub, body)
         print(f"\nwritten to {OUTPUT.relative_to(ROOT)}")

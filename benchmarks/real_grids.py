@@ -17,6 +17,7 @@ import csv
 import gzip
 import io
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,8 +138,11 @@ def write(path: Path, rows: Sequence[dict[str, object]]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    with gzip.open(path, "wt", compresslevel=9) as f:
+    # written aside and renamed, so a build stopped mid-write keeps its last whole .partial file
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt", compresslevel=9) as f:
         f.write(buf.getvalue())
+    os.replace(tmp, path)
 
 
 def load(name: str) -> list[dict[str, object]]:

@@ -5,7 +5,7 @@ Runs studies/digits.yaml as shipped (its trial budget, its seed) in a fresh proc
 in a temporary folder, and splits its wall time:
 
 - start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
-- training: time inside the trainer (`train`, `train_fused`), less the per-epoch callbacks it makes;
+- training: time inside the trainer (`train_fused`), less the per-epoch callbacks it makes;
 - logging/storage: the rest, split into MLflow (the trial runs' writes: `Tracker.start_trial`, `log_epoch`,
   `end_trial`) and Optuna (its storage, the samplers and the pruners, the progress output).
 
@@ -37,7 +37,7 @@ import yaml
 
 DEFINITIONS = """\
 - start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
-- training: time inside the trainer (`train`, `train_fused`), less the per-epoch callbacks it makes;
+- training: time inside the trainer (`train_fused`), less the per-epoch callbacks it makes;
 - logging/storage: the rest, split into MLflow (the trial runs' writes on the trainer's side: `Tracker`'s
   `start_trial`, `log_epoch`, `end_trial`, or the lines spooled to the writer process, waits for it included)
   and Optuna (its storage, the samplers and the pruners, the progress output)."""
@@ -66,7 +66,6 @@ def timed(fn, key):
             clock[key] += time.perf_counter() - start
     return wrapped
 
-objective.train = timed(objective.train, "training")
 objective.train_fused = timed(objective.train_fused, "training")
 objective._TrialRun.on_epoch = timed(objective._TrialRun.on_epoch, "callbacks")
 Tracker.start_trial = timed(Tracker.start_trial, "mlflow")

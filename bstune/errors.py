@@ -51,7 +51,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """What to quote of an exception in a one-line error: its (driver's) message's first line, without
     passwords, cut at a word within ``limit`` characters; its type's name when it has no message. Where that
     line is too long because it buries an OS error under retries and pool objects (HTTP clients do), the OS
-    error's reason."""
+    error's reason. Optuna's "an exception is raised during the commit" says nothing of why: its cause does."""
+    while type(e).__name__ == "StorageInternalError" and e.__cause__ is not None:
+        e = e.__cause__
     text = str(getattr(e, "orig", None) or e).strip()
     line = redact(text.splitlines()[0] if text else type(e).__name__)
     if len(line) <= limit:

@@ -37,8 +37,8 @@ DATASETS: dict[str, str] = {
     "synthetic": "bstune.train.data:synthetic",
 }
 
-# Optimizers: the lone trainer's torch.optim builder; the fused trainer's stacked update is
-# bstune.train.stacked_optim's, which implements each name below.
+# Optimizers: each name's torch.optim builder, the formulas that the trainer's stacked update
+# (bstune.train.stacked_optim, which implements each name below) follows and is tested against.
 OPTIMIZERS: dict[str, str] = {
     "sgd": "bstune.train.optimizers:sgd",
     "nesterov": "bstune.train.optimizers:nesterov",

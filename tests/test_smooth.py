@@ -70,12 +70,20 @@ def test_each_batch_size_is_smoothed_with_a_bootstrap_that_refits_and_an_interva
     assert held >= 3
 
 
-def test_the_plateau_grows_with_the_noise_of_one_run():
-    quiet = analyze(_table(0.02, seed=2, n=40), seed=2, n_boot=50)
-    loud = analyze(_table(0.12, seed=2, n=40), seed=2, n_boot=50)
+def test_the_near_optimal_set_grows_with_the_noise_of_one_run_and_the_plateau_holds_it():
+    rng = np.random.default_rng(2)
+    x = np.sort(rng.uniform(-10.0, -1.5, size=40))
+    z = rng.standard_normal(len(x))
+    counts = np.ones((51, len(x)))
+    counts[1:] = rng.multinomial(len(x), np.full(len(x), 1.0 / len(x)), size=50)
 
-    def width(a):
-        return float(np.median([math.log2(o.plateau[1] / o.plateau[0]) for o in a.per_batch
-                                if o.fit == "smooth"]))
+    def fit(noise: float):
+        y = _cliff_valley(x) * np.exp(noise * z)
+        v = smooth_valley(x, y, np.array([-1.0]), counts, np.ones((51, 1)))
+        assert v is not None and v.near is not None
+        # the plateau: the data's near-optimal set, widened to where a quarter of the bootstrap's sets reach
+        assert v.plateau[0, 0] <= v.near[0, 0] and v.plateau[0, 1] >= v.near[0, 1]
+        assert v.plateau[0, 0] <= v.log2_lr[0] <= v.plateau[0, 1]
+        return float(v.near[0, 1] - v.near[0, 0])
 
-    assert width(loud) > width(quiet) + 0.2
+    assert fit(0.12) > fit(0.02) + 0.2

@@ -157,3 +157,17 @@ def test_first_line_quotes_whole_words_and_buried_os_errors() -> None:
     assert first_line(ValueError("abc def"), limit=3) == "abc ..."  # a word ending at the limit is kept
     missing = OSError("x" * 300 + " [Errno 2] No such file or directory: '/data/x.db'")
     assert first_line(missing) == "No such file or directory: '/data/x.db'"
+
+
+def test_first_line_quotes_why_optunas_commit_failed() -> None:
+    import sqlite3
+
+    import optuna
+
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+    except optuna.exceptions.StorageInternalError as wrapped:
+        assert first_line(wrapped) == "database or disk is full"

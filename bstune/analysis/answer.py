@@ -31,7 +31,8 @@ class Choice:
     value: float | None  # the objective expected at the study's budget
     seconds: float | None = None  # wall time to the steps-to-target goal on the trials' hardware
     examples_per_second: float | None = None
-    near: list[int] = field(default_factory=list)  # other batch sizes within 1% of the best value
+    near: list[int] = field(default_factory=list)  # other batch sizes within one run's seed noise of the best value
+    noise: float | None = None  # one run's seed noise near this optimum: how far "near" reaches
 
 
 @dataclass
@@ -70,8 +71,12 @@ def answer(per_batch: list[BatchOptimum], steps: StepsFit | None, rates: dict[in
     if fitted:
         top = min(fitted, key=lambda o: sign * float(o.value))
         best = _choice(top)
-        best.near = [o.batch_size for o in fitted if o is not top
-                     and abs(float(o.value) - float(top.value)) <= 0.01 * abs(float(top.value))]
+        # the same notion as the plateau: a batch size whose expected value lies within one run's seed noise of
+        # the best one's does as well, as far as the trials can tell (a fixed fraction of the value is not: on
+        # real valleys one run's noise is 10-35% of the loss, far above 1%)
+        best.noise = top.noise
+        tol = top.noise if top.noise is not None else 0.0
+        best.near = [o.batch_size for o in fitted if o is not top and sign * (float(o.value) - float(top.value)) <= tol]
     else:
         why["best"] = "no batch size has a fitted optimum"
     fastest = _fastest(fitted, steps, rates, why)

@@ -20,6 +20,7 @@ from bstune.analysis.laws import estimate_b_noise, find_peak, fit_forms
 from bstune.analysis.pooled import pooled_valleys
 from bstune.analysis.reduce import smooth_batch
 from bstune.analysis.results import (
+    PLATEAU_NOISE,
     Analysis,
     BatchOptimum,
     Interval,
@@ -59,7 +60,8 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     if nan_done:
         warnings.append(f"{nan_done} COMPLETE trial(s) have no finite value; they count as diverged")
     notes_by_batch: dict[int, list[str]] = {b: [] for b in groups}
-    per_batch = [_batch_basics(b, rs, done[b], sign, min_trials) for b, rs in groups.items()]
+    trials = {b: _Trials(rs, sign) for b, rs in groups.items()}  # each batch size's records as arrays, once
+    per_batch = [_batch_basics(b, rs, trials[b], done[b], min_trials) for b, rs in groups.items()]
     # each batch size's own smoothed valley first: the quadratic and pooled fits are made only where it
     # falls back to them (their results would be replaced), each stage drawing from its own stream
     smoothed = _smooth_all(groups, done, sign, n_boot, seed, min_trials)
@@ -67,11 +69,11 @@ def analyze(table: TrialTable, *, target: float | None = None, n_boot: int = 200
     for o in per_batch:
         if o.batch_size in fall_back and len(done[o.batch_size]) >= min_trials:
             v = fit_valley(*valley_points(done[o.batch_size], sign, n_boot, _stream(seed, _OWN, o.batch_size)))
-            fill_optimum(o, v, groups[o.batch_size], sign, notes_by_batch[o.batch_size])
+            fill_optimum(o, v, trials[o.batch_size], sign, notes_by_batch[o.batch_size])
     if any(len(done[b]) >= 2 for b in fall_back):
-        _prefer_pooled(per_batch, groups, done, notes_by_batch, sign, n_boot, _stream(seed, _POOLED), min_trials,
+        _prefer_pooled(per_batch, trials, done, notes_by_batch, sign, n_boot, _stream(seed, _POOLED), min_trials,
                        fall_back)
-    _prefer_smooth(per_batch, groups, smoothed, notes_by_batch, sign)
+    _prefer_smooth(per_batch, trials, smoothed, notes_by_batch, sign)
     warnings += [w for b in groups for w in notes_by_batch[b]]
     if len(groups) == 1 and not per_batch[0].fitted:
         raise BstuneError(f"the trials cover one batch size (B={per_batch[0].batch_size}) with "
@@ -129,7 +131,7 @@ def _check_records(records: Sequence[TrialRecord]) -> None:
                               "(fix or drop that trial)")
 
 
-def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+def _prefer_pooled(per_batch: list[BatchOptimum], trials: dict[int, _Trials],
                    done: dict[int, list[TrialRecord]], notes_by_batch: dict[int, list[str]], sign: float, n_boot: int,
                    rng: np.random.Generator, min_trials: int, only: set[int]) -> None:
     """Replace each batch size's own fit (in place, with what it says) by the joint one where there is one,
@@ -143,7 +145,7 @@ def _prefer_pooled(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
         if o.batch_size not in pooled or o.batch_size not in only:
             continue
         joint, notes = dataclasses.replace(o), []
-        fill_optimum(joint, pooled[o.batch_size], groups[o.batch_size], sign, notes)
+        fill_optimum(joint, pooled[o.batch_size], trials[o.batch_size], sign, notes)
         if o.bracketed and not joint.bracketed:
             continue
         if joint.n_complete < min_trials:
@@ -168,7 +170,7 @@ def _smooth_all(groups: dict[int, list[TrialRecord]], done: dict[int, list[Trial
     return out
 
 
-def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRecord]],
+def _prefer_smooth(per_batch: list[BatchOptimum], trials: dict[int, _Trials],
                    smoothed: dict[int, Valley | None], notes_by_batch: dict[int, list[str]], sign: float) -> None:
     """Replace each batch size's optimum (in place) by its own smoothed valley where there is one."""
     for i, o in enumerate(per_batch):
@@ -179,7 +181,7 @@ def _prefer_smooth(per_batch: list[BatchOptimum], groups: dict[int, list[TrialRe
             o.plateau = o.plateau_low_interval = o.plateau_high_interval = None
             continue
         out, notes = dataclasses.replace(o), []
-        fill_optimum(out, v, groups[o.batch_size], sign, notes)
+        fill_optimum(out, v, trials[o.batch_size], sign, notes)
         per_batch[i], notes_by_batch[o.batch_size] = out, notes
 
 
@@ -266,10 +268,9 @@ class _Trials:
         self.failed = np.isin(state, [s.value for s in FAILED_STATES])
 
 
-def _batch_basics(b: int, records: list[TrialRecord], done: list[TrialRecord], sign: float,
+def _batch_basics(b: int, records: list[TrialRecord], t: _Trials, done: list[TrialRecord],
                   min_trials: int) -> BatchOptimum:
-    """A batch size's counts, best trial and divergence edge, before any fit."""
-    t = _Trials(records, sign)
+    """A batch size's counts, best trial and divergence edge, before any fit (``t``: ``records`` as arrays)."""
     best = records[int(np.argmin(np.where(t.complete, t.value, np.inf)))] if done else None  # the first best
     stable = t.pruned | t.complete
     return BatchOptimum(
@@ -282,9 +283,10 @@ def _batch_basics(b: int, records: list[TrialRecord], done: list[TrialRecord], s
     )
 
 
-def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign: float,
+def fill_optimum(out: BatchOptimum, v: Valley, t: _Trials, sign: float,
                  warnings: list[str]) -> None:
-    """Fill in ``out`` from the valley fit ``v`` of its batch size: the optimum, its intervals, the bracket."""
+    """Fill in ``out`` from the valley fit ``v`` of its batch size (``t``: its trials): the optimum, its
+    intervals, the bracket."""
     b = out.batch_size
     lx, lu = v.log2_lr, v.log2_one_minus_m
     leff = lx - lu
@@ -292,28 +294,36 @@ def fill_optimum(out: BatchOptimum, v: Valley, records: list[TrialRecord], sign:
     out.momentum, out.momentum_interval = float(1.0 - 2.0 ** lu[0]), quantile_interval(1.0 - 2.0 ** lu[1:])
     out.effective_lr = float(2.0 ** leff[0])
     out.effective_lr_interval = _holding(out.effective_lr, quantile_interval(2.0 ** leff[1:]))
-    # a sparsely sampled valley's fitted bottom can overshoot what any trial reached (even to a negative
-    # loss): the value reported is never better than the best trial's (the steps target keeps the fit's)
+    # the value is the fit's expectation at the recommended (lr, m), never the best trial's (the best of n noisy
+    # trials is optimistic). A lone quadratic's bottom can overshoot what any trial reached (even to a negative
+    # loss), and so can the pooled shape on a real valley it does not describe (on the digits grid, at 16
+    # trials per batch size, where a valley is too sparse to smooth: floors 0.05-0.3 below every run): every
+    # fit but the smoother's is held at the best trial's. The pooled 2-D fit (momentum searched) too: its
+    # residual scatter is the shape's misfit across momenta, not one run's noise (0.13 val_loss on the default
+    # digits study, whose best trials are 0.03-0.18), so a value held only that far below the best trial fell
+    # to a tenth of any run's
     out._fit_value = sign * v.value
     out.value = out._fit_value
-    if v.kind != "smooth" and out.best_value is not None:  # a quadratic's bottom can overshoot (even below 0)
+    if out.best_value is not None and v.kind != "smooth":
         out.value = sign * max(v.value, sign * float(out.best_value))
     out.fit, out.n_window = v.kind, v.n_window
+    out.noise = PLATEAU_NOISE * v.noise
     if v.plateau is not None:
         ends = 2.0 ** v.plateau
         out.plateau = (float(ends[0, 0]), float(ends[0, 1]))
         # one training seed's valley differs from another's by noise that neighbouring lrs share, which a
         # bootstrap of the trials does not see: lr* may lie anywhere within one run's noise of the bottom
-        if math.isfinite(v.plateau[0, 0]) and math.isfinite(v.plateau[0, 1]):
+        near = v.plateau if v.near is None else v.near
+        if math.isfinite(near[0, 0]) and math.isfinite(near[0, 1]):
+            n0, n1 = 2.0 ** float(near[0, 0]), 2.0 ** float(near[0, 1])
             lo, hi = out.lr_interval
-            out.lr_interval = (min(lo, out.plateau[0]), max(hi, out.plateau[1]))
+            out.lr_interval = (min(lo, n0), max(hi, n1))
             scale = 2.0 ** -float(lu[0])  # the same stretch in the effective lr, at m*
             lo, hi = out.effective_lr_interval
-            out.effective_lr_interval = (min(lo, out.plateau[0] * scale), max(hi, out.plateau[1] * scale))
+            out.effective_lr_interval = (min(lo, n0 * scale), max(hi, n1 * scale))
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     out._log2_lr, out._log2_eff = lx, leff
-    t = _Trials(records, sign)
     below, above = _bracket(t, v, lx[0], leff[0])
     out.bracketed = below and above
     out.status = "fitted"

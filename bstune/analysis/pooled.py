@@ -119,8 +119,15 @@ def _place_on_floor(block: _Block, j: int, theta: np.ndarray, lb_j: float, nb: i
     tilt = g + h * lb_j
     lx = a + b_ * lb_j + f[:, j] + tilt * ((lu - u_centre) if tilted else 0.0)
     inside = wb[0] > 0
+    floor = lx.copy()
     # each row's own sampled range: the data's for the data, the resample's draws for a resample
     lx = np.clip(lx, np.where(wb > 0, xb, np.inf).min(axis=1), np.where(wb > 0, xb, -np.inf).max(axis=1))
+    # the value: the fitted expectation at the recommended (lr, m), off the floor where lr* was clipped; with one
+    # momentum (the sparse fallback on real valleys, whose wall this shape does not describe) the floor's level
+    value = float(c[0, j]) + y0
+    if tilted:
+        k0 = math.exp(float(kappa[0] + theta[0, _FLOOR_SHARED + nb + j]))
+        value += k0 * float(wall(np.array([lx[0] - floor[0]]))[0][0])
     # the plateau: where the valley lies within one run's noise (PLATEAU_NOISE x the residual scatter) of the
     # optimum's value, across the floor
     level = PLATEAU_NOISE * noise / np.exp(kappa + theta[:, _FLOOR_SHARED + nb + j])
@@ -132,7 +139,7 @@ def _place_on_floor(block: _Block, j: int, theta: np.ndarray, lb_j: float, nb: i
     if lost.any():
         take = rng.choice(np.flatnonzero(~lost), size=int(lost.sum()))
         lx[lost], lu[lost], plateau[lost] = lx[take], lu[take], plateau[take]
-    return Valley(lx, lu, float(c[0, j]) + y0, "pooled" if tilted else "pooled-lr", int(inside.sum()),
+    return Valley(lx, lu, value, "pooled" if tilted else "pooled-lr", int(inside.sum()),
                   noise, float(tilt[0]) if tilted else 0.0, plateau)
 
 

@@ -47,7 +47,8 @@ class BatchOptimum:
     momentum_interval: Interval | None = None
     effective_lr: float | None = None
     effective_lr_interval: Interval | None = None
-    value: float | None = None  # the fit's expected objective at the optimum, never better than best_value
+    value: float | None = None  # the fit's expected objective at (lr, momentum), never the best trial's
+    noise: float | None = None  # one run's seed noise near the optimum (objective's units): the plateau's level
     max_stable_lr: float | None = None
     max_stable_effective_lr: float | None = None
     plateau: Interval | None = None  # lrs (at momentum) within one run's noise of the optimum's value (PLATEAU_NOISE)

@@ -40,7 +40,8 @@ def answer_lines(a: Analysis, trend: bool = True) -> list[str]:
     lines = []
     if ans.best is not None:
         c = ans.best
-        near = f"; within 1% of it: B={', '.join(map(str, c.near))}" if c.near else ""
+        near = (f"; within one run's seed noise ({format_number(c.noise)}) of it: B={', '.join(map(str, c.near))}"
+                if c.near else "")
         lines.append(f"Best {a.metric} at the study's budget: B={c.batch_size} ({better} {a.metric} "
                      f"{format_number(c.value)}) with {_use(c)}{near}")
     else:

@@ -52,7 +52,6 @@ from bstune.train import (
     OutOfMemory,
     TrainConfig,
     plan,
-    train,
     train_config,
     train_fused,
 )
@@ -166,32 +165,15 @@ def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
 
 def _train(ctx: TrialContext, configs: list[TrainConfig], on_epoch: Callable[[int, EpochStats], bool]
            ) -> list[MemberResult]:
-    """The group trained: fused, or a group of one as a lone run, its ending in a fused member's form. An
-    error of the training itself (the model's, the data's) ends every member with it; the recording's
-    (RecordFailed), running out of memory and Ctrl-C propagate."""
-    if len(configs) > 1:
-        try:
-            return train_fused(configs, ctx.data, ctx.device, on_epoch)
-        except (OutOfMemory, RecordFailed):
-            raise
-        except Exception as e:  # noqa: BLE001 - the training failed: each member FAILED with the reason
-            return [MemberResult(i, error=e) for i in range(len(configs))]
-    history: list[EpochStats] = []
-    stopped = False
-
-    def each(stats: EpochStats) -> bool:
-        nonlocal stopped
-        history.append(stats)
-        stopped = on_epoch(0, stats)
-        return stopped
-
+    """The group trained (a lone trial is a group of one). An error of the training itself (the model's, the
+    data's) ends every member with it; the recording's (RecordFailed), running out of memory and Ctrl-C
+    propagate."""
     try:
-        train(configs[0], ctx.data, ctx.device, each)
+        return train_fused(configs, ctx.data, ctx.device, on_epoch)
     except (OutOfMemory, RecordFailed):
         raise
-    except Exception as e:  # noqa: BLE001 - divergence or another failure of the training: its ending
-        return [MemberResult(0, history, e)]
-    return [MemberResult(0, history, None, stopped)]
+    except Exception as e:  # noqa: BLE001 - the training failed: each member FAILED with the reason
+        return [MemberResult(i, error=e) for i in range(len(configs))]
 
 
 STORAGE, TRACKING = "storage", "tracking_uri"

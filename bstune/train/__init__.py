@@ -6,11 +6,12 @@ Import from here; the modules behind it are its parts, in data-flow order:
 - `models`: the models a workload names.
 - `config`: a run's settings (`TrainConfig`, built from a workload by `train_config`) and its length (`plan`).
 - `probes`: what is measured inside a run beyond its loss (noise scale, per-layer norms, gradient histograms).
-- `loop`: the trainer, `train`, which hands each epoch's numbers to a callback.
-- `fused`: `train_fused`, K runs differing only in lr, momentum and weight decay trained as one stacked model
-  (`stacked`: the stacked modules; `stacked_optim`: their optimizers; `stacked_probes`: per-member probes).
+- `loop`: the trainer's parts (what a run returns, the input pipeline, the lr schedule, a run's constants).
+- `fused`: the trainer, `train_fused`: K runs differing only in lr, momentum and weight decay trained as one
+  stacked model, handing each member's epochs to a callback; `train` is a group of one (`stacked`,
+  `func_stacked`: the stacked modules; `stacked_optim`: their optimizers; `stacked_probes`: per-member probes).
 
-Nothing here imports Optuna or MLflow: the study drives `train` and records what it returns.
+Nothing here imports Optuna or MLflow: the study drives `train_fused` and records what it returns.
 """
 
 from bstune.train.config import TrainConfig, plan, steps_per_epoch, train_config
@@ -23,8 +24,8 @@ from bstune.train.data import (
     needs_download,
     synthetic_classification,
 )
-from bstune.train.fused import MemberResult, train_fused
-from bstune.train.loop import Diverged, EpochStats, OutOfMemory, augment_images, pick_device, train
+from bstune.train.fused import MemberResult, train, train_fused
+from bstune.train.loop import Diverged, EpochStats, OutOfMemory, augment_images, pick_device
 from bstune.train.models import build_model
 from bstune.train.probes import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names
 

@@ -1,15 +1,18 @@
-"""K training runs that differ only in lr, momentum and weight decay, trained as one stacked model.
+"""The trainer: K training runs that differ only in lr, momentum and weight decay, trained as one stacked model;
+a lone run (`train`) is a group of one.
 
 Trials of one study at one batch size share the seed, so they share the initial weights, the data order and
 the augmentation; only the update differs. `train_fused` builds the standalone model once (after the same
-`torch.manual_seed`), stacks it K times (`stacked.stack_model`), draws batches and augmentation from one
-generator seeded as `train`'s, and updates the stacked weights with per-member hyperparameters
-(`stacked_optim`). Each member's numbers are then `train`'s for its config, to float tolerance.
+`torch.manual_seed`), stacks it K times (`stacked.stack_model`; a user's model by `func_stacked`; a group of one
+is the model itself, its outputs given a member axis of 1), draws batches and augmentation from one generator
+seeded by the config, and updates the stacked weights with per-member hyperparameters (`stacked_optim`).
+Each member's numbers are then its lone run's, to float tolerance. A group of one trains as fast as the lone
+trainer it replaced (benchmarks/FUSED.md, "A lone trial is a group of one").
 
-A member whose loss turns non-finite or explodes (`train`'s checks), or whose `on_epoch` returns True (a
-pruner's decision), leaves the stack: parameters, buffers and optimizer state are re-sliced to the members
-that go on, so the work shrinks. Each member is charged its share of the group's time: each epoch's seconds
-split over the optimizer steps the members took in it.
+A member whose loss turns non-finite or explodes, or whose `on_epoch` returns True (a pruner's decision),
+leaves the stack: parameters, buffers and optimizer state are re-sliced to the members that go on, so the work
+shrinks. Each member is charged its share of the group's time: each epoch's seconds split over the optimizer
+steps the members took in it.
 """
 
 from __future__ import annotations
@@ -17,30 +20,29 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from bstune import registry
-from bstune.train.config import TrainConfig
+from bstune.train.config import TrainConfig, plan
 from bstune.train.data import Dataset
 from bstune.train.func_stacked import FuncStacked
 from bstune.train.loop import (
     Diverged,
     EpochStats,
     InputPipeline,
-    backward_step,
     blowup_threshold,
+    count_correct,
     device_guard,
+    full_precision,
     histogram_epochs,
     lr_factor,
     make_loss,
-    new_noise_scale,
-    shared_setup,
+    noise_window,
     small_on_cpu,
-    summed_over_val,
 )
 from bstune.train.models import build_model
 from bstune.train.probes import Layers, NoiseScale
@@ -87,13 +89,14 @@ class _Group:
     device: torch.device
     data: Dataset  # on the device
     inputs: InputPipeline
-    model: nn.Module  # stacked
-    forward: Callable[..., torch.Tensor]
+    model: nn.Module  # stacked (a group of one: the model itself)
+    forward: Callable[..., torch.Tensor]  # inputs -> (K, N, ...) outputs, in training (compiled if asked)
+    evaluate: Callable[..., torch.Tensor]  # the same, in evaluation
     params: list[nn.Parameter]
-    initial: list[torch.Tensor]  # the shared initial weights, with a member axis of 1
+    initial: list[torch.Tensor]  # the shared initial weights, each flattened with a member axis of 1
     opt: StackedOptimizer
     autocast: AbstractContextManager
-    gen: torch.Generator  # batch order and augmentation, as a lone run's
+    gen: torch.Generator  # after initialisation, the run's only randomness: batch order and augmentation
     per_epoch: int
     total_steps: int
     epochs: int
@@ -115,28 +118,49 @@ class _Group:
 
 
 def _start(configs: Sequence[TrainConfig], data: Dataset, device: torch.device) -> _Group:
-    """Move the data to the device, build the stacked model and optimizer, set up the probes (as a lone run's:
-    `loop.shared_setup`)."""
-    cfg = configs[0]
-    shared = shared_setup(cfg, data, device)
-    torch.manual_seed(cfg.seed)  # the initial weights of a lone run with this seed
+    """Move the data to the device, build the (stacked) model and optimizer, and set up the probes."""
+    cfg, k, cuda = configs[0], len(configs), device.type == "cuda"
+    data = data.to(device)
+    per_epoch, total_steps, epochs = plan(cfg, data.n_train)
+    inputs = InputPipeline(data, device, channels_last=cuda)
+    torch.manual_seed(cfg.seed)  # same initial weights for every trial of a study: fairer comparisons
     alone = build_model(cfg.model, data.input_shape, data.num_classes, cfg.width)
     small_on_cpu(cfg, alone, device)
-    # the built-ins stack by hand (faster); any other model by torch.func
-    stacked = stack_model if registry.is_builtin_model(cfg.model) else FuncStacked
-    model = stacked(alone, len(configs)).to(device)
+    model = _stack(cfg, alone, k).to(device)
+    if cuda and k == 1:  # a stacked convolution's weights are 5-D, which channels_last refuses
+        model = model.to(memory_format=torch.channels_last)
+    # reduce-overhead records CUDA graphs: at B = 32 a step is launch-bound, and replaying a graph removes
+    # the per-kernel launch cost. A last, smaller batch would record a second graph, so compiled runs drop it.
+    forward = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     layers = Layers([n for n, p in model.named_parameters() if p.requires_grad], device)
+    window = noise_window(cfg, per_epoch)
     return _Group(
-        cfg=cfg, members=list(range(len(configs))), results=[MemberResult(i) for i in range(len(configs))],
-        model=model, forward=model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile),
-        params=params, initial=[p.detach()[:1].clone() for p in params],
+        cfg=cfg, members=list(range(k)), results=[MemberResult(i) for i in range(k)], device=device, data=data,
+        inputs=inputs, model=model, forward=_member_axis(forward, k), evaluate=_member_axis(model, k),
+        params=params, initial=[p.detach().reshape(k, -1)[:1].clone() for p in params],
         opt=StackedOptimizer(cfg.optimizer, params, [c.lr for c in configs], [c.momentum for c in configs],
                              [c.weight_decay for c in configs]),
-        layers=layers, grad_stats=MemberGradientStats(params, layers),
-        noise=[new_noise_scale(cfg, shared) for _ in configs], loss=make_loss(cfg, fused=True),
-        seconds=dict.fromkeys(range(len(configs)), 0.0), **shared,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext(),
+        gen=torch.Generator(device=device).manual_seed(cfg.seed), per_epoch=per_epoch, total_steps=total_steps,
+        epochs=epochs, warmup=int(round(cfg.warmup_epochs * per_epoch)), layers=layers,
+        grad_stats=MemberGradientStats(params, layers),
+        noise=[NoiseScale(window, None if inputs.augment else data.n_train) for _ in configs],
+        loss=make_loss(cfg), seconds=dict.fromkeys(range(k), 0.0),
     )
+
+
+def _stack(cfg: TrainConfig, alone: nn.Module, k: int) -> nn.Module:
+    """K members of `alone`: the built-ins stacked by hand (faster), any other model by torch.func; one member is
+    `alone` itself (so a model that cannot be fused still trains, one trial at a time)."""
+    if k == 1:
+        return alone
+    return (stack_model if registry.is_builtin_model(cfg.model) else FuncStacked)(alone, k)
+
+
+def _member_axis(forward: Callable[..., torch.Tensor], k: int) -> Callable[..., torch.Tensor]:
+    """`forward` with outputs (K, N, ...): a group of one's plain outputs get a member axis of 1."""
+    return forward if k > 1 else lambda x: forward(x).unsqueeze(0)
 
 
 def _leave(g: _Group, errors: dict[int, BaseException | None]) -> None:
@@ -165,8 +189,9 @@ def _leave(g: _Group, errors: dict[int, BaseException | None]) -> None:
 
 
 def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
-    """One pass over a fresh permutation of the training set (as `loop._train_epoch`), the members' losses and
-    correct predictions summed in `g.loss_sum` / `g.correct`; returns the examples seen."""
+    """One pass over a fresh permutation of the training set, stopping early at the run's last step, the members'
+    losses and correct predictions summed on the device in `g.loss_sum` / `g.correct`; returns the examples seen.
+    Losses are checked for divergence only every `check_every` steps, so the step loop rarely waits for the host."""
     cfg, b, every = g.cfg, g.cfg.batch_size, g.cfg.diagnostics_every
     g.model.train()
     perm = torch.randperm(g.data.n_train, device=g.device, generator=g.gen)
@@ -179,8 +204,10 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
         if g.step >= g.total_steps or not g.members:
             break
         idx = perm[i * b:(i + 1) * b]
+        # The noise scale costs a second backward pass, so it is measured on every `every`-th step only;
+        # the cheap gradient statistics also on each epoch's first step, so that every epoch has them.
         probe = MemberGradientProbe(g.params, g.k, len(idx)) if every > 0 and g.step % every == 0 else None
-        backward_step(g, idx, probe, g.loss, g.loss_sum, g.correct)
+        _backward_step(g, idx, probe)
         if every > 0 and (probe is not None or i == 0):
             g.grad_stats.add(probe.finish(g.noise) if probe is not None else member_grad_norms(g.params, g.k))
         g.opt.step(lr_factor(cfg.lr_schedule, g.step, g.total_steps, g.warmup))
@@ -195,28 +222,58 @@ def _train_epoch(g: _Group, epoch: int, histogram: bool) -> int:
     return seen
 
 
+def _backward_step(g: _Group, idx: torch.Tensor, probe: MemberGradientProbe | None) -> None:
+    """Forward and backward of one optimizer step's examples `idx`, in accumulation_steps micro-batches;
+    `loss.pieces` gives each member's summed losses of pieces of the batch, (K, N) per example for
+    cross-entropy, summed, so each member's gradient is its own. Adds each member's losses and correct
+    predictions to `g.loss_sum` and `g.correct` in place."""
+    k = g.cfg.accumulation_steps
+    for part in idx.chunk(k):
+        x = g.inputs(g.data.train_x[part], train=True, generator=g.gen)
+        y = g.data.train_y[part]
+        with g.autocast:
+            out = full_precision(g.forward(x))
+            losses = g.loss.pieces(out, y, 2 if probe is not None and k == 1 else 1)
+        if probe is None:
+            (losses.sum() / len(idx)).backward()
+        else:  # without micro-batches, the noise scale needs the gradients of two halves
+            probe.backward(losses, parts=2 if k == 1 else 1)
+        g.loss_sum += losses.detach().sum(-1)
+        g.correct += count_correct(out.detach(), y, g.data.num_classes)
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def evaluate_members(model: nn.Module, data: Dataset, inputs: InputPipeline, batch_size: int,
-                     autocast: AbstractContextManager, loss: Loss) -> tuple[list[float], list[float]]:
-    """Each member's validation loss and accuracy (NaN when the targets are not classes), in batches of
-    `batch_size` examples per member."""
-    total, correct = summed_over_val(model, data, inputs, batch_size, autocast, loss.summed)
-    n = data.val_x.shape[0]
-    if not data.num_classes:
-        return (total / n).tolist(), [math.nan] * len(total)
+@torch.no_grad()
+def _evaluate(g: _Group) -> tuple[list[float], list[float]]:
+    """Each member's validation loss and accuracy (NaN when the targets are not classes), in batches that take
+    a lone run's evaluation memory, with one host sync at the end."""
+    batch = max(1, g.cfg.eval_batch_size // g.k)
+    g.model.eval()
+    total = torch.zeros(g.k, device=g.device)
+    correct = torch.zeros(g.k, device=g.device, dtype=torch.long)
+    for i in range(0, g.data.val_x.shape[0], batch):
+        x = g.inputs(g.data.val_x[i:i + batch], train=False)
+        y = g.data.val_y[i:i + batch]
+        with g.autocast:
+            out = full_precision(g.evaluate(x))
+        total += g.loss.summed(out, y)
+        correct += count_correct(out, y, g.data.num_classes)
+    n = g.data.val_x.shape[0]
+    if not g.data.num_classes:
+        return (total / n).tolist(), [math.nan] * g.k
     return (total / n).tolist(), (correct.double() / n).tolist()
 
 
 def _epoch_stats(g: _Group, epoch: int, train_losses: list[float], seen: int, share: float) -> list[EpochStats]:
-    """Each member's numbers for the epoch, as `loop._epoch_stats` gives a lone run's."""
-    eval_batch = max(1, g.cfg.eval_batch_size // g.k)  # the memory of a lone run's evaluation
-    val_loss, val_acc = evaluate_members(g.model, g.data, g.inputs, eval_batch, g.autocast, g.loss)
+    """Each member's numbers for the epoch: validation, the weights' distance from their start, the gradient
+    statistics (none when nothing was measured: diagnostics_every = 0)."""
+    val_loss, val_acc = _evaluate(g)
     with torch.no_grad():
-        moved = g.layers.combine(member_norms([p - p0 for p, p0 in zip(g.params, g.initial, strict=True)],
-                                              g.k)).tolist()
+        moved = [p.reshape(g.k, -1) - p0 for p, p0 in zip(g.params, g.initial, strict=True)]
+        moved = g.layers.combine(member_norms(moved, g.k)).tolist()
     grads = g.grad_stats.end_epoch(g.k)
     correct = g.correct.tolist()
     out = []
@@ -237,7 +294,22 @@ def _epoch_stats(g: _Group, epoch: int, train_losses: list[float], seen: int, sh
 
 
 # --------------------------------------------------------------------------------------------------
-# The group: the above, epoch by epoch
+# The group, and a lone run: the above, epoch by epoch
+
+
+def train(
+    cfg: TrainConfig,
+    data: Dataset,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[EpochStats], bool | None] | None = None,
+) -> list[EpochStats]:
+    """One run, trained and evaluated every epoch (a group of one); the epochs trained. `on_epoch(stats)` returns
+    True to stop the run after that epoch (a pruner's decision); what it raises propagates. Raises Diverged or
+    OutOfMemory."""
+    (result,) = train_fused([cfg], data, device, None if on_epoch is None else lambda _, stats: on_epoch(stats))
+    if result.error is not None:
+        raise result.error
+    return result.history
 
 
 def train_fused(
@@ -246,7 +318,7 @@ def train_fused(
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, EpochStats], bool | None] | None = None,
 ) -> list[MemberResult]:
-    """K runs that differ only in lr, momentum and weight_decay, trained as one stacked model.
+    """K runs that differ only in lr, momentum and weight_decay, trained as one stacked model (K = 1: a lone run).
 
     `on_epoch(i, stats)` is called after each epoch for each member i still training, in member order; True
     from it stops member i there (`stopped`); what it raises propagates. Members that diverge leave with
@@ -264,7 +336,7 @@ def _train_fused(configs: Sequence[TrainConfig], data: Dataset, device: torch.de
                  on_epoch: Callable[[int, EpochStats], bool | None] | None) -> list[MemberResult]:
     g = _start(configs, data, device)
     cfg = g.cfg
-    blowup = blowup_threshold(data, cfg)  # as `train`
+    blowup = blowup_threshold(data, cfg)
     histograms = histogram_epochs(cfg, g.epochs)
     for epoch in range(1, g.epochs + 1):
         if not g.members:

@@ -1,5 +1,6 @@
-"""The optimizers a spec names (`registry.OPTIMIZERS`), as a lone run builds them: torch.optim's. Momentum is
-beta1 for the Adam family. The fused trainer's stacked update (`stacked_optim`) follows the same formulas."""
+"""The optimizers a spec names (`registry.OPTIMIZERS`), as torch.optim builds them. Momentum is beta1 for the Adam
+family. The trainer's stacked update (`stacked_optim`) follows these formulas; tests/test_fused.py checks a lone run
+against the plain model trained by hand with them."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class StackedOptimizer:
         self.steps = 0
         k = len(lr)
         n_state = (2 if self.adam else 1) if self.uses_buffers else 0
-        self.state = [[torch.zeros(k, p[0].numel(), device=device) for p in params] for _ in range(n_state)]
+        self.state = [[torch.zeros(k, p.numel() // k, device=device) for p in params] for _ in range(n_state)]
 
     def keep(self, keep: torch.Tensor, params: list[nn.Parameter]) -> None:
         """Re-slice to the members at indices `keep`, as `stacked.keep_members` does the model, whose
