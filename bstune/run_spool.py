@@ -18,6 +18,11 @@ Why nothing is lost, whoever is killed (the full argument: docs/scale-out.md, "T
   the caller, so a late line cannot leave its run disagreeing with Optuna) before any trial is settled;
 - the trainer restarts its writer if it dies, and at the end of the study waits until its spool is applied (or
   applies the rest itself): a study's runs are all in MLflow when it returns.
+
+The trainer never waits on a writer that is still starting (importing MLflow takes it a second or more of CPU):
+until its writer says it is ready, the trainer applies its spool itself, under the same apply lock, where it
+needs a run's id (at a trial's end). It starts the writer only once that has cost it `START_SECONDS`, about what
+the writer's start costs: a short study (the test suite's) never pays for a second process.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from bstune.stores import sqlite_path
 
 POLL_SECONDS = 0.005  # how often the writer looks for new lines, and the trainer for a run id it waits for
 CLOSE_SECONDS = 120.0  # how long the trainer waits for its writer to apply the spool at the end of a study
+START_SECONDS = 1.0  # the trainer's own applying, in all, after which it starts a writer process
+READY = b"ready"  # what the writer says once it can apply (MLflow imported, its store open)
 
 
 def spool_folder(tracking_uri: str, experiment: str, study_name: str) -> Path | None:
@@ -195,15 +202,17 @@ class SpooledRuns:
         fcntl.flock(self._owner, fcntl.LOCK_EX)  # held for this process's life: the spool is not an orphan
         self._run_ids: dict[int, str] = {}
         self._writer: subprocess.Popen | None = None
-        self._said = b""  # what the writer has said (trial id, run id lines), not yet read whole
+        self._ready = False  # the writer has said READY
+        self._said = b""  # what the writer has said (READY, then trial id, run id lines), not yet read whole
         self._parent = ""
-        self._start_writer()  # now: its start-up (importing MLflow) overlaps the trainer's, not its first trial
+        self.start_after = START_SECONDS
+        self._applied_here = 0.0  # seconds this process spent applying its own spool
 
     def _spool(self, record: dict[str, Any]) -> None:
         line = memoryview((json.dumps(record, default=str) + "\n").encode())
         while line:  # one write, but a full disk may take part of it first
             line = line[self._owner.write(line):]
-        if self._writer is None or self._writer.poll() is not None:  # not started yet, or died: (re)start
+        if self._writer is not None and self._writer.poll() is not None:  # it died: started again
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -216,7 +225,7 @@ class SpooledRuns:
         cmd = [sys.executable, "-m", "bstune.run_spool", str(self.log), self.tracker.uri,
                self.tracker.experiment_name, str(os.getpid())]
         self._read_run_ids()  # a writer that died: what it said before
-        self._said = b""
+        self._said, self._ready = b"", False
         with open(self.log.with_suffix(".err"), "wb") as err:
             self._writer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         os.set_blocking(self._writer.stdout.fileno(), False)
@@ -230,20 +239,36 @@ class SpooledRuns:
                 self._said += chunk
         *lines, self._said = self._said.split(b"\n")
         for line in lines:
+            if line == READY:
+                self._ready = True
+                continue
             tid, run_id = line.split()
             self._run_ids[int(tid)] = run_id.decode()
 
+    def _apply_here(self) -> None:
+        """Apply the spool in this process (no writer yet, or one still starting); start the writer once this
+        has cost `start_after` seconds in all."""
+        start = time.perf_counter()
+        apply_pending(self.log, self.tracker, {}, fresh=self._writer is None, on_start=self._run_ids.__setitem__)
+        self._applied_here += time.perf_counter() - start
+        if self._writer is None and self._applied_here >= self.start_after:
+            self._start_writer()
+
     def run_id(self, handle: Any, wait: bool = False) -> str | None:
         """The MLflow run id of a trial, once the writer has made its run (else None); with `wait`, waits for it
-        (at the end of a trial: this keeps the trainer at most a group ahead of its writer)."""
+        (at the end of a trial: this keeps the trainer at most a group ahead of its writer). Without a writer
+        ready to apply, the trainer applies its spool itself rather than wait."""
         end = time.monotonic() + CLOSE_SECONDS
         while True:
             self._read_run_ids()
             if int(handle) in self._run_ids or not wait or time.monotonic() > end:
                 return self._run_ids.get(int(handle))
-            if self._writer is None or self._writer.poll() is not None:
+            if self._writer is not None and self._writer.poll() is not None:  # it died: started again
                 self._start_writer()
-            time.sleep(POLL_SECONDS)
+            if self._ready:
+                time.sleep(POLL_SECONDS)
+            else:
+                self._apply_here()
 
     def start_trial(self, parent_id: str, study_name: str, number: int, trial_id: int,
                     params: dict[str, Any]) -> int:
@@ -268,10 +293,12 @@ class SpooledRuns:
                      "number": number, "state": state, "reason": reason})
 
     def close(self) -> None:
-        """Wait until the writer has applied the whole spool (or apply what is left here), then remove it."""
+        """Wait until the writer has applied the whole spool (or apply what is left here: a writer still starting
+        is stopped, not waited for), then remove it."""
         self._owner.write(b'\n{"op": "close"}\n')  # (a line cut short before it stays apart)
+        self._read_run_ids()
         end = time.monotonic() + CLOSE_SECONDS
-        while self._writer is not None and self._writer.poll() is None and time.monotonic() < end:
+        while self._ready and self._writer.poll() is None and time.monotonic() < end:
             self._read_run_ids()  # its pipe must not fill while it finishes
             time.sleep(POLL_SECONDS)
         if self._writer is not None and self._writer.poll() is None:
@@ -289,6 +316,7 @@ def _serve(log: Path, tracking_uri: str, experiment: str, owner: int) -> None:
 
     tracker = Tracker(tracking_uri, experiment)
     run_ids: dict[int, str] = {}
+    print(READY.decode(), flush=True)
 
     def started(trial_id: int, run_id: str) -> None:
         print(trial_id, run_id, flush=True)

@@ -42,9 +42,7 @@ def test_a_dead_workers_spool_is_applied_once_however_often_it_is_repaired(tmp_p
     tracker, parent = _tracker(tmp_path)
     folder = spool_folder(tracker.uri, "spool", "s")
     runs = SpooledRuns(folder, tracker)
-    runs._writer.kill()  # no writer: as if the worker died before its writer applied anything
-    runs._writer.wait()
-    runs._start_writer = lambda: None
+    runs._start_writer = lambda: None  # no writer: as if the worker died before its writer applied anything
     _spool_two_trials(runs, parent)
     log = runs.log
     assert repair_orphans(folder, tracker) == set(), "a live worker's spool is not touched"
@@ -56,15 +54,38 @@ def test_a_dead_workers_spool_is_applied_once_however_often_it_is_repaired(tmp_p
     _check_two_runs(tracker, parent)
 
 
+def _ready(runs: SpooledRuns) -> None:
+    """Wait until the writer says it is ready (MLflow imported: seconds on a loaded machine)."""
+    end = time.monotonic() + 120
+    while not runs._ready and time.monotonic() < end:
+        runs._read_run_ids()
+        time.sleep(0.05)
+    assert runs._ready, "the writer started"
+
+
+def test_a_short_study_applies_its_spool_itself_and_starts_no_writer(tmp_path: Path) -> None:
+    tracker, parent = _tracker(tmp_path)
+    runs = SpooledRuns(spool_folder(tracker.uri, "spool", "s"), tracker)
+    runs.start_after = 1e9
+    _spool_two_trials(runs, parent)
+    assert runs.run_id(8, wait=True) and runs._writer is None, "no writer to wait for: applied here"
+    runs.close()
+    assert not runs.log.exists()
+    _check_two_runs(tracker, parent)
+
+
 def test_the_writer_process_killed_midway_is_restarted_and_loses_nothing(tmp_path: Path) -> None:
     tracker, parent = _tracker(tmp_path)
     runs = SpooledRuns(spool_folder(tracker.uri, "spool", "s"), tracker)
+    runs._start_writer()
+    _ready(runs)
     handle = runs.start_trial(parent, "s", 7, 7, {"lr": 0.1, "batch_size": 16})
     assert runs.run_id(handle, wait=True), "the writer reports the run it made"
     os.kill(runs._writer.pid, signal.SIGKILL)
     runs._writer.wait()
     for epoch in (1, 2):  # the first line after the kill starts a new writer, which takes up the spool
         runs.log_epoch(handle, epoch, {"val_loss": 1.0 / epoch})
+    _ready(runs)
     runs.end_trial(handle, "COMPLETE", "", {"final_val_loss": 0.5})
     handle = runs.start_trial(parent, "s", 8, 8, {"lr": 0.1, "batch_size": 16})
     for epoch in (1, 2):
