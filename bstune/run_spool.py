@@ -45,6 +45,7 @@ from bstune.stores import sqlite_path
 POLL_SECONDS = 0.005  # how often the writer looks for new lines, and the trainer for a run id it waits for
 CLOSE_SECONDS = 120.0  # how long the trainer waits for its writer to apply the spool at the end of a study
 START_SECONDS = 1.0  # the trainer's own applying, in all, after which it starts a writer process
+LATE_SECONDS = 1.0  # without a writer ready, lines older than this are applied at the next look for a run id
 READY = b"ready"  # what the writer says once it can apply (MLflow imported, its store open)
 
 
@@ -207,11 +208,14 @@ class SpooledRuns:
         self._parent = ""
         self.start_after = START_SECONDS
         self._applied_here = 0.0  # seconds this process spent applying its own spool
+        self._since: float | None = None  # when the oldest line not applied here was spooled (no writer ready)
 
     def _spool(self, record: dict[str, Any]) -> None:
         line = memoryview((json.dumps(record, default=str) + "\n").encode())
         while line:  # one write, but a full disk may take part of it first
             line = line[self._owner.write(line):]
+        if self._since is None:
+            self._since = time.monotonic()
         if self._writer is not None and self._writer.poll() is not None:  # it died: started again
             self._start_writer()
 
@@ -248,7 +252,7 @@ class SpooledRuns:
     def _apply_here(self) -> None:
         """Apply the spool in this process (no writer yet, or one still starting); start the writer once this
         has cost `start_after` seconds in all."""
-        start = time.perf_counter()
+        start, self._since = time.perf_counter(), None
         apply_pending(self.log, self.tracker, {}, fresh=self._writer is None, on_start=self._run_ids.__setitem__)
         self._applied_here += time.perf_counter() - start
         if self._writer is None and self._applied_here >= self.start_after:
@@ -257,18 +261,22 @@ class SpooledRuns:
     def run_id(self, handle: Any, wait: bool = False) -> str | None:
         """The MLflow run id of a trial, once the writer has made its run (else None); with `wait`, waits for it
         (at the end of a trial: this keeps the trainer at most a group ahead of its writer). Without a writer
-        ready to apply, the trainer applies its spool itself rather than wait."""
+        ready to apply, the trainer applies its spool itself rather than wait, and also without `wait` once its
+        lines are LATE_SECONDS old (a long trial's run is in MLflow, and on its trial, while it trains)."""
         end = time.monotonic() + CLOSE_SECONDS
         while True:
             self._read_run_ids()
-            if int(handle) in self._run_ids or not wait or time.monotonic() > end:
+            if int(handle) in self._run_ids or time.monotonic() > end:
                 return self._run_ids.get(int(handle))
             if self._writer is not None and self._writer.poll() is not None:  # it died: started again
                 self._start_writer()
-            if self._ready:
-                time.sleep(POLL_SECONDS)
-            else:
+            late = self._since is not None and time.monotonic() - self._since > LATE_SECONDS
+            if not self._ready and (wait or late):
                 self._apply_here()
+                return self._run_ids.get(int(handle))
+            if not wait:
+                return None
+            time.sleep(POLL_SECONDS)
 
     def start_trial(self, parent_id: str, study_name: str, number: int, trial_id: int,
                     params: dict[str, Any]) -> int:
