@@ -208,6 +208,7 @@ class SpooledRuns:
         self._parent = ""
         self.start_after = START_SECONDS
         self._applied_here = 0.0  # seconds this process spent applying its own spool
+        self._made: dict[int, str] = {}  # the runs applied here: trial id -> run id
         self._since: float | None = None  # when the oldest line not applied here was spooled (no writer ready)
 
     def _spool(self, record: dict[str, Any]) -> None:
@@ -253,7 +254,8 @@ class SpooledRuns:
         """Apply the spool in this process (no writer yet, or one still starting); start the writer once this
         has cost `start_after` seconds in all."""
         start, self._since = time.perf_counter(), None
-        apply_pending(self.log, self.tracker, {}, fresh=self._writer is None, on_start=self._run_ids.__setitem__)
+        apply_pending(self.log, self.tracker, self._made, fresh=self._writer is None,
+                      on_start=self._run_ids.__setitem__)
         self._applied_here += time.perf_counter() - start
         if self._writer is None and self._applied_here >= self.start_after:
             self._start_writer()
