@@ -166,6 +166,16 @@ def tiny(trials: int, folder: Path) -> dict[str, float]:
                                                                                     len(marks) - 1)}
 
 
+def finished_runs(folder: Path) -> tuple[int, int]:
+    """(trial runs FINISHED, trial runs) in the tiny study's MLflow store, read once the study has returned."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("bstune").experiment_id],
+                              "tags.`bstune.kind` = 'trial'", max_results=50000)
+    return sum(r.info.status == "FINISHED" for r in runs), len(runs)
+
+
 def tiny_row(r: dict[str, float]) -> str:
     """One Markdown row of a tiny study's numbers."""
     return (f"| {r['trials']:,} | {r['per_trial']:.0f} | {r['cpu']:.0f} | {r['training']:.1f} | {r['mlflow']:.1f} | "
@@ -189,11 +199,14 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         r = tiny(args.tiny, Path(tmp))
+        finished, runs = finished_runs(Path(tmp))
     print(TINY_HEADER)
     print(tiny_row(r))
-    if args.check and not (r["per_trial"] <= 25 and r["last"] <= r["first"]):
+    print(f"trial runs in MLflow: {runs} for {r['trials']} trials, {finished} FINISHED")
+    if args.check and not (r["per_trial"] <= 25 and r["last"] <= r["first"] and finished == runs == r["trials"]):
         sys.exit(f"issue 29's check fails: {r['per_trial']:.0f} ms a trial (<= 25), last window "
-                 f"{r['last']:.0f} ms vs first {r['first']:.0f} ms")
+                 f"{r['last']:.0f} ms vs first {r['first']:.0f} ms, {finished} of {r['trials']} trials a "
+                 "finished MLflow run")
 
 
 if __name__ == "__main__":
