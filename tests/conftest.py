@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -12,6 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
+
+# BLAS on one thread (set before numpy loads it), in this process and the studies it starts: the suite runs as two
+# processes on two cores (-n 2), and the analysis' small matrices gain nothing from a second thread that only
+# waits on a busy core (bstune's CLI holds the analysis to one the same way).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 warnings.filterwarnings("ignore", module="optuna")
 for _name in ("mlflow", "alembic"):

@@ -76,3 +76,15 @@ def test_augmentation_crops_and_flips_on_device() -> None:
             for dy in range(3) for dx in range(3) for w in [padded[i, 0, dy:dy + 4, dx:dx + 4]]
         )
         assert found
+
+
+def test_digits_read_from_scikit_learns_file_are_load_digits() -> None:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from bstune.train.data import digits_arrays
+
+    images, target = digits_arrays()
+    ref = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, ref.images)
+    assert np.array_equal(target, ref.target)

@@ -260,8 +260,9 @@ def test_cli_prints_progress_and_summary(tmp_path: Path) -> None:
 
 
 def _slow_spec(tmp_path: Path, trials: int = 4, fuse: int = 1) -> Path:
-    # Trials of a few seconds each (4 on an idle machine), so a signal lands mid-trial.
-    return write_spec(tmp_path, **{"workload.n_train": 4000, "workload.epochs": 20, "search.batch_sizes": [16],
+    # Trials of about 1.2 s each on an idle machine (longer under load), so a signal sent 0.5 s after a trial's
+    # run appears lands mid-trial; the re-runs that finish these studies pay for every second of it.
+    return write_spec(tmp_path, **{"workload.n_train": 2000, "workload.epochs": 12, "search.batch_sizes": [16],
                                    "search.pruner": "none", "budget.trials": trials, "execution.fuse": fuse})
 
 
@@ -295,7 +296,7 @@ def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout
         done = sum(t.state.is_finished() for t in trials)
         running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("mlflow_run_id")]
         if done >= min_done and running:
-            time.sleep(1.0)  # well inside the trial
+            time.sleep(0.5)  # well inside the trial
             return
         time.sleep(0.2)
     raise AssertionError("no trial started in time")
@@ -475,3 +476,18 @@ def test_ctrl_c_before_the_first_trial_exits_130(tmp_path: Path, monkeypatch: py
     out = CliRunner().invoke(main, ["study", str(write_spec(tmp_path))])
     assert out.exit_code == 130, out.output
     assert "interrupted (Ctrl-C)" in out.output and "Aborted" not in out.output
+
+
+@pytest.mark.slow
+def test_a_study_process_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+    """Every study, worker and re-run is a process that imports before it trains: scikit-learn (the digits
+    come from its file), matplotlib (the plots are the report's) and torch._dynamo (bstune's own training never
+    compiles unless asked) cost ~5 s of CPU together and are left out of a default study's."""
+    path = write_spec(tmp_path, **{"workload.dataset": "digits", "workload.n_train": 300, "budget.trials": 2,
+                                   "search.pruner": "none"})
+    code = ("import sys\nfrom bstune.cli import main\n"
+            f"try:\n    main(['study', {str(path)!r}])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('loaded:', sorted(m for m in ('sklearn', 'matplotlib', 'torch._dynamo') if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "loaded: []" in run.stdout, run.stdout[-2000:]

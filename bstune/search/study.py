@@ -36,7 +36,7 @@ from bstune.signals import kill_point
 from bstune.spec import StudySpec
 from bstune.stores import check_storage, creating, grace_seconds, load_study, make_default_folder, open_storage
 from bstune.tracking import RUN_FINISHED, RUN_KILLED, Tracker, check_tracking_uri, tracking_errors
-from bstune.train import Dataset, pick_device, plan, train_config
+from bstune.train import Dataset, pick_device, plan, preload_compiler, train_config
 from bstune.train.check import fusable
 from bstune.trials import Spent, StudyAttr, TrialTable, exhausted, from_study, summarize, tally
 
@@ -219,6 +219,8 @@ def stores_failing(spec: StudySpec) -> Iterator[None]:
 def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Dataset | None, worker: int,
                join: bool) -> StudyResult:
     dev = pick_device(device)
+    if spec.workload.compile != "off" or spec.workload.trainer is not None:
+        preload_compiler()
     opened = open_study(spec, progress=progress, data=data, worker=worker, join=join)
     study = opened.study
     group_size = _group_size(spec, dev.type, opened.data, progress)

@@ -25,7 +25,7 @@ from bstune.train.data import (
     synthetic_classification,
 )
 from bstune.train.fused import MemberResult, train, train_fused
-from bstune.train.loop import Diverged, EpochStats, OutOfMemory, augment_images, pick_device
+from bstune.train.loop import Diverged, EpochStats, OutOfMemory, augment_images, pick_device, preload_compiler
 from bstune.train.models import build_model
 from bstune.train.probes import HISTOGRAM_EDGES, GradientProbe, NoiseScale, layer_names
 
@@ -48,6 +48,7 @@ __all__ = [
     "load_dataset",
     "needs_download",
     "pick_device",
+    "preload_compiler",
     "plan",
     "steps_per_epoch",
     "synthetic_classification",

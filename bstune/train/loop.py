@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch._dynamo  # noqa: F401 - see below
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,10 +22,14 @@ from bstune.train.config import TrainConfig
 from bstune.train.data import Dataset
 from bstune.train.user import Loss
 
-# torch.compile (and torch.optim, in a user's own loop) import torch._dynamo (a second or two) on first use;
-# importing it above keeps that out of the first trial. A Ctrl-C landing in that import, inside a namedtuple's
-# eval(), makes a `python -m bstune.cli` process exit by SIGINT after handling it, not with code 130 (a CPython
-# quirk).
+
+def preload_compiler() -> None:
+    """Import torch._dynamo (2-3 s of CPU) before the first trial, for the runs that will use it: torch.compile,
+    and a user's own loop (torch.optim's optimizers import it on their first step). A Ctrl-C landing in that
+    import, inside a namedtuple's eval(), makes a `python -m bstune.cli` process exit by SIGINT after handling it,
+    not with code 130 (a CPython quirk); before the first trial no run is cut by it. Bstune's own stacked
+    training never imports it, so the built-in workloads do not pay for it."""
+    import torch._dynamo  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------------
