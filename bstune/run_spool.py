@@ -45,7 +45,6 @@ from bstune.stores import sqlite_path
 POLL_SECONDS = 0.005  # how often the writer looks for new lines, and the trainer for a run id it waits for
 CLOSE_SECONDS = 120.0  # how long the trainer waits for its writer to apply the spool at the end of a study
 START_SECONDS = 1.0  # the trainer's own applying, in all, after which it starts a writer process
-LATE_SECONDS = 1.0  # without a writer ready, lines older than this are applied at the next look for a run id
 READY = b"ready"  # what the writer says once it can apply (MLflow imported, its store open)
 
 
@@ -209,14 +208,11 @@ class SpooledRuns:
         self.start_after = START_SECONDS
         self._applied_here = 0.0  # seconds this process spent applying its own spool
         self._made: dict[int, str] = {}  # the runs applied here: trial id -> run id
-        self._since: float | None = None  # when the oldest line not applied here was spooled (no writer ready)
 
     def _spool(self, record: dict[str, Any]) -> None:
         line = memoryview((json.dumps(record, default=str) + "\n").encode())
         while line:  # one write, but a full disk may take part of it first
             line = line[self._owner.write(line):]
-        if self._since is None:
-            self._since = time.monotonic()
         if self._writer is not None and self._writer.poll() is not None:  # it died: started again
             self._start_writer()
 
@@ -253,7 +249,7 @@ class SpooledRuns:
     def _apply_here(self) -> None:
         """Apply the spool in this process (no writer yet, or one still starting); start the writer once this
         has cost `start_after` seconds in all."""
-        start, self._since = time.perf_counter(), None
+        start = time.perf_counter()
         apply_pending(self.log, self.tracker, self._made, fresh=self._writer is None,
                       on_start=self._run_ids.__setitem__)
         self._applied_here += time.perf_counter() - start
@@ -263,8 +259,8 @@ class SpooledRuns:
     def run_id(self, handle: Any, wait: bool = False) -> str | None:
         """The MLflow run id of a trial, once the writer has made its run (else None); with `wait`, waits for it
         (at the end of a trial: this keeps the trainer at most a group ahead of its writer). Without a writer
-        ready to apply, the trainer applies its spool itself rather than wait, and also without `wait` once its
-        lines are LATE_SECONDS old (a long trial's run is in MLflow, and on its trial, while it trains)."""
+        ready to apply, the trainer applies its spool itself rather than wait, with `wait` or not (a trial's start
+        looks: its run is in MLflow, and on its trial, while it trains, as without a spool)."""
         end = time.monotonic() + CLOSE_SECONDS
         while True:
             self._read_run_ids()
@@ -272,8 +268,7 @@ class SpooledRuns:
                 return self._run_ids.get(int(handle))
             if self._writer is not None and self._writer.poll() is not None:  # it died: started again
                 self._start_writer()
-            late = self._since is not None and time.monotonic() - self._since > LATE_SECONDS
-            if not self._ready and (wait or late):
+            if not self._ready:
                 self._apply_here()
                 return self._run_ids.get(int(handle))
             if not wait:
