@@ -1,4 +1,5 @@
-"""Where a study's wall time goes: start-up, training, and logging/storage, at --fuse 1 and at the default.
+"""Where a study's wall time goes: start-up, training, and logging/storage, at --fuse 1 and at the default; and the
+bookkeeping a trial costs in a long study of tiny trials (`--tiny N`).
 
 Runs studies/digits.yaml as shipped (its trial budget, its seed) in a fresh process per setting, with fresh stores
 in a temporary folder, and splits its wall time:
@@ -9,11 +10,23 @@ in a temporary folder, and splits its wall time:
   `end_trial`) and Optuna (its storage, the samplers and the pruners, the progress output).
 
 Used by benchmarks/fused.py, whose FUSED.md ends with the speedup; run alone it prints the table.
+
+The tiny study (`TINY`: a linear model on 128 digits examples, 2 epochs, TPE, no pruning, the embedded default
+stores, fused as the default does) is nearly all bookkeeping: each trial's asks, suggestions, attributes and tell
+in the Optuna storage, its MLflow child run, the sampler. `--tiny N` runs N trials of it and prints the wall time
+a trial in all, and the bookkeeping a trial (wall less training) over the first and the last thousand trials
+(the first and last third for fewer than 3,000), so one sees whether it grows with the study.
+
+    python benchmarks/study_time.py                   # the default study's split, --fuse 1 and default
+    python benchmarks/study_time.py --tiny 1000       # the tiny study, 1,000 trials
+    python benchmarks/study_time.py --tiny 600 --check  # issue 29's check: <= 25 ms a trial, last 200 <= first
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,10 +38,13 @@ import yaml
 DEFINITIONS = """\
 - start-up: from launching the process to the first trial (imports, loading the data, opening the stores);
 - training: time inside the trainer (`train_fused`), less the per-epoch callbacks it makes;
-- logging/storage: the rest, split into MLflow (the trial runs' writes: `Tracker.start_trial`, `log_epoch`,
-  `end_trial`) and Optuna (its storage, the samplers and the pruners, the progress output)."""
+- logging/storage: the rest, split into MLflow (the trial runs' writes on the trainer's side: `Tracker`'s
+  `start_trial`, `log_epoch`, `end_trial`, or the lines spooled to the writer process, waits for it included)
+  and Optuna (its storage, the samplers and the pruners, the progress output)."""
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "studies" / "digits.yaml"
+TINY = {"name": "tiny", "workload": {"dataset": "digits", "model": "linear", "n_train": 128, "epochs": 2},
+        "search": {"batch_sizes": {"min": 16, "max": 64}, "sampler": "tpe", "pruner": "none"}}
 
 # Run in the child: times the study from the inside by wrapping the trainer and the per-epoch callback.
 _CHILD = r"""
@@ -39,7 +55,7 @@ from bstune.search import SilentProgress, run_study
 from bstune.spec import load_spec
 from bstune.tracking import Tracker
 
-clock = {"training": 0.0, "callbacks": 0.0, "mlflow": 0.0, "first_trial": None}
+clock = {"training": 0.0, "callbacks": 0.0, "mlflow": 0.0, "first_trial": None, "marks": []}
 
 def timed(fn, key):
     def wrapped(*args, **kwargs):
@@ -55,11 +71,20 @@ objective._TrialRun.on_epoch = timed(objective._TrialRun.on_epoch, "callbacks")
 Tracker.start_trial = timed(Tracker.start_trial, "mlflow")
 Tracker.end_trial = timed(Tracker.end_trial, "mlflow")
 Tracker.log_epoch = timed(Tracker.log_epoch, "mlflow")  # called inside the callbacks: counted in both
+try:  # the trial runs spooled to a writer process: the trainer's side (the lines, waiting for a run id)
+    from bstune.run_spool import SpooledRuns
+    for name in ("start_trial", "log_epoch", "end_trial", "run_id", "close"):
+        setattr(SpooledRuns, name, timed(getattr(SpooledRuns, name), "mlflow"))
+except ImportError:  # an older bstune: no spool
+    pass
 
 class FirstTrial(SilentProgress):
     def trial_started(self, number, config):
         if clock["first_trial"] is None:
             clock["first_trial"] = time.perf_counter() - t0
+
+    def trial_finished(self, *args, **kwargs):  # when, and the training so far (a fused group's ends together)
+        clock["marks"].append((time.perf_counter() - t0, clock["training"] - clock["callbacks"], time.process_time()))
 
 result = run_study(load_spec(sys.argv[1]), progress=FirstTrial())
 clock.update(total=time.perf_counter() - t0, trials=result.spent.trials)
@@ -67,20 +92,25 @@ print(json.dumps(clock))
 """
 
 
-def run(fuse: int | None, folder: Path) -> dict[str, float]:
-    """One study at `fuse` (None: the default) in `folder`; its wall time split, in seconds."""
-    spec = yaml.safe_load(SPEC.read_text())
+def _child(spec: dict, folder: Path) -> tuple[dict, float]:
+    """Run the study `spec` in a fresh process with fresh default-kind stores in `folder`: its clock, and the
+    wall time from launching it."""
     spec.update(storage=f"sqlite:///{folder}/optuna.db", tracking_uri=f"sqlite:///{folder}/mlflow.db")
-    spec.setdefault("budget", {}).pop("seconds", None)  # the same trials at every setting, however long they take
-    if fuse is not None:
-        spec["execution"] = {"fuse": fuse}
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
-    wall = time.perf_counter() - start
-    c = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1]), time.perf_counter() - start
+
+
+def run(fuse: int | None, folder: Path) -> dict[str, float]:
+    """One study at `fuse` (None: the default) in `folder`; its wall time split, in seconds."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec.setdefault("budget", {}).pop("seconds", None)  # the same trials at every setting, however long they take
+    if fuse is not None:
+        spec["execution"] = {"fuse": fuse}
+    c, wall = _child(spec, folder)
     launch = wall - c["total"]  # the interpreter's own start, before the child's clock
     training = c["training"] - c["callbacks"]
     startup = launch + c["first_trial"]
@@ -114,7 +144,70 @@ def section(repeats: int = 1) -> tuple[str, float]:
     return "\n".join(lines), one["wall"] / fused["wall"]
 
 
+def tiny(trials: int, folder: Path) -> dict[str, float]:
+    """The tiny study of `trials` trials in `folder`: ms a trial in all (from the first trial's start to the last
+    one's end), and the bookkeeping a trial (wall less training) over its first and its last window of trials."""
+    c, _ = _child(TINY | {"budget": {"trials": trials}}, folder)
+    marks = c["marks"]
+    window = min(1000, len(marks) // 3)
+
+    def bookkeeping(i: int, j: int) -> float:  # ms a trial from the end of trial i to the end of trial j
+        (t0, train0, _), (t1, train1, _) = marks[i], marks[j]
+        return 1000 * ((t1 - t0) - (train1 - train0)) / (j - i)
+
+    span = marks[-1][0] - c["first_trial"]
+    # the trainer's CPU time a trial (training included): what its critical path costs on an idle core, where a
+    # shared machine's load stretches the wall times
+    cpu = 1000 * (marks[-1][2] - marks[0][2]) / max(len(marks) - 1, 1)
+    return {"trials": c["trials"], "per_trial": 1000 * span / c["trials"], "cpu": cpu,
+            "load": os.getloadavg()[0],
+            "training": 1000 * marks[-1][1] / c["trials"], "mlflow": 1000 * c["mlflow"] / c["trials"],
+            "window": window, "first": bookkeeping(0, window), "last": bookkeeping(len(marks) - 1 - window,
+                                                                                    len(marks) - 1)}
+
+
+def finished_runs(folder: Path) -> tuple[int, int]:
+    """(trial runs FINISHED, trial runs) in the tiny study's MLflow store, read once the study has returned."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("bstune").experiment_id],
+                              "tags.`bstune.kind` = 'trial'", max_results=50000)
+    return sum(r.info.status == "FINISHED" for r in runs), len(runs)
+
+
+def tiny_row(r: dict[str, float]) -> str:
+    """One Markdown row of a tiny study's numbers."""
+    return (f"| {r['trials']:,} | {r['per_trial']:.0f} | {r['cpu']:.0f} | {r['training']:.1f} | {r['mlflow']:.1f} | "
+            f"{r['first']:.0f} | {r['last']:.0f} ({r['window']:,} trials a window) | {r['load']:.1f} |")
+
+
+TINY_HEADER = ("| trials | ms a trial, all | trainer CPU ms a trial | of it training | MLflow on the critical path | "
+               "bookkeeping a trial, first window | last window | load at the end |\n"
+               "|---:|---:|---:|---:|---:|---:|---|---:|")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", type=int, help="run the tiny study with this many trials instead")
+    ap.add_argument("--check", action="store_true", help="with --tiny: exit 1 unless issue 29's check holds")
+    args = ap.parse_args()
+    if args.tiny is None:
+        table, speedup = section()
+        print(table)
+        print(f"study speedup (fuse 1 / default, same trials): {speedup:.1f}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        r = tiny(args.tiny, Path(tmp))
+        finished, runs = finished_runs(Path(tmp))
+    print(TINY_HEADER)
+    print(tiny_row(r))
+    print(f"trial runs in MLflow: {runs} for {r['trials']} trials, {finished} FINISHED")
+    if args.check and not (r["per_trial"] <= 25 and r["last"] <= r["first"] and finished == runs == r["trials"]):
+        sys.exit(f"issue 29's check fails: {r['per_trial']:.0f} ms a trial (<= 25), last window "
+                 f"{r['last']:.0f} ms vs first {r['first']:.0f} ms, {finished} of {r['trials']} trials a "
+                 "finished MLflow run")
+
+
 if __name__ == "__main__":
-    table, speedup = section()
-    print(table)
-    print(f"study speedup (fuse 1 / default, same trials): {speedup:.1f}")
+    main()

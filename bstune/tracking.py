@@ -236,11 +236,12 @@ class Tracker:
         return run_id
 
     def log_epoch(self, run_id: str, epoch: int, values: dict[str, float | None],
-                  histogram: dict[str, Any] | None = None) -> None:
-        """The epoch's metrics, and its gradient histogram (an artifact under HISTOGRAM_ARTIFACT_DIR)."""
+                  histogram: dict[str, Any] | None = None, ts: int | None = None) -> None:
+        """The epoch's metrics, and its gradient histogram (an artifact under HISTOGRAM_ARTIFACT_DIR); `ts`: when
+        (a spooled write applied later keeps the time it was made, so applying it twice logs it once)."""
         from mlflow.entities import Metric
 
-        ts = _now_ms()
+        ts = ts or _now_ms()
         pending = self._pending.setdefault(run_id, _Pending())
         # NaN: not measured (accuracy of a regression, what a trainer of one's own did not report)
         pending.metrics += [Metric(k, float(v), ts, epoch) for k, v in values.items()
@@ -267,19 +268,32 @@ class Tracker:
                 self.client.log_artifacts(run_id, folder)
         self._flushed[run_id] = time.monotonic()
 
-    def end_trial(self, run_id: str, state: str, reason: str = "", final: dict[str, float] | None = None) -> None:
+    def end_trial(self, run_id: str, state: str, reason: str = "", final: dict[str, float] | None = None,
+                  ts: int | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
         tags = [RunTag("bstune.state", state)]
         if reason:
             tags.append(RunTag("bstune.reason", reason[:5000]))
-        ts = _now_ms()
+        ts = ts or _now_ms()
         pending = self._pending.setdefault(run_id, _Pending())
         pending.metrics += [Metric(k, float(v), ts, 0) for k, v in (final or {}).items()
                             if v is not None and not math.isnan(v)]
         self._flush(run_id, tags)
         self._flushed.pop(run_id, None)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    def flush_all(self) -> None:
+        """Write every trial run's gathered writes now."""
+        for run_id in list(self._pending):
+            self._flush(run_id)
+
+    def run_id(self, handle: str, wait: bool = False) -> str | None:
+        """The MLflow run id behind what `start_trial` returned (here: the run id itself)."""
+        return handle
+
+    def close(self) -> None:
+        """Nothing to wait for: the trial runs are written as they go (see bstune.run_spool for the other way)."""
 
     def trial_runs(self, parent_id: str, trial_id: int | None = None, running: bool = False) -> list[Any]:
         """The study's trial runs (of one Optuna trial, or those still RUNNING), oldest first."""

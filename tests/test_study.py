@@ -425,8 +425,9 @@ def test_sigterm_ends_cleanly_as_ctrl_c_does(tmp_path: Path, sig: int, code: int
 @pytest.mark.parametrize("where", ["start_trial", "end_trial"])
 def test_ctrl_c_outside_training_loses_no_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """A Ctrl-C that lands in MLflow's start or end of a trial's run (not in train()) is handled as in training:
-    the trial INTERRUPTED, its MLflow run closed, its config queued again; the re-run completes the study."""
-    from bstune.tracking import Tracker
+    the trial INTERRUPTED, its MLflow run closed, its config queued again; the re-run completes the study. (On
+    a SQLite store the trainer's side of a trial's run is its spool, `SpooledRuns`: the signal lands there.)"""
+    from bstune.run_spool import SpooledRuns as Tracker
 
     spec = load_spec(write_spec(tmp_path, **{"budget": {"trials": 2}}))
     real = getattr(Tracker, where)

@@ -76,6 +76,11 @@ def _status(path: Path, stores: Stores) -> str:
     return result.output
 
 
+# Never prunes (no batch size reaches its startup trials), yet reads the reports, so each trial's epochs done
+# show in Optuna (with no pruner a study writes no reports)
+NEVER_PRUNES = {"name": "median", "n_startup_trials": 10_000}
+
+
 def _wait_for_running(spec: StudySpec, proc: subprocess.Popen, n: int, to_go: int = 4,
                       timeout: float = 300) -> list[FrozenTrial]:
     """Wait until n trials train at once, each with an epoch done and `to_go` or more left (so what the test
@@ -126,8 +131,8 @@ def check_four_workers_one_killed(tmp_path: Path, stores: Stores) -> tuple[Study
     """4 workers run exactly the budget, though one is killed mid-trial: its trial is retried once.
     Returns the spec and what the commands printed."""
     # Trials of a few seconds (an idle machine runs ~30 of these epochs a second), so two run at once.
-    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 60, "search.pruner": "none",
-                                            "budget.trials": 8})
+    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 60,
+                                            "search.pruner": NEVER_PRUNES, "budget.trials": 8})
     proc, head = _start(_cmd(stores, "study", str(path), "--workers", "4"), tmp_path)
     victim = _wait_for_running(spec, proc, n=2)[0]
     pid = victim.user_attrs["worker_pid"]
@@ -167,8 +172,8 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
     """Workers stop taking trials once the recorded spend reaches the budget."""
     per_trial = 3 * 800  # epochs x training examples (1000, less 20% for validation); no pruning
     budget = 2 * per_trial + 1
-    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 1000, "search.pruner": "none", "execution.fuse": 2,
-                                            "budget": {"trials": None, "examples": budget}})
+    path, spec = _spec(tmp_path, stores, **{"workload.n_train": 1000, "search.pruner": NEVER_PRUNES,
+                                            "execution.fuse": 2, "budget": {"trials": None, "examples": budget}})
     run = subprocess.run(_cmd(stores, "study", str(path), "--workers", "2"), cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -190,7 +195,7 @@ def test_status_then_ctrl_c_stops_every_worker_cleanly(tmp_path: Path) -> None:
     # Long trials (an idle machine runs 30-70 of these epochs a second), all interrupted before they end; the
     # workers start their trials apart, so each trial's window to be caught in must be long.
     path, spec = _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 2000,
-                                            "search.batch_sizes": [16], "search.pruner": "none",
+                                            "search.batch_sizes": [16], "search.pruner": NEVER_PRUNES,
                                             "budget.trials": 6})
     proc, head = _start(_cmd(stores, "study", str(path), "--workers", "2"), tmp_path)
     _wait_for_running(spec, proc, n=2, to_go=1500)  # seconds for `status` while both still train
@@ -219,7 +224,7 @@ def test_status_then_ctrl_c_stops_every_worker_cleanly(tmp_path: Path) -> None:
 
 def _long_trials(tmp_path: Path, stores: Stores) -> tuple[Path, StudySpec]:
     return _spec(tmp_path, stores, **{"workload.n_train": 500, "workload.epochs": 400, "search.batch_sizes": [16],
-                                      "search.pruner": "none", "budget.trials": 6})
+                                      "search.pruner": NEVER_PRUNES, "budget.trials": 6})
 
 
 def test_sigterm_to_a_launcher_started_in_the_background_stops_every_worker_cleanly(tmp_path: Path) -> None:

@@ -58,8 +58,34 @@ def set_trial_user_attrs(storage: Any, trial_id: int, attrs: dict[str, Any]) -> 
     from optuna.storages._rdb.storage import _create_scoped_session
 
     with _create_scoped_session(backend.scoped_session, True) as session:
-        for k, v in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
+        if not _upsert_user_attrs(backend, session, trial_id, attrs):
+            for k, v in attrs.items():
+                backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
+
+
+def _upsert_user_attrs(backend: optuna.storages.RDBStorage, session: Any, trial_id: int,
+                       attrs: dict[str, Any]) -> bool:
+    """On SQLite and PostgreSQL: the trial looked up once and every attribute in one multi-row upsert, the
+    statement Optuna's `_set_trial_attr_without_commit` runs per attribute after its own look-up (a start's
+    six attributes: 2 statements, not 12). False where Optuna's way is the only one (MySQL, an old SQLite)."""
+    import sqlite3
+
+    from optuna.storages._rdb import models
+
+    dialect = backend.engine.name
+    if not attrs or not (dialect == "postgresql" or (dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24))):
+        return not attrs
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    backend.check_trial_is_updatable(trial_id, models.TrialModel.find_or_raise_by_id(trial_id, session).state)
+    model = models.TrialUserAttributeModel
+    stmt = insert(model).values([{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                                 for k, v in attrs.items()])
+    session.execute(stmt.on_conflict_do_update(index_elements=[model.trial_id, model.key],
+                                               set_={"value_json": stmt.excluded.value_json}))
+    return True
 
 
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
@@ -175,6 +201,8 @@ class PruneRound:
                                    sampler=study.sampler, pruner=study.pruner)
         self._once = bool(getattr(study.pruner, "finished_only", False))
         self._epoch: int | None = None
+        # No pruner reads the reports (nor does the law sampler: it reads a PRUNED trial's, and none is pruned)
+        self.reads_reports = not isinstance(study.pruner, optuna.pruners.NopPruner)
 
     def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
         if epoch != self._epoch or not self._once:

@@ -17,11 +17,14 @@ repair what an older bstune left (a `bstune.state` Optuna never heard, a run clo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial
 
+from bstune.run_spool import repair_orphans
 from bstune.search._optuna import fresh_trials, trial_id
 from bstune.search.progress import Progress
 from bstune.signals import kill_point
@@ -53,8 +56,8 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
 class Settler:
     """Settles trials whose worker died; `parent` is the study's MLflow run, once it is known."""
 
-    def __init__(self, tracker: Tracker, progress: Progress) -> None:
-        self.tracker, self.progress = tracker, progress
+    def __init__(self, tracker: Tracker, progress: Progress, spools: Path | None = None) -> None:
+        self.tracker, self.progress, self.spools = tracker, progress, spools
         self.parent: str | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -84,12 +87,27 @@ class Settler:
             if t.state.is_finished() and t.number not in retried and trial_state(t) in RETRIED_STATES:
                 self.settle(study, t)
 
+    def repair_spools(self, study: optuna.Study) -> None:
+        """Apply the MLflow writes that dead workers spooled and their writers had not applied (`run_spool`),
+        then settle each trial that ended in them as Optuna has it: so a late write cannot leave a run
+        disagreeing with its trial. Before any trial is settled (under the claim lock, and when a run opens or
+        closes the study)."""
+        if self.spools is None or not self.spools.is_dir():
+            return
+        for tid in sorted(repair_orphans(self.spools, self.tracker)):
+            with contextlib.suppress(KeyError):
+                t = study._storage.get_trial(tid)
+                if t.state.is_finished():
+                    self.settle(study, t, requeue_it=False)  # a missing retry is queued by the next claim
+
     def sweep(self, study: optuna.Study) -> None:
-        """When a run opens or closes the study: settle the trials whose `bstune.state` Optuna never heard
-        (an older bstune closed their MLflow run as they said), and close the MLflow runs left RUNNING by
-        trials that ended (their worker died between telling Optuna and closing the run)."""
+        """When a run opens or closes the study: apply dead workers' spooled MLflow writes, settle the trials
+        whose `bstune.state` Optuna never heard (an older bstune closed their MLflow run as they said), and
+        close the MLflow runs left RUNNING by trials that ended (their worker died between telling Optuna and
+        closing the run)."""
         if self.parent is None:
             return
+        self.repair_spools(study)
         trials = study.get_trials(deepcopy=False)
         for t in trials:
             recorded = t.user_attrs.get(Attr.STATE)

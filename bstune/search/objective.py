@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from bstune import entry, signals
 from bstune.errors import BstuneError, first_line, redact
+from bstune.run_spool import SpooledRuns
 from bstune.search._optuna import PruneRound, frozen, set_user_attrs, trial_id
 from bstune.search.lost import requeue
 from bstune.search.own_loop import run_own
@@ -85,7 +86,7 @@ class TrialContext:
     spec: StudySpec
     data: Dataset  # on the device
     device: Any
-    tracker: Tracker
+    tracker: Tracker | SpooledRuns  # of the trial runs
     parent: str  # the study's MLflow run
     progress: Progress
 
@@ -188,7 +189,8 @@ class _TrialRun:
         self.metric = ctx.spec.search.objective
         self.config = train_config(ctx.spec.workload, point.batch_size, point.lr, point.momentum)
         self.epochs = plan(self.config, ctx.data.n_train)[2]
-        self.run_id: str | None = None
+        self.run_id: Any = None  # what the tracker's start_trial returned (a run id, or a spooled run's handle)
+        self.run_recorded = False  # its MLflow run id is on the trial
         self.pruning = pruning
         self.ended = False
         self.told = False  # Optuna was told how it ended, by this worker
@@ -249,7 +251,8 @@ class _TrialRun:
             self.run_id = ctx.tracker.start_trial(ctx.parent, ctx.spec.name, trial.number, trial_id(trial), params)
         kill_point("run_started")
         with self._writing(STORAGE):
-            set_user_attrs(trial, {Attr.RUN_ID: self.run_id})
+            if recorded := self._run_recorded():  # a spooled run's id comes later (`on_epoch`, `end`)
+                set_user_attrs(trial, recorded)
         kill_point("run_recorded")
         if not self.ended:
             ctx.progress.trial_started(trial.number, p)
@@ -268,8 +271,12 @@ class _TrialRun:
             if time.perf_counter() - self.saved > 5.0:  # spend is saved every few seconds, and at the end
                 set_user_attrs(self.trial, self.spend())
                 self.saved = time.perf_counter()
-            self.trial.report(value, s.epoch)
-            prune = self.pruning.should_prune(self.trial, s.epoch)
+            if recorded := self._run_recorded():  # a spooled run: its id once its writer has made it
+                set_user_attrs(self.trial, recorded)
+            prune = False
+            if self.pruning.reads_reports:  # one write an epoch, for the pruner alone (the curve is kept apart)
+                self.trial.report(value, s.epoch)
+                prune = self.pruning.should_prune(self.trial, s.epoch)
         kill_point("epoch")
         if self.ended:
             return True
@@ -296,6 +303,7 @@ class _TrialRun:
         trial, last, e = self.trial, self.last, Ending(state, reason, value)
         reason = redact(reason)  # an error's text may quote a URL with its password
         attrs = self.spend() | {Attr.STATE: e.state, Attr.CURVE: curve_to_json(self.curve)}
+        attrs |= self._run_recorded(wait=True)  # a spooled run's writer is then never more than a group behind
         if reason:
             attrs[Attr.REASON] = reason
         if last.get("grad_noise_scale") is not None:
@@ -327,6 +335,17 @@ class _TrialRun:
         self.ended = self.told = True
         self.ctx.progress.trial_finished(trial.number, self.point, e.state, last.get("value"),
                                          time.perf_counter() - self.started, reason)
+
+    def _run_recorded(self, wait: bool = False) -> dict[str, Any]:
+        """The MLflow run id as an attribute to write now, if it is known (with `wait`, once it is) and not yet
+        written; else nothing."""
+        if self.run_recorded or self.run_id is None:
+            return {}
+        run_id = self.ctx.tracker.run_id(self.run_id, wait)
+        if run_id is None:
+            return {}
+        self.run_recorded = True
+        return {Attr.RUN_ID: run_id}
 
     def spend(self) -> dict[str, Any]:
         """What the trial has spent so far, as its attributes (none before its first epoch)."""

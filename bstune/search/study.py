@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from bstune import registry, signals
 from bstune.errors import BstuneError, first_line, redact
+from bstune.run_spool import SpooledRuns, spool_folder
 from bstune.search._optuna import Heartbeats, StaleTrials, ask
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
@@ -126,7 +127,8 @@ def open_study(
     # 2. The Optuna study and the MLflow parent run (created, or found again on resume).
     space = SearchSpace(spec.search)
 
-    settler = Settler(tracker, progress)  # settles the trials of workers that died
+    # settles the trials of workers that died, and applies the MLflow writes they spooled (`run_spool`)
+    settler = Settler(tracker, progress, spool_folder(spec.tracking_uri, spec.experiment, spec.name))
     with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
         tracker.check()
         storage = open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True)
@@ -223,13 +225,15 @@ def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Da
     study = opened.study
     group_size = _group_size(spec, dev.type, opened.data, progress)
     claim: ClaimLock | None = None
+    runs = None
     interrupted = False
     stop_reason = ""
     run = 0
     try:  # from here on the parent run exists: whatever stops the study, finish_study closes it
         claim = ClaimLock(spec.storage, spec.name)
         # on the device once for the whole study, not once per trial
-        ctx = TrialContext(spec, opened.data.to(dev), dev, opened.tracker, opened.parent_run_id, progress)
+        runs = trial_runs(opened)
+        ctx = TrialContext(spec, opened.data.to(dev), dev, runs, opened.parent_run_id, progress)
         stale = StaleTrials(grace_seconds(spec.heartbeat_seconds), lost_marks)
         with WorkerBeat(study, worker, str(dev), spec.heartbeat_seconds), Heartbeats(study) as beats:
             while True:
@@ -259,7 +263,16 @@ def _run_study(spec: StudySpec, device: str | None, progress: Progress, data: Da
     finally:
         if claim is not None:
             claim.close()
+        if runs is not None:
+            runs.close()  # every trial run this worker spooled is in MLflow
     return finish_study(opened, stop_reason, interrupted=interrupted, trials_run=run, close=not join)
+
+
+def trial_runs(opened: OpenStudy) -> Tracker | SpooledRuns:
+    """Who writes the trial runs: with a SQLite tracking store, a writer process fed by a spool file, off the
+    trainer's critical path (`bstune.run_spool`); with others (a server, PostgreSQL), the tracker itself."""
+    folder = opened.settler.spools
+    return opened.tracker if folder is None else SpooledRuns(folder, opened.tracker)
 
 
 def default_fuse(device_type: str, model: str) -> int:
@@ -287,6 +300,7 @@ def _claim_group(opened: OpenStudy, group_size: int, progress: Progress, beats: 
     """Under the claim lock: why the study must stop (then no trials), or the trials to run next, at most
     `group_size` and never past the trial limit (none while only trials running elsewhere are left)."""
     spec, study = opened.spec, opened.study
+    opened.settler.repair_spools(study)  # dead workers' MLflow writes applied before any of their trials is settled
     stale.fail(study)  # trials of dead workers: failed, settled, re-queued
     trials = study.get_trials(deepcopy=False)
     opened.settler.sweep_unqueued(study, trials)
