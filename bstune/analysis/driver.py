@@ -309,7 +309,8 @@ def fill_optimum(out: BatchOptimum, v: Valley, t: _Trials, sign: float,
     out.fit, out.n_window = v.kind, v.n_window
     out.noise = PLATEAU_NOISE * v.noise
     if v.plateau is not None:
-        ends = 2.0 ** v.plateau
+        with np.errstate(over="ignore"):  # a resample's plateau may run off to inf octaves: an open end
+            ends = 2.0 ** v.plateau
         out.plateau = (float(ends[0, 0]), float(ends[0, 1]))
         # one training seed's valley differs from another's by noise that neighbouring lrs share, which a
         # bootstrap of the trials does not see: lr* may lie anywhere within one run's noise of the bottom
