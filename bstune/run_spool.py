@@ -213,7 +213,10 @@ class SpooledRuns:
         line = memoryview((json.dumps(record, default=str) + "\n").encode())
         while line:  # one write, but a full disk may take part of it first
             line = line[self._owner.write(line):]
-        if self._writer is not None and self._writer.poll() is not None:  # it died: started again
+        self._restart_if_died()
+
+    def _restart_if_died(self) -> None:
+        if self._writer is not None and self._writer.poll() is not None:
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -266,8 +269,7 @@ class SpooledRuns:
             self._read_run_ids()
             if int(handle) in self._run_ids or time.monotonic() > end:
                 return self._run_ids.get(int(handle))
-            if self._writer is not None and self._writer.poll() is not None:  # it died: started again
-                self._start_writer()
+            self._restart_if_died()
             if not self._ready:
                 self._apply_here()
                 return self._run_ids.get(int(handle))
