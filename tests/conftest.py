@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,3 +102,10 @@ def _tracking_store(request: pytest.FixtureRequest) -> None:
     target = request.getfixturevalue("tmp_path") / "mlflow.db"
     if not target.exists():
         shutil.copyfile(request.getfixturevalue("_empty_tracking_store"), target)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The study processes' fork server (tests/prefork.py), if this process started one."""
+    prefork = sys.modules.get("tests.prefork")
+    if prefork is not None:
+        prefork.stop_server()

@@ -26,6 +26,7 @@ from bstune.search.status import alive_seconds
 from bstune.spec import load_spec
 from bstune.stores import open_storage
 from bstune.trials import trial_state
+from tests import prefork
 from tests.chaos import POINTS, check_consistent, soak
 from tests.conftest import write_spec
 
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.slow
 
 def _study_cmd(path: Path, kill_at: str = "", *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BSTUNE_KILL_AT": kill_at}
-    return subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path), *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return prefork.run([sys.executable, "-m", "bstune.cli", "study", str(path), *args], env=env,
+                       capture_output=True, text=True, timeout=600)
 
 
 def _killed_then_rerun(path: Path, *kills: str) -> None:
