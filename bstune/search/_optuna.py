@@ -101,13 +101,13 @@ def _upsert(backend: Any) -> Any:
 
 def report_values(trial: optuna.Trial, values: dict[int, float]) -> None:
     """Several epochs' `Trial.report` at once: the trial looked up once and the values in one multi-row upsert
-    where the storage is SQLite or PostgreSQL (2 statements, not 3 a value), one report each elsewhere. The
+    where the storage is SQLite or PostgreSQL (2 statements, not 3 a value), a report each elsewhere. The
     trial's cached copy, which its pruner reads, gets them as `report` gives them (a step reported is kept)."""
     cached = trial._cached_frozen_trial.intermediate_values
     fresh = {step: float(v) for step, v in values.items() if step not in cached}
     backend = getattr(trial.study._storage, "_backend", None)
     insert = _upsert(backend)
-    if len(fresh) < 2 or insert is None:
+    if not fresh or insert is None:
         for step, v in fresh.items():
             trial.report(v, step)
         return
