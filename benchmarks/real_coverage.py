@@ -146,6 +146,7 @@ class Tally:
     """What the studies of one cell found."""
 
     lr_hold: list[bool] = field(default_factory=list)
+    lr_hold_bracketed: list[bool] = field(default_factory=list)  # over the optima the analysis calls bracketed
     lr_meet: list[bool] = field(default_factory=list)
     lr_width: list[float] = field(default_factory=list)
     lr_err: list[float] = field(default_factory=list)
@@ -171,6 +172,8 @@ def score(t: Tally, a, ref: Reference, ref_alpha: tuple[float, float, float], se
         b, lo, hi, pt = o.batch_size, math.log2(o.lr_interval[0]), math.log2(o.lr_interval[1]), math.log2(o.lr)
         r, (rlo, rhi) = ref.lr[b], ref.lr_interval[b]
         t.lr_hold.append(lo <= r <= hi)
+        if o.bracketed:
+            t.lr_hold_bracketed.append(lo <= r <= hi)
         t.lr_meet.append(lo <= rhi and rlo <= hi)
         t.lr_width.append(hi - lo)
         t.lr_err.append(pt - r)
@@ -327,18 +330,18 @@ def _med(v: Sequence[float], fmt: str = "{:.2f}") -> str:
 
 
 def row(grid: str, cell: str, n: int, t: Tally, replicates: int) -> str:
-    return (f"| {grid} | {cell} | {n} | {replicates} | {_m(t.lr_hold)} | {_m(t.lr_meet)} | {_med(t.lr_width)} | "
-            f"{_m(t.lr_err, '{:+.2f}')} | {_m(t.outside)} | {_m(t.alpha_hold)} | {_m(t.alpha_meet)} | "
-            f"{_m(t.alpha_err, '{:+.2f}')} | {_med(t.alpha_width)} | {_m(t.plateau_hold)} | "
-            f"{_m(t.plateau_wide)} | {_med(t.plateau_width)} | {_m(t.value_err, '{:+.4f}')} | "
-            f"{_m(t.best_value_err, '{:+.4f}')} | {t.failed} |")
+    return (f"| {grid} | {cell} | {n} | {replicates} | {_m(t.lr_hold)} | {_m(t.lr_hold_bracketed)} | "
+            f"{_m(t.lr_meet)} | {_med(t.lr_width)} | {_m(t.lr_err, '{:+.2f}')} | {_m(t.outside)} | "
+            f"{_m(t.alpha_hold)} | {_m(t.alpha_meet)} | {_m(t.alpha_err, '{:+.2f}')} | {_med(t.alpha_width)} | "
+            f"{_m(t.plateau_hold)} | {_m(t.plateau_wide)} | {_med(t.plateau_width)} | "
+            f"{_m(t.value_err, '{:+.4f}')} | {_m(t.best_value_err, '{:+.4f}')} | {t.failed} |")
 
 
-HEADER = ("| grid | batch sizes | n per B | replicates | lr* holds | lr* meets | lr* width (oct, median) | "
-          "lr* bias (oct) | point outside | alpha holds | alpha meets | alpha bias | alpha width | "
-          "plateau holds argmin | plateau reaches 1.5x | plateau width (oct) | value bias | "
+HEADER = ("| grid | batch sizes | n per B | replicates | lr* holds | lr* holds (bracketed) | lr* meets | "
+          "lr* width (oct, median) | lr* bias (oct) | point outside | alpha holds | alpha meets | alpha bias | "
+          "alpha width | plateau holds argmin | plateau reaches 1.5x | plateau width (oct) | value bias | "
           "best-trial value bias | failed |\n"
-          "|" + "---|" * 19)
+          "|" + "---|" * 20)
 
 
 def named_lines(grid: str, tallies: dict[int, Tally | MomentumTally]) -> list[str]:

@@ -14,7 +14,7 @@ from bstune.analysis import FORMS, Analysis, analyze
 from bstune.analysis.answer import SEPARATES
 from bstune.errors import BstuneError
 from bstune.report import format_analysis, format_recommendation
-from bstune.trials import State, TrialRecord, TrialTable
+from bstune.trials import FAILED_STATES, State, TrialRecord, TrialTable
 from tests.simulate import simulate_trials, valley_profile
 
 B_NOISE = 256.0
@@ -233,6 +233,26 @@ def test_a_lone_quadratic_value_is_held_at_the_best_trial():
         assert o.value == max(o._fit_value, o.best_value)
         held += o._fit_value < o.best_value
     assert held > 0
+
+
+def test_a_valley_too_sparse_to_smooth_holds_lr_between_the_best_trials_neighbours():
+    # placed by the shape shared over the batch sizes, which may not be its own: the interval reaches at
+    # least to the trials either side of the best one, where lr* of a one-bottomed valley lies
+    checked = 0
+    for seed in range(3):
+        table = simulate_trials("power", seed=seed, trials_per_batch=5, momentum=0.9, prune=False, noise=0.05)
+        for o in analyze(table, seed=seed, n_boot=50).per_batch:
+            if not o.fitted or o.fit == "smooth":
+                continue
+            lrs = sorted({r.lr for r in table.records if r.batch_size == o.batch_size and r.state not in FAILED_STATES})
+            i = lrs.index(o.best_lr)
+            lo, hi = o.lr_interval
+            assert i == 0 or lo <= lrs[i - 1] * (1 + 1e-12)
+            assert i == len(lrs) - 1 or hi >= lrs[i + 1] * (1 - 1e-12)
+            elo, ehi = o.effective_lr_interval  # at momentum 0.9 the effective lr is lr / 0.1
+            assert elo <= lo / 0.1 * (1 + 1e-9) and ehi >= hi / 0.1 * (1 - 1e-9)
+            checked += 1
+    assert checked >= 5
 
 
 def test_a_batch_size_with_two_completed_trials_is_placed_by_the_shared_valley_shape():
