@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from pathlib import Path
@@ -11,10 +12,20 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from bstune.search._optuna import PruneRound, batch_size_view, set_user_attrs
+from bstune.search._optuna import (
+    OneReadStorage,
+    PruneRound,
+    ask,
+    batch_size_view,
+    one_read,
+    report_values,
+    set_user_attrs,
+    tell,
+)
 from bstune.search.law_sampler import LawSampler, Observation, fit_law, observations
 from bstune.search.space import DEAD_MARGIN, BatchSizeSampler, SearchSpace, chance_level, make_pruner, make_sampler
 from bstune.spec import Pruner, Sampler, Search, load_spec
+from bstune.stores import open_storage
 from bstune.trials import BATCH_SIZE, LR, ONE_MINUS_M
 from tests.conftest import write_spec
 
@@ -370,3 +381,51 @@ def test_user_attributes_written_at_once_reach_the_storage_and_the_trial(tmp_pat
     study.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # as set_user_attr: the trial is done
         set_user_attrs(trial, {"a": 3})
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_reports_written_at_once_reach_the_storage_and_the_pruner(tmp_path: Path, kind: str) -> None:
+    storage = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else None
+    study = optuna.create_study(study_name="toy", storage=storage)
+    trial = study.ask()
+    report_values(trial, {1: 0.5, 2: math.inf, 3: 0.75})
+    report_values(trial, {3: 9.0, 4: 0.25})  # a step reported is kept, as Trial.report keeps it
+    wanted = {1: 0.5, 2: math.inf, 3: 0.75, 4: 0.25}
+    assert trial._get_latest_trial().intermediate_values == wanted  # what the pruner reads
+    again = optuna.load_study(study_name="toy", storage=storage) if storage else study
+    assert again.trials[0].intermediate_values == wanted and again.trials[0].last_step == 4
+    study.tell(trial, state=TrialState.PRUNED)
+    assert again.trials[0].value == 0.25  # a pruned trial's value is its last report, as before
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        report_values(trial, {5: 0.1})
+
+
+def _proposals(tmp_path: Path, name: str, once: bool) -> tuple[list[tuple[int, float, float]], int]:
+    """Twelve TPE trials asked and told on a SQLite storage as a study opens it, each ask and its suggestions
+    within `one_read` or not: the points proposed, and the SQL statements of the last ask."""
+    import sqlalchemy
+
+    storage = OneReadStorage(open_storage(f"sqlite:///{tmp_path}/{name}.db", 20, writing=True))
+    search = _sampler(SEARCH, name="tpe", n_startup_trials=2)
+    space = SearchSpace(search)
+    study = optuna.create_study(study_name="toy", storage=storage, sampler=make_sampler(search, space))
+    statements = []
+    sqlalchemy.event.listen(storage._backend.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    points = []
+    for _ in range(12):
+        statements.clear()
+        with one_read(study) if once else contextlib.nullcontext():
+            trial = ask(study)
+            c = space.suggest(trial)
+        n = len(statements)
+        points.append((c.batch_size, c.lr, c.momentum))
+        assert tell(study, trial, _loss(c.batch_size, c.lr, c.momentum), TrialState.COMPLETE) == TrialState.COMPLETE
+        assert tell(study, trial, 0.0, TrialState.COMPLETE) == TrialState.COMPLETE  # ended: its state, unchanged
+    return points, n
+
+
+def test_an_ask_reads_the_trial_list_once_and_proposes_the_same(tmp_path: Path) -> None:
+    once, fewer = _proposals(tmp_path, "once", True)
+    each, more = _proposals(tmp_path, "each", False)
+    assert once == each  # the same points, from the same trials
+    assert fewer + 14 <= more, (fewer, more)  # two reads of the trial list (7 statements each) and a trial's

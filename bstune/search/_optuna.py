@@ -7,18 +7,21 @@ private `_BracketStudy`). bstune needs all three; if an Optuna release changes t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import threading
 import time
 import warnings
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from bstune.signals import kill_point
@@ -68,17 +71,11 @@ def _upsert_user_attrs(backend: optuna.storages.RDBStorage, session: Any, trial_
     """On SQLite and PostgreSQL: the trial looked up once and every attribute in one multi-row upsert, the
     statement Optuna's `_set_trial_attr_without_commit` runs per attribute after its own look-up (a start's
     six attributes: 2 statements, not 12). False where Optuna's way is the only one (MySQL, an old SQLite)."""
-    import sqlite3
-
     from optuna.storages._rdb import models
 
-    dialect = backend.engine.name
-    if not attrs or not (dialect == "postgresql" or (dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24))):
+    insert = _upsert(backend)
+    if not attrs or insert is None:
         return not attrs
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
     backend.check_trial_is_updatable(trial_id, models.TrialModel.find_or_raise_by_id(trial_id, session).state)
     model = models.TrialUserAttributeModel
     stmt = insert(model).values([{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
@@ -86,6 +83,52 @@ def _upsert_user_attrs(backend: optuna.storages.RDBStorage, session: Any, trial_
     session.execute(stmt.on_conflict_do_update(index_elements=[model.trial_id, model.key],
                                                set_={"value_json": stmt.excluded.value_json}))
     return True
+
+
+def _upsert(backend: Any) -> Any:
+    """The dialect's `insert` that has `on_conflict_do_update` (SQLite 3.24+, PostgreSQL), or None."""
+    import sqlite3
+
+    dialect = backend.engine.name if isinstance(backend, optuna.storages.RDBStorage) else ""
+    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24):
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        return None
+    return insert
+
+
+def report_values(trial: optuna.Trial, values: dict[int, float]) -> None:
+    """Several epochs' `Trial.report` at once: the trial looked up once and the values in one multi-row upsert
+    where the storage is SQLite or PostgreSQL (2 statements, not 3 a value), a report each elsewhere. The
+    trial's cached copy, which its pruner reads, gets them as `report` gives them (a step reported is kept)."""
+    cached = trial._cached_frozen_trial.intermediate_values
+    fresh = {step: float(v) for step, v in values.items() if step not in cached}
+    backend = getattr(trial.study._storage, "_backend", None)
+    insert = _upsert(backend)
+    if not fresh or insert is None:
+        for step, v in fresh.items():
+            trial.report(v, step)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    model = models.TrialIntermediateValueModel
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        backend.check_trial_is_updatable(trial._trial_id,
+                                         models.TrialModel.find_or_raise_by_id(trial._trial_id, session).state)
+        rows = []
+        for step, v in fresh.items():
+            stored, kind = model.intermediate_value_to_stored_repr(v)
+            rows.append({"trial_id": trial._trial_id, "step": step, "intermediate_value": stored,
+                         "intermediate_value_type": kind})
+        stmt = insert(model).values(rows)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=[model.trial_id, model.step],
+            set_={"intermediate_value": stmt.excluded.intermediate_value,
+                  "intermediate_value_type": stmt.excluded.intermediate_value_type}))
+    cached.update(fresh)
 
 
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
@@ -108,20 +151,22 @@ class _BatchSizeStorage:
     _ALLOWED = ("get_study_id_from_name", "get_study_directions", "get_all_trials", "get_study_system_attrs",
                 "set_study_system_attr", "set_trial_system_attr", "get_trial")
 
-    def __init__(self, base: Any, batch_size: int, keep_trial_id: int | None) -> None:
+    def __init__(self, base: Any, batch_size: int, keep_trial_id: int | None, study: optuna.Study) -> None:
         self._base = base
         self._batch_size = batch_size
         self._keep = keep_trial_id
+        # what a Study made on the view asks first, answered without the 2 SQL statements of asking the storage
+        self._study_id, self._name, self._directions = study._study_id, study.study_name, study.directions
 
     def __getattr__(self, name: str) -> Any:  # called only for names not defined here
         raise AttributeError(f"the per-batch-size view of the storage has no {name!r} "
                              f"(it allows {', '.join(self._ALLOWED)})")
 
     def get_study_id_from_name(self, study_name: str) -> int:
-        return self._base.get_study_id_from_name(study_name)
+        return self._study_id if study_name == self._name else self._base.get_study_id_from_name(study_name)
 
     def get_study_directions(self, study_id: int) -> list[Any]:
-        return self._base.get_study_directions(study_id)
+        return self._directions if study_id == self._study_id else self._base.get_study_directions(study_id)
 
     def _mine(self, t: FrozenTrial) -> bool:
         return t.params.get(BATCH_SIZE) == self._batch_size or t._trial_id == self._keep
@@ -159,7 +204,7 @@ class _BatchSizeStorage:
 def batch_size_view(study: optuna.Study, batch_size: int, trial: FrozenTrial | None = None,
                     pruner: BasePruner | None = None, sampler: BaseSampler | None = None) -> optuna.Study:
     """A Study over the same storage in which only the trials with this batch size (and ``trial``) exist."""
-    storage = _BatchSizeStorage(study._storage, batch_size, trial._trial_id if trial else None)
+    storage = _BatchSizeStorage(study._storage, batch_size, trial._trial_id if trial else None, study)
     return optuna.Study(
         study_name=study.study_name, storage=storage,  # type: ignore[arg-type]
         sampler=sampler or optuna.samplers.RandomSampler(), pruner=pruner or optuna.pruners.NopPruner(),
@@ -172,17 +217,17 @@ class _OneRead:
 
     def __init__(self, base: Any) -> None:
         self._base = base
-        self._reads: dict[tuple[int, tuple[TrialState, ...] | None], list[FrozenTrial]] = {}
+        self._reads: dict[int, list[FrozenTrial]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        key = (study_id, None if states is None else tuple(states))  # type: ignore[arg-type]
-        if key not in self._reads:
-            self._reads[key] = self._base.get_all_trials(study_id, deepcopy=False, states=states)
-        return copy.deepcopy(self._reads[key]) if deepcopy else list(self._reads[key])
+        if study_id not in self._reads:  # all of them, once: a sampler's reads of two sets of states share it
+            self._reads[study_id] = self._base.get_all_trials(study_id, deepcopy=False)
+        trials = [t for t in self._reads[study_id] if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
 
     def forget(self) -> None:
         self._reads.clear()
@@ -203,6 +248,9 @@ class PruneRound:
         self._epoch: int | None = None
         # No pruner reads the reports (nor does the law sampler: it reads a PRUNED trial's, and none is pruned)
         self.reads_reports = not isinstance(study.pruner, optuna.pruners.NopPruner)
+        # Before its warm-up the pruner decides nothing and reads no report: the epochs before it are written
+        # with the first one it reads (`report_values`), or with the trial's end
+        self.from_epoch = int(getattr(study.pruner, "warmup", 0))
 
     def should_prune(self, trial: optuna.Trial, epoch: int) -> bool:
         if epoch != self._epoch or not self._once:
@@ -216,6 +264,69 @@ def ask(study: optuna.Study) -> optuna.Trial:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         return study.ask()
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None, state: TrialState) -> TrialState:
+    """`study.tell(..., skip_if_finished=True)` less its last step, a second read of the whole trial from the
+    storage to return it (7 SQL statements on an RDB): the state the trial now has (another worker's, if it
+    had ended already)."""
+    from optuna.study._tell import _tell_with_warning
+
+    return _tell_with_warning(study, trial, value, state=state, skip_if_finished=True)[0]
+
+
+class OneReadStorage(_CachedStorage):
+    """Optuna's cache of an RDB storage, which re-reads every unfinished trial whenever the trial list is
+    asked for (7 SQL statements on an RDB, however few rows). Within `one_read()` the list is read from the
+    database once: an ask's queue look-up and its sampler's two reads share it, as Optuna's own `use_cache`
+    shares one between a trial's suggestions. What this process writes meanwhile (the new trial) is in the
+    cache already; what other workers write is read at the next ask. A trial created within it is not read
+    back from the database for the `optuna.Trial` made on it (7 more statements): the cache has it as created."""
+
+    def __init__(self, backend: optuna.storages.RDBStorage) -> None:
+        super().__init__(backend)
+        self._read_once: set[int] | None = None  # studies read within the current `one_read`
+        self._created: set[int] = set()  # trials created within it, not yet read back
+        self._owner: int | None = None  # the thread in it: the heartbeat threads read nothing
+
+    @contextmanager
+    def one_read(self) -> Iterator[None]:
+        self._read_once, self._owner = set(), threading.get_ident()
+        try:
+            yield
+        finally:
+            self._read_once = self._owner = None
+            self._created.clear()
+
+    def _within(self) -> bool:
+        return self._read_once is not None and self._owner == threading.get_ident()
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        if self._within():
+            if study_id in self._read_once:  # type: ignore[operator]
+                return
+            self._read_once.add(study_id)  # type: ignore[union-attr]
+        super()._read_trials_from_remote_storage(study_id)
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        if self._within():
+            self._created.add(trial_id)
+        return trial_id
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        if self._within() and trial_id in self._created:  # read once, right after its creation: as created
+            self._created.discard(trial_id)
+            with self._lock:
+                study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+                return copy.deepcopy(self._studies[study_id].trials[number])
+        return super().get_trial(trial_id)
+
+
+def one_read(study: optuna.Study) -> contextlib.AbstractContextManager[None]:
+    """`OneReadStorage.one_read` where the study's storage is one, else nothing."""
+    storage = study._storage
+    return storage.one_read() if isinstance(storage, OneReadStorage) else contextlib.nullcontext()
 
 
 class Heartbeats:

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 from bstune import entry, signals
 from bstune.errors import BstuneError, first_line, redact
 from bstune.run_spool import SpooledRuns
-from bstune.search._optuna import PruneRound, frozen, set_user_attrs, trial_id
+from bstune.search._optuna import PruneRound, frozen, report_values, set_user_attrs, tell, trial_id
 from bstune.search.lost import requeue
 from bstune.search.own_loop import run_own
 from bstune.search.progress import Progress
@@ -199,6 +199,7 @@ class _TrialRun:
     def restart(self) -> None:
         """Forget the epochs seen (the group is trained again, smaller)."""
         self.curve: list[EpochPoint] = []
+        self.reports: dict[int, float] = {}  # epochs for the pruner not yet written to the trial
         self.last: dict[str, Any] = {}
         self.started = self.saved = time.perf_counter()
 
@@ -274,9 +275,11 @@ class _TrialRun:
             if recorded := self._run_recorded():  # a spooled run: its id once its writer has made it
                 set_user_attrs(self.trial, recorded)
             prune = False
-            if self.pruning.reads_reports:  # one write an epoch, for the pruner alone (the curve is kept apart)
-                self.trial.report(value, s.epoch)
-                prune = self.pruning.should_prune(self.trial, s.epoch)
+            if self.pruning.reads_reports:  # for the pruner alone (the curve is kept apart)
+                self.reports[s.epoch] = value
+                if s.epoch >= self.pruning.from_epoch:  # those before its warm-up written with this one
+                    self._report()
+                    prune = self.pruning.should_prune(self.trial, s.epoch)
         kill_point("epoch")
         if self.ended:
             return True
@@ -309,6 +312,7 @@ class _TrialRun:
         if last.get("grad_noise_scale") is not None:
             attrs[Attr.GRAD_NOISE_SCALE] = last["grad_noise_scale"]
         with self._writing(STORAGE):
+            self._report()  # a trial that ends before its pruner's warm-up: its reports, as Optuna tells them
             set_user_attrs(trial, attrs)
             if e.state == State.INTERRUPTED:
                 requeue(self.study, frozen(trial))
@@ -325,16 +329,20 @@ class _TrialRun:
         kill_point("end_run")
         with self._writing(STORAGE):
             state = TrialState[TOLD_AS[e.state]]
-            told = self.study.tell(trial, e.value if state == TrialState.COMPLETE else None,
-                                   state=state, skip_if_finished=True)
-            if told.state != state:  # another worker failed it first (skip_if_finished returned its state)
-                raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is {told.state.name}")
+            told = tell(self.study, trial, e.value if state == TrialState.COMPLETE else None, state)
+            if told != state:  # another worker failed it first (the state it had ended with is returned)
+                raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is {told.name}")
         kill_point("told")
         if self.ended:
             return
         self.ended = self.told = True
         self.ctx.progress.trial_finished(trial.number, self.point, e.state, last.get("value"),
                                          time.perf_counter() - self.started, reason)
+
+    def _report(self) -> None:
+        if self.reports:
+            report_values(self.trial, self.reports)
+            self.reports = {}
 
     def _run_recorded(self, wait: bool = False) -> dict[str, Any]:
         """The MLflow run id as an attribute to write now, if it is known (with `wait`, once it is) and not yet

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,13 +125,13 @@ class BatchSizeSampler(BaseSampler):
             return rel[param_name]
         return self._inner.sample_independent(view, trial, param_name, param_distribution)
 
-    def least_covered(self, study: optuna.Study) -> tuple[int, int]:
+    def least_covered(self, study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> tuple[int, int]:
         """The batch size with the fewest trials so far (ties broken at random, batch sizes that ran out of
-        memory left out), and how many it has."""
+        memory left out), and how many it has; from `trials` if given (the study's, just read)."""
         choices = self._space.batch_sizes
         counts = {c: 0 for c in choices}
         oom = set()
-        for t in fresh_trials(study):
+        for t in fresh_trials(study) if trials is None else trials:
             b = t.params.get(BATCH_SIZE)
             # an interrupted or lost trial was queued again: its retry (waiting, running or done) counts
             if b not in counts or (t.state.is_finished() and not counts_as_trial(t)):
@@ -190,7 +190,7 @@ class WithinBatchSizePruner(BasePruner):
     def __init__(self, make_inner: Callable[[int], BasePruner], warmup: int = 0, finished_only: bool = False) -> None:
         self._make_inner = make_inner
         self._inner: dict[int, BasePruner] = {}
-        self._warmup = warmup  # the inner pruner never prunes before this epoch: no need to read the trials
+        self.warmup = warmup  # the inner pruner never prunes before this epoch: no need to read the trials
         self.finished_only = finished_only  # it compares finished trials only (not running ones': see PruneRound)
 
     def inner(self, batch_size: int) -> BasePruner:
@@ -200,7 +200,7 @@ class WithinBatchSizePruner(BasePruner):
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         b = trial.params.get(BATCH_SIZE)
-        if b is None or trial.last_step is None or trial.last_step < self._warmup:
+        if b is None or trial.last_step is None or trial.last_step < self.warmup:
             return False
         inner = self.inner(b)
         return inner.prune(batch_size_view(study, b, trial, pruner=inner), trial)
@@ -227,12 +227,12 @@ class DeadPruner(BasePruner):
 
     def __init__(self, chance: float | None, warmup: int) -> None:
         self._chance = chance
-        self._warmup = warmup
+        self.warmup = warmup  # it prunes nothing before this epoch
         self.finished_only = True  # reads no other trial: one read of the study a round is plenty (PruneRound)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or step < self._warmup:
+        if step is None or step < self.warmup:
             return False
         value = trial.intermediate_values[step]
         if not math.isfinite(value):

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from bstune import registry, signals
 from bstune.errors import BstuneError, first_line, redact
 from bstune.run_spool import SpooledRuns, spool_folder
-from bstune.search._optuna import Heartbeats, StaleTrials, ask
+from bstune.search._optuna import Heartbeats, OneReadStorage, StaleTrials, ask, one_read
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
 from bstune.search.lost import Settler, lost_marks
@@ -131,7 +131,7 @@ def open_study(
     settler = Settler(tracker, progress, spool_folder(spec.tracking_uri, spec.experiment, spec.name))
     with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
         tracker.check()
-        storage = open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True)
+        storage = OneReadStorage(open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True))
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -314,7 +314,7 @@ def _claim_group(opened: OpenStudy, group_size: int, progress: Progress, beats: 
         return "", []
     sampler = study.sampler
     assert isinstance(sampler, BatchSizeSampler)
-    batch_size, has = sampler.least_covered(study)
+    batch_size, has = sampler.least_covered(study, trials)
     k = min(group_size, _fits_budget(opened, spent, batch_size, has))
     return "", _ask_group(study, opened.space, batch_size, k, beats) if k else []
 
@@ -354,12 +354,13 @@ def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int,
     sampler.pin(batch_size)
     try:
         for _ in range(k):
-            trial = ask(study)
-            asked.append((trial, None))
-            kill_point("asked")
-            beats.add(trial)
-            kill_point("beat")
-            asked[-1] = (trial, space.suggest(trial))
+            with one_read(study):  # the ask's queue look-up and its sampler read the trials once
+                trial = ask(study)
+                asked.append((trial, None))
+                kill_point("asked")
+                beats.add(trial)
+                kill_point("beat")
+                asked[-1] = (trial, space.suggest(trial))
             kill_point("suggested")
     except KeyboardInterrupt:
         for trial, point in asked:
