@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from bstune.spec import StudySpec, load_spec
 from bstune.tracking import RUN_STATUS
 from bstune.trials import RETRIED_STATES, TOLD_AS, counts_as_trial, trial_state
+from tests import prefork
 
 # Every named point of a trial's life at which BSTUNE_KILL_AT can SIGKILL a worker (bstune.signals.kill_point).
 POINTS = ("parent_run", "asked", "beat", "suggested", "point", "run_started", "run_recorded", "epoch", "end_state",
@@ -108,8 +109,8 @@ def soak(spec_file: Path, workers: int, seconds: float, seed: int = 0, log: Any 
 
     while chaos():
         point = f"{rng.choice(POINTS)}:{rng.randint(1, 4)}" if rng.random() < 0.5 else ""
-        proc = subprocess.Popen(_cmd(spec_file, workers), env={**env, "BSTUNE_KILL_AT": point},
-                                stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        proc = prefork.start(_cmd(spec_file, workers), env={**env, "BSTUNE_KILL_AT": point},
+                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
         done["runs"] += 1
         while proc.poll() is None and chaos():
             time.sleep(rng.uniform(1.0, 5.0))
@@ -139,8 +140,8 @@ def soak(spec_file: Path, workers: int, seconds: float, seed: int = 0, log: Any 
             break
     for _ in range(peace_runs):  # the workers of a killed launcher interrupt themselves within a few seconds
         time.sleep(3)
-        run = subprocess.run(_cmd(spec_file, workers), env=env, stdout=log or subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT, timeout=1800)
+        run = prefork.run(_cmd(spec_file, workers), env=env, stdout=log or subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT, timeout=1800)
         done["peace runs"] += 1
         if run.returncode == 0:
             return dict(done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,3 +102,51 @@ def _tracking_store(request: pytest.FixtureRequest) -> None:
     target = request.getfixturevalue("tmp_path") / "mlflow.db"
     if not target.exists():
         shutil.copyfile(request.getfixturevalue("_empty_tracking_store"), target)
+
+
+# The slow suite's longest tests, longest first (wall seconds on 2 idle cores, docs/ci-time.md). pytest-xdist's
+# worksteal hands each worker a contiguous part of the list and later steals from their ends, so a long test late
+# in the list starts last and runs alone: these go first, dealt to the workers' parts in turn.
+LONGEST_FIRST = ("test_chaos_soak_of_sigkills_loses_nothing_and_counts_nothing_twice",
+                 "test_four_workers_one_killed_run_exactly_the_budget",
+                 "test_a_full_disk_under_the_stores_is_one_line_and_the_study_resumes",
+                 "test_status_then_ctrl_c_stops_every_worker_cleanly",
+                 "test_sigterm_to_a_launcher_started_in_the_background_stops_every_worker_cleanly",
+                 "test_workers_of_a_sigkilled_launcher_stop_at_once",
+                 "test_example_budget_is_overspent_by_at_most_the_trials_in_flight",
+                 "test_ctrl_c_ends_cleanly_and_resumes",
+                 "test_sigterm_interrupts_a_loop_of_ones_own_and_the_study_resumes",
+                 "test_cli_report_writes_it_and_logs_it_to_the_parent_run",
+                 "test_each_example_runs_as_a_short_study",
+                 "test_the_fused_checks_hold_with_another_cpu_s_kernels",
+                 "test_outputs_into_a_read_only_file_system_are_one_line",
+                 "test_html_report_renders_with_its_plots")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """LONGEST_FIRST at the heads of the parts pytest-xdist first deals its workers (len // workers left each),
+    in turn; the other tests keep their order. Without xdist: the longest first."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    first = sorted((i for i in items if getattr(i, "originalname", i.name) in rank),
+                   key=lambda i: rank[getattr(i, "originalname", i.name)])
+    if not first:
+        return
+    rest = iter([i for i in items if getattr(i, "originalname", i.name) not in rank])
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for w in range(workers):
+        size = left // (workers - w)
+        part = first[w::workers][:size]
+        part += [next(rest) for _ in range(size - len(part))]
+        ordered += part
+        left -= size
+    items[:] = ordered + list(rest)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The study processes' fork server (tests/prefork.py), if this process started one."""
+    prefork = sys.modules.get("tests.prefork")
+    if prefork is not None:
+        prefork.stop_server()

@@ -133,6 +133,6 @@ def test_chaos_soak_of_sigkills_loses_nothing_and_counts_nothing_twice(tmp_path:
     path = write_spec(tmp_path, heartbeat_seconds=2, storage=stores.storage, tracking_uri=stores.tracking_uri,
                       **{"budget.trials": 30, "workload.epochs": 2, "workload.n_train": 400})
     with open(tmp_path / "soak.log", "w") as log:
-        done = soak(path, 2, seconds=45, seed=26, log=log)
+        done = soak(path, 2, seconds=30, seed=26, log=log, min_kills=3)
     assert done["worker killed"] + done["launcher killed"] + done["killed at a point"] >= 3, done
     check_consistent(load_spec(path), 30)

@@ -15,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from bstune.cli import main
+from tests import prefork
 from tests.conftest import small_spec, write_spec
 
 pytestmark = pytest.mark.fresh_stores  # these tests check what is created, and when
@@ -98,8 +99,8 @@ def test_a_lost_tracking_store_is_said_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "mlflow.db").unlink()
     path.write_text(yaml.safe_dump(small_spec(tmp_path, **TINY | {"budget.trials": 3})))
     # in a process of its own: this one's MLflow keeps the deleted file open
-    done = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True, text=True,
-                          timeout=300)
+    done = prefork.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True, text=True,
+                       timeout=300)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     (warning,) = [line for line in out.splitlines() if line.startswith("warning:")]
@@ -126,7 +127,7 @@ def test_the_default_store_folder_is_made_and_only_it(tmp_path: Path, monkeypatc
 def test_two_studies_started_at_once_on_fresh_stores_both_run(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **TINY | {"budget.trials": 4})
     cmd = [sys.executable, "-m", "bstune.cli", "study", str(path)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [prefork.start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert not any("Traceback" in out or "migration" in out for out in outs), outs

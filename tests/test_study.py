@@ -22,6 +22,7 @@ from bstune.search import run_study
 from bstune.search.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
 from bstune.spec import Search, load_spec
 from bstune.trials import trial_state
+from tests import prefork
 from tests.conftest import write_spec
 
 PARAMS = {"batch_size", "lr", "momentum", "optimizer", "epochs", "accumulation_steps", "dataset", "model", "seed",
@@ -270,22 +271,28 @@ def _ignoring_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's `cmd &` starts it
 
 
-def _start(path: Path, sigint_ignored: bool = False) -> subprocess.Popen:
+def _start(path: Path, sigint_ignored: bool = False, fresh: bool = False) -> subprocess.Popen | prefork.Forked:
+    """`bstune study PATH` in a process of its own, forked from one that has imported what a study imports
+    (tests/prefork.py), or with `fresh` a new interpreter (the CLI must quiet MLflow's logging itself, and only a
+    fresh interpreter imports MLflow after the CLI has started)."""
     # Without the MLflow log level an earlier in-process CLI call may have set: the CLI must quiet MLflow itself.
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bstune.cli", "study", str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_ignoring_sigint if sigint_ignored else None)
+    cmd = [sys.executable, "-m", "bstune.cli", "study", str(path)]
+    if fresh:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_ignoring_sigint if sigint_ignored else None)
+    return prefork.start(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         sigint_ignored=sigint_ignored)
 
 
 def _rerun(path: Path) -> None:
     """The same command again, in a process of its own, to its end: it must succeed."""
-    rerun = subprocess.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
-                           text=True, timeout=300)
+    rerun = prefork.run([sys.executable, "-m", "bstune.cli", "study", str(path)], capture_output=True,
+                        text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
 
 
-def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout: float = 120) -> None:
+def _wait_for_running_trial(spec, proc: subprocess.Popen | prefork.Forked, min_done: int, timeout: float = 120) -> None:
     end = time.time() + timeout
     while time.time() < end:
         assert proc.poll() is None, proc.stdout.read()
@@ -302,9 +309,10 @@ def _wait_for_running_trial(spec, proc: subprocess.Popen, min_done: int, timeout
     raise AssertionError("no trial started in time")
 
 
-def _stopped_mid_trial(path: Path, sig: int = signal.SIGINT, sigint_ignored: bool = False) -> tuple[int, str]:
+def _stopped_mid_trial(path: Path, sig: int = signal.SIGINT, sigint_ignored: bool = False,
+                       fresh: bool = False) -> tuple[int, str]:
     """Start the study, send `sig` while a trial trains, and wait for the process: its exit code and output."""
-    proc = _start(path, sigint_ignored)
+    proc = _start(path, sigint_ignored, fresh)
     _wait_for_running_trial(load_spec(path), proc, min_done=0)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
@@ -383,7 +391,7 @@ def test_ctrl_c_mid_group_interrupts_every_member(tmp_path: Path) -> None:
 def test_ctrl_c_ends_cleanly_and_resumes(tmp_path: Path) -> None:
     path = _slow_spec(tmp_path, trials=2)
     spec = load_spec(path)
-    code, out = _stopped_mid_trial(path)
+    code, out = _stopped_mid_trial(path, fresh=True)
     assert code == 130, out
     assert "INTERRUPTED" in out and "Traceback" not in out
     assert " INFO mlflow" not in out, out  # MLflow's table creation on a fresh store: noise on a terminal

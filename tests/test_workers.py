@@ -25,8 +25,9 @@ from bstune.errors import BstuneError
 from bstune.search import ClaimLock, SilentProgress, plan_workers, run_study
 from bstune.spec import StudySpec, load_spec
 from bstune.trials import counts_as_trial, tally, trial_state
+from tests import prefork
 from tests.conftest import write_spec
-from tests.test_study import _ignoring_sigint, _runs, _study
+from tests.test_study import _runs, _study
 
 pytestmark = pytest.mark.slow  # real studies and subprocesses: the slow suite
 
@@ -56,12 +57,12 @@ def _cmd(stores: Stores, *args: str) -> list[str]:
             "--tracking-uri", stores.tracking_uri]
 
 
-def _start(cmd: list[str], cwd: Path, sigint_ignored: bool = False) -> tuple[subprocess.Popen, str]:
-    """Start the launcher (as a script's `cmd &` does with `sigint_ignored`); return it once it has created the
-    study, with what it printed until then."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_ignoring_sigint if sigint_ignored else None)
+def _start(cmd: list[str], cwd: Path, sigint_ignored: bool = False) -> tuple[prefork.Forked, str]:
+    """Start the launcher (as a script's `cmd &` does with `sigint_ignored`), forked from a process that has
+    imported what it imports (tests/prefork.py; its workers are new interpreters); return it once it has created
+    the study, with what it printed until then."""
+    proc = prefork.start(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, sigint_ignored=sigint_ignored)
     head = []
     for line in proc.stdout:
         head.append(line)
@@ -81,7 +82,7 @@ def _status(path: Path, stores: Stores) -> str:
 NEVER_PRUNES = {"name": "median", "n_startup_trials": 10_000}
 
 
-def _wait_for_running(spec: StudySpec, proc: subprocess.Popen, n: int, to_go: int = 4,
+def _wait_for_running(spec: StudySpec, proc: prefork.Forked, n: int, to_go: int = 4,
                       timeout: float = 300) -> list[FrozenTrial]:
     """Wait until n trials train at once, each with an epoch done and `to_go` or more left (so what the test
     does next lands mid-trial, however fast the machine); return those, least advanced first."""
@@ -174,8 +175,8 @@ def check_example_budget(tmp_path: Path, stores: Stores) -> None:
     budget = 2 * per_trial + 1
     path, spec = _spec(tmp_path, stores, **{"workload.n_train": 1000, "search.pruner": NEVER_PRUNES,
                                             "execution.fuse": 2, "budget": {"trials": None, "examples": budget}})
-    run = subprocess.run(_cmd(stores, "study", str(path), "--workers", "2"), cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
+    run = prefork.run(_cmd(stores, "study", str(path), "--workers", "2"), cwd=tmp_path, capture_output=True,
+                      text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     trials = _study(spec).trials
     assert all(t.state.is_finished() for t in trials)

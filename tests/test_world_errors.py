@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bstune.spec import load_spec
+from tests import prefork
 from tests.chaos import check_consistent
 from tests.conftest import write_spec
 from tests.simulate import simulate_trials, write_csv
@@ -37,8 +38,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def _bstune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bstune.cli", *args], capture_output=True, text=True,
-                          timeout=900, cwd=cwd)
+    return prefork.run([sys.executable, "-m", "bstune.cli", *args], capture_output=True, text=True,
+                       timeout=900, cwd=cwd)
 
 
 def _one_line_error(run: subprocess.CompletedProcess, *words: str) -> str:
