@@ -61,22 +61,22 @@ MLFLOW = ({"experiments", "runs", "metrics"}, "an MLflow tracking store")
 def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None:
     """Fail with one line unless the SQLite file at `url` can be `kind`'s store: absent or empty (to be
     created), or a sound SQLite database holding `kind`'s tables; and writable. Reads the file only."""
-    import sqlite3
 
     path = sqlite_path(url)
     if path is None:
         return
     if path.exists() and path.stat().st_size:
-        try:
-            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                problem = db.execute("PRAGMA quick_check").fetchone()[0]
-        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
-            problem = str(e)
+        wanted, name = kind
+        tables, problem = _tables(path)
+        lock = path.with_name(path.name + ".create-lock")
+        if problem == "ok" and tables and not wanted <= tables and lock.exists():
+            # another study may be creating this store right now (`creating`): look again once it is done
+            with open(lock) as held:
+                fcntl.flock(held, fcntl.LOCK_SH)
+                tables, problem = _tables(path)
         if problem != "ok":
             raise BstuneError(f"{field}: {path} is not a sound SQLite database ({problem}); restore it from a "
                               f"backup, or move it away to start a new one")
-        wanted, name = kind
         if tables and not wanted <= tables:
             other = next((n for t, n in (OPTUNA, MLFLOW) if t <= tables), "")
             what = f"is {other}, not {name}" if other else f"holds other tables ({', '.join(sorted(tables)[:4])})"
@@ -87,6 +87,18 @@ def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None
     if read_only or not os.access(folder, os.W_OK | os.X_OK):
         raise BstuneError(f"{field}: {read_only or folder} is read-only (SQLite writes the file and a journal "
                           f"beside it); make it writable, or point {field} at a writable folder")
+
+
+def _tables(path: Path) -> tuple[set[str], str]:
+    """The tables of the SQLite file at `path` and its quick check ("ok", or what is wrong), read only."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return tables, db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+        return set(), str(e)
 
 
 def make_default_folder(url: str) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ import yaml
 from click.testing import CliRunner
 
 from bstune.cli import main
+from bstune.errors import BstuneError
+from bstune.stores import MLFLOW, check_sqlite_store, creating
 from tests import prefork
 from tests.conftest import small_spec, write_spec
 
@@ -121,6 +126,42 @@ def test_the_default_store_folder_is_made_and_only_it(tmp_path: Path, monkeypatc
     assert (tmp_path / "mlruns" / "optuna.db").exists() and (tmp_path / "mlruns" / "mlflow.db").exists()
     _one_line_error(*_run("study", "spec.yaml", "--storage", f"sqlite:///{tmp_path}/typo/optuna.db"),
                     f"folder {tmp_path}/typo does not exist")
+
+
+def test_a_store_another_study_is_creating_is_checked_once_it_is_made(tmp_path: Path) -> None:
+    """Two studies started at once: the second's check of a store the first is creating (its tables half made,
+    under `creating`'s lock) waits for the first, then finds the whole store."""
+    url = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome: list[str] = []
+
+    def check() -> None:
+        try:
+            check_sqlite_store(url, "tracking_uri", MLFLOW)
+            outcome.append("ok")
+        except BstuneError as e:
+            outcome.append(str(e))
+
+    with creating(url):
+        db = sqlite3.connect(tmp_path / "mlflow.db")
+        db.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        db.commit()
+        other = threading.Thread(target=check)
+        other.start()
+        time.sleep(0.2)
+        assert not outcome  # it waits for the store to be made
+        for table in ("experiments", "runs", "metrics"):
+            db.execute(f"CREATE TABLE {table} (id INTEGER)")
+        db.commit()
+        db.close()
+    other.join(timeout=10)
+    assert outcome == ["ok"]
+    # a file of other tables that nobody is creating is still an error, at once
+    other_db = sqlite3.connect(tmp_path / "other.db")
+    other_db.execute("CREATE TABLE mine (x)")
+    other_db.commit()
+    other_db.close()
+    with pytest.raises(BstuneError, match="holds other tables"):
+        check_sqlite_store(f"sqlite:///{tmp_path}/other.db", "tracking_uri", MLFLOW)
 
 
 @pytest.mark.slow  # real studies and subprocesses
