@@ -316,16 +316,11 @@ def fill_optimum(out: BatchOptimum, v: Valley, t: _Trials, sign: float,
         # bootstrap of the trials does not see: lr* may lie anywhere within one run's noise of the bottom
         near = v.plateau if v.near is None else v.near
         if math.isfinite(near[0, 0]) and math.isfinite(near[0, 1]):
-            n0, n1 = 2.0 ** float(near[0, 0]), 2.0 ** float(near[0, 1])
-            lo, hi = out.lr_interval
-            out.lr_interval = (min(lo, n0), max(hi, n1))
-            scale = 2.0 ** -float(lu[0])  # the same stretch in the effective lr, at m*
-            lo, hi = out.effective_lr_interval
-            out.effective_lr_interval = (min(lo, n0 * scale), max(hi, n1 * scale))
+            _reach(out, 2.0 ** float(near[0, 0]), 2.0 ** float(near[0, 1]), 2.0 ** -float(lu[0]))
         out.plateau_low_interval = quantile_interval(ends[1:, 0])
         out.plateau_high_interval = quantile_interval(ends[1:, 1])
     if v.kind != "smooth" and out.best_lr is not None:
-        _widen_to_neighbours(out, t, float(out.best_lr))
+        _widen_to_neighbours(out, t, float(out.best_lr), 2.0 ** -float(lu[0]))
     out._log2_lr, out._log2_eff = lx, leff
     below, above = _bracket(t, v, lx[0], leff[0])
     out.bracketed = below and above
@@ -363,24 +358,27 @@ def _bracket(t: _Trials, v: Valley, log2_lr: float, log2_eff: float) -> tuple[bo
     return (any(bool((d < -0.5).any()) for d in offsets), any(bool((d > 0.5).any()) for d in offsets))
 
 
-def _widen_to_neighbours(out: BatchOptimum, t: _Trials, best_lr: float) -> None:
+def _widen_to_neighbours(out: BatchOptimum, t: _Trials, best_lr: float, scale: float) -> None:
     """Widen the lr intervals (in place) to the lrs of the trials next to the best trial's, where every trial
     of the batch size ran at one momentum. A valley too sparse to smooth is placed by a shape that may not
     be its own; the trials themselves say only that lr* of a one-bottomed valley lies between the best
     trial's neighbours (on the digits grid at 8 trials per batch size the shape alone held the multi-seed
     lr* in 0.86 of optima, widened so in 0.97: benchmarks/REAL.md)."""
-    if t.one_minus_m.size == 0 or np.ptp(t.one_minus_m) > 0 or out.lr_interval is None:
+    if t.one_minus_m.size == 0 or np.ptp(t.one_minus_m) > 0:
         return
     x = t.lr[t.complete | t.diverged | t.pruned]
     below, above = x[x < best_lr], x[x > best_lr]
-    lo, hi = out.lr_interval
-    lo = min(lo, float(below.max())) if below.size else lo
-    hi = max(hi, float(above.min())) if above.size else hi
-    out.lr_interval = (lo, hi)
-    if out.effective_lr_interval is not None:
-        scale = 1.0 / float(t.one_minus_m[0])
-        elo, ehi = out.effective_lr_interval
-        out.effective_lr_interval = (min(elo, lo * scale), max(ehi, hi * scale))
+    # a side with no trial beyond the best keeps its end (inf / 0 widen nothing)
+    _reach(out, float(below.max()) if below.size else math.inf, float(above.min()) if above.size else 0.0, scale)
+
+
+def _reach(out: BatchOptimum, lo: float, hi: float, scale: float) -> None:
+    """Widen the lr interval (in place) to hold lo..hi, and the effective lr interval to hold the same lrs at the
+    optimum's momentum (``scale``: 1 / (1 - m*))."""
+    a, b = out.lr_interval
+    out.lr_interval = (min(a, lo), max(b, hi))
+    a, b = out.effective_lr_interval
+    out.effective_lr_interval = (min(a, lo * scale), max(b, hi * scale))
 
 
 def _holding(point: float, interval: Interval) -> Interval:

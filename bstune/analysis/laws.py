@@ -67,10 +67,10 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, sigm
     note = ""
     params, edge = _robust_fit(form, logb, rows, w, sigma)
     k = (1 if form in _FIXED_ALPHA else 2) + 1  # + the residual variance
-    params = _stretched(form, logb, rows[0], params, sigma, k - 1)
+    resid = rows[0] - law_log2(form, params[:1], logb)[0]
+    params = _stretched(params, resid / sigma, k - 1)
     if form in NOISE_FORMS and edge[0] != 0:
         note = _EDGE_NOTES[form][int(edge[0] > 0)]
-    resid = rows[0] - law_log2(form, params[:1], logb)[0]
     var = max(float((w * resid**2).sum()) / n, 1e-4)  # no fit is better than 0.01 octave
     score = n * math.log(var) + 2 * k
     if criterion == "AICc":
@@ -93,19 +93,18 @@ def _fit_form(form: str, logb: np.ndarray, rows: np.ndarray, w: np.ndarray, sigm
     return fit
 
 
-def _stretched(form: str, logb: np.ndarray, points: np.ndarray, params: np.ndarray, sigma: np.ndarray,
-               n_params: int) -> np.ndarray:
+def _stretched(params: np.ndarray, z: np.ndarray, n_params: int) -> np.ndarray:
     """The replicates' parameters stretched about the data's by the Birge ratio sqrt(chi2 / dof), where the
     optima scatter about the law more than their own spreads say (never narrowed). A bootstrap of one
     study's trials sees each optimum's spread within its training seed, not how that seed's valley differs
     from another's: on the digits grid the optima lay about twice their bootstrap spreads off the law, and
     alpha's interval held the multi-seed reference in 0.66 of studies at 24 trials per batch size
-    (development seeds), stretched so in 0.91 (benchmarks/REAL.md)."""
-    dof = len(logb) - n_params
+    (development seeds), stretched so in 0.91 (benchmarks/REAL.md). ``z``: the data's optima off the law, in
+    their spreads."""
+    dof = len(z) - n_params
     if dof < 1:
         return params
-    resid = points - law_log2(form, params[:1], logb)[0]
-    ratio = math.sqrt(max(1.0, float(((resid / sigma) ** 2).sum()) / dof))
+    ratio = math.sqrt(max(1.0, float((z**2).sum()) / dof))
     out = params.copy()
     out[1:] = params[0] + ratio * (params[1:] - params[0])
     return out
