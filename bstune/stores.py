@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -61,16 +62,17 @@ MLFLOW = ({"experiments", "runs", "metrics"}, "an MLflow tracking store")
 def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None:
     """Fail with one line unless the SQLite file at `url` can be `kind`'s store: absent or empty (to be
     created), or a sound SQLite database holding `kind`'s tables; and writable. Reads the file only."""
-
     path = sqlite_path(url)
     if path is None:
         return
     if path.exists() and path.stat().st_size:
         wanted, name = kind
         tables, problem = _tables(path)
-        lock = path.with_name(path.name + ".create-lock")
-        if problem == "ok" and tables and not wanted <= tables and lock.exists():
+        lock = _create_lock(path)
+        if problem == "ok" and tables and not wanted <= tables and lock.exists() \
+                and _CREATING.get(path) != threading.get_ident():
             # another study may be creating this store right now (`creating`): look again once it is done
+            # (never for the lock this thread holds: it would wait on itself)
             with open(lock) as held:
                 fcntl.flock(held, fcntl.LOCK_SH)
                 tables, problem = _tables(path)
@@ -108,6 +110,14 @@ def make_default_folder(url: str) -> None:
         sqlite_path(url).parent.mkdir(exist_ok=True)
 
 
+_CREATING: dict[Path, int] = {}  # the SQLite stores whose create lock this process holds: by which thread
+
+
+def _create_lock(path: Path) -> Path:
+    """The file `creating` locks beside the SQLite store at `path`."""
+    return path.with_name(path.name + ".create-lock")
+
+
 @contextlib.contextmanager
 def creating(*urls: str) -> Iterator[None]:
     """Hold a lock beside each SQLite store while it may be created, so that two processes starting at once
@@ -116,11 +126,13 @@ def creating(*urls: str) -> Iterator[None]:
     paths = sorted({p for p in map(sqlite_path, urls) if p is not None})
     with contextlib.ExitStack() as stack:
         for path in paths:
-            lock = stack.enter_context(open(path.with_name(path.name + ".create-lock"), "a"))
+            lock = stack.enter_context(open(_create_lock(path), "a"))
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():  # a deleted database's write-ahead log would be read into the new one
                 for leftover in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                     leftover.unlink(missing_ok=True)
+            _CREATING[path] = threading.get_ident()
+            stack.callback(_CREATING.pop, path, None)
         yield
 
 

@@ -162,6 +162,18 @@ def test_a_store_another_study_is_creating_is_checked_once_it_is_made(tmp_path: 
     other_db.close()
     with pytest.raises(BstuneError, match="holds other tables"):
         check_sqlite_store(f"sqlite:///{tmp_path}/other.db", "tracking_uri", MLFLOW)
+    # nor does the process that holds the lock itself wait (on itself) for a file of other tables
+    outcome.clear()
+    url = f"sqlite:///{tmp_path}/other.db"
+
+    def create_and_check() -> None:
+        with creating(url):
+            check()
+
+    own = threading.Thread(target=create_and_check, daemon=True)
+    own.start()
+    own.join(timeout=10)
+    assert len(outcome) == 1 and "holds other tables" in outcome[0]
 
 
 @pytest.mark.slow  # real studies and subprocesses
