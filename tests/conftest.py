@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -138,8 +139,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     left = len(items)
     for w in range(workers):
         size = left // (workers - w)
-        part = first[w::workers][:size]
-        part += [next(rest) for _ in range(size - len(part))]
+        part = first[w::workers]  # all of them, even where a small selection has more of them than room
+        part += list(itertools.islice(rest, max(0, size - len(part))))
         ordered += part
         left -= size
     items[:] = ordered + list(rest)
