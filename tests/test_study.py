@@ -197,7 +197,7 @@ def test_trials_that_diverge_at_once_still_spend_the_budget(tmp_path: Path, limi
 def test_a_study_writes_its_sqlite_stores_through_a_write_ahead_log(tmp_path: Path) -> None:
     import sqlite3
 
-    spec = load_spec(write_spec(tmp_path, **{"budget.trials": 2}))
+    spec = load_spec(write_spec(tmp_path, storage=f"sqlite:///{tmp_path}/optuna.db", **{"budget.trials": 2}))
     assert CliRunner().invoke(main, ["validate", str(tmp_path / "spec.yaml")]).exit_code == 0
     assert not list(tmp_path.glob("*.db")), "validate creates nothing"
     run_study(spec)
