@@ -176,9 +176,9 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
 
 
 def open_journal(path: str, heartbeat_seconds: int | None = None, on_lost: Any = None,
-                 grace_seconds: int | None = None) -> JournalHeartbeatStorage:
+                 grace_seconds: int | None = None, fsync: bool = False) -> JournalHeartbeatStorage:
     """The journal at `path` (created if absent), with heartbeats every `heartbeat_seconds` if given."""
-    return JournalHeartbeatStorage(SoundFileBackend(path), heartbeat_seconds, grace_seconds, on_lost)
+    return JournalHeartbeatStorage(SoundFileBackend(path, fsync), heartbeat_seconds, grace_seconds, on_lost)
 
 
 def is_journal(storage: BaseStorage) -> bool:
