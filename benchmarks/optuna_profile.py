@@ -122,7 +122,6 @@ def floor(trials: int, folder: Path, kind: str = "sqlite") -> int:
         t.suggest_float("lr", 1e-3, 1.0, log=True)
         t.suggest_float("one_minus_m", 0.01, 1.0, log=True)
         s.tell(t, 1.0)
-    _reopen(kind, folder, trials)
     return trials
 
 
@@ -164,7 +163,9 @@ def main() -> None:
         if prof:
             prof.disable()
         cpu, wall = _cpu() - cpu, time.perf_counter() - wall
-    total = sum(_STATEMENTS.values())
+        total = sum(_STATEMENTS.values())
+        if args.floor:
+            _reopen(args.storage, folder, n)
     print(f"{n} trials: {1000 * cpu / n:.1f} ms CPU a trial ({'with' if prof else 'no'} profiler; outside "
           f"training {1000 * (cpu - _TRAINING_CPU[0]) / n:.1f}), "
           f"{1000 * wall / n:.1f} ms wall, {total / n:.1f} SQL statements a trial, load {os.getloadavg()[0]:.1f}")
