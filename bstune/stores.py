@@ -1,7 +1,8 @@
 """The Optuna storage: checking that a URL answers, opening it, and finding a study in it.
 
 Any RDB that Optuna supports works: SQLite on one machine (the default, under mlruns/), PostgreSQL or
-MySQL across machines. Nothing here creates a study.
+MySQL across machines; and on one machine an Optuna journal file, `journal:///path.journal`
+(`bstune.search._journal`). Nothing here creates a study.
 """
 
 from __future__ import annotations

@@ -22,12 +22,11 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import BaseJournalFileLock
@@ -123,7 +122,13 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
         self._callback = failed_trial_callback
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, BEAT, time.time())
+        """The trial's beat, appended without reading the journal first. Under a worker id of its own: a beat
+        that lands after the trial ended (another worker failed it) is skipped on replay, as RDBStorage's
+        beat is written whatever the trial's state, instead of raising in this process."""
+        log = {"op_code": JournalOperation.SET_TRIAL_SYSTEM_ATTR, "worker_id": self._replay_result.worker_id + ":beat",
+               "trial_id": trial_id, "system_attr": {BEAT: time.time()}}
+        with self._thread_lock:
+            self._backend.append_logs([log])
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         now = time.time()
@@ -179,11 +184,3 @@ def open_journal(path: str, heartbeat_seconds: int | None = None, on_lost: Any =
                  grace_seconds: int | None = None, fsync: bool = False) -> JournalHeartbeatStorage:
     """The journal at `path` (created if absent), with heartbeats every `heartbeat_seconds` if given."""
     return JournalHeartbeatStorage(SoundFileBackend(path, fsync), heartbeat_seconds, grace_seconds, on_lost)
-
-
-def is_journal(storage: BaseStorage) -> bool:
-    return isinstance(storage, JournalHeartbeatStorage)
-
-
-__all__: Sequence[str] = ("BEAT", "FlockLock", "JournalHeartbeatStorage", "SoundFileBackend", "cut_torn_tail",
-                          "is_journal", "open_journal")
