@@ -43,6 +43,7 @@ class Valley:
     tilt: float | None = None  # the pooled fit's floor: d log2 lr / d log2(1 - m) along it
     plateau: np.ndarray | None = None  # (1 + n_boot, 2): log2 lr at the ends of the plateau (see PLATEAU_NOISE)
     near: np.ndarray | None = None  # (1 + n_boot, 2): the near-optimal set the lr* interval holds (None: plateau)
+    bias: float = 0.0  # the fit's own bias at its minimum, taken off ``value`` (on the fit's scale: log, for a loss)
 
 
 def valley_points(rs: Sequence[TrialRecord], sign: float, n_boot: int, rng: np.random.Generator,
