@@ -1,4 +1,5 @@
-"""Every use of Optuna's private API, in one place, and the per-batch-size view of a study built on it.
+"""Optuna's private API (but for the heartbeats', in `_beats.py`, and the journal's, in `_journal.py`), and the
+per-batch-size view of a study built on it.
 
 Optuna gives no public way to read a study's trials past its cache, to write study-level system attributes,
 or to hand a sampler or pruner a study that holds only some trials (its HyperbandPruner does the last with a
