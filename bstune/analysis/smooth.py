@@ -131,7 +131,6 @@ def smooth_bins(grid: np.ndarray, c: np.ndarray, s1: np.ndarray, s2: np.ndarray,
                   n_window=int(len(x)), noise=scale0, plateau=plateau, near=near, bias=bias)
 
 
-
 def _fit_rows(grid: np.ndarray, c: np.ndarray, s1: np.ndarray, s2: np.ndarray, x: np.ndarray,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every row's local quadratic at the bandwidth its GCV picks: (curve, where it is evaluable within the
@@ -253,8 +252,8 @@ def _value_bias(grid: np.ndarray, c0: np.ndarray, curve0: np.ndarray, ok0: np.nd
 
     Two biases pull apart and both are the smoother's own: its minimum is where its noise ran low (the
     winner's curse of a minimum), and it rounds off a sharp bottom. On the real grids (benchmarks/REAL.md)
-    the second made the value pessimistic on MNIST-1D by up to 0.03 at a batch size; the first cannot be
-    larger than what one training seed shows in its own trials."""
+    the second made the value pessimistic on MNIST-1D by up to 0.03 at a batch size. Only noise that differs
+    between the trials is seen: a training seed's luck shared by all its runs is not."""
     if sigma <= 0.0 or not math.isfinite(sigma):
         return 0.0
     # a stream of its own, fixed by the trials' count: the value does not move with n_boot or the bootstrap
