@@ -68,7 +68,7 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def study(trials: int, folder: Path, default: bool = False) -> int:
+def study(trials: int, folder: Path, default: bool = False, kind: str = "sqlite") -> int:
     """The tiny study of `trials` trials in this process (with `default`: studies/digits.yaml as shipped, its
     trial budget, no seconds limit, as benchmarks/study_time.py runs it); how many it ran."""
     import yaml
@@ -82,7 +82,8 @@ def study(trials: int, folder: Path, default: bool = False) -> int:
     if default:
         spec = yaml.safe_load(SPEC.read_text())
         spec["budget"].pop("seconds", None)
-    spec |= {"storage": f"sqlite:///{folder}/optuna.db", "tracking_uri": f"sqlite:///{folder}/mlflow.db"}
+    storage = f"sqlite:///{folder}/optuna.db" if kind == "sqlite" else f"journal:///{folder}/optuna.journal"
+    spec |= {"storage": storage, "tracking_uri": f"sqlite:///{folder}/mlflow.db"}
     def timed(fn, sign: float):  # noqa: ANN001, ANN202 - CPU in the trainer, less its per-epoch callbacks
         def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             start = _cpu()
@@ -99,14 +100,19 @@ def study(trials: int, folder: Path, default: bool = False) -> int:
     return run_study(load_spec(str(path)), progress=SilentProgress()).spent.trials
 
 
-def floor(trials: int, folder: Path) -> int:
-    """Optuna alone on the embedded default's storage settings: ask, three suggestions, tell."""
+def floor(trials: int, folder: Path, kind: str = "sqlite") -> int:
+    """Optuna alone on a storage as bstune opens it (`kind`: sqlite, journal, journal-fsync: the journal
+    synced at every append): ask, a heartbeat, three suggestions, tell."""
     import optuna
 
+    from bstune.search._journal import open_journal
     from bstune.stores import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    storage = open_storage(f"sqlite:///{folder}/optuna.db", 20, writing=True)
+    if kind == "sqlite":
+        storage = open_storage(f"sqlite:///{folder}/optuna.db", 20, writing=True)
+    else:
+        storage = open_journal(str(folder / "optuna.journal"), 20, fsync=kind == "journal-fsync")
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True)
     s = optuna.create_study(study_name="floor", storage=storage, sampler=sampler)
     for _ in range(trials):
@@ -119,10 +125,29 @@ def floor(trials: int, folder: Path) -> int:
     return trials
 
 
+def _reopen(kind: str, folder: Path, trials: int) -> None:
+    """What a process joining the study pays to read it (`bstune status`, a worker): a fresh storage, every trial."""
+    import optuna
+
+    from bstune.search._journal import open_journal
+    from bstune.stores import open_storage
+
+    cpu = _cpu()
+    storage = open_storage(f"sqlite:///{folder}/optuna.db") if kind == "sqlite" else \
+        open_journal(str(folder / "optuna.journal"))
+    n = len(optuna.load_study(study_name="floor", storage=storage).get_trials(deepcopy=False))
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("optuna."))
+    print(f"reopened: {n} trials read in {1000 * (_cpu() - cpu):.0f} ms CPU; the store {size / trials:.0f} bytes "
+          "a trial")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=300)
     ap.add_argument("--floor", action="store_true", help="Optuna alone, no bstune code")
+    ap.add_argument("--storage", choices=("sqlite", "journal", "journal-fsync"), default="sqlite",
+                    help="the Optuna storage (journal: a journal:/// file; sqlite: the embedded default; "
+                         "journal-fsync: with --floor, the journal synced at every append)")
     ap.add_argument("--default", action="store_true", help="the default study (studies/digits.yaml) instead")
     ap.add_argument("--cprofile", type=int, default=0, help="print this many functions by cumulative CPU")
     args = ap.parse_args()
@@ -132,11 +157,15 @@ def main() -> None:
         cpu, wall = _cpu(), time.perf_counter()
         if prof:
             prof.enable()
-        n = floor(args.trials, Path(tmp)) if args.floor else study(args.trials, Path(tmp), args.default)
+        folder = Path(tmp)
+        n = floor(args.trials, folder, args.storage) if args.floor else study(args.trials, folder, args.default,
+                                                                               args.storage)
         if prof:
             prof.disable()
         cpu, wall = _cpu() - cpu, time.perf_counter() - wall
-    total = sum(_STATEMENTS.values())
+        total = sum(_STATEMENTS.values())
+        if args.floor:
+            _reopen(args.storage, folder, n)
     print(f"{n} trials: {1000 * cpu / n:.1f} ms CPU a trial ({'with' if prof else 'no'} profiler; outside "
           f"training {1000 * (cpu - _TRAINING_CPU[0]) / n:.1f}), "
           f"{1000 * wall / n:.1f} ms wall, {total / n:.1f} SQL statements a trial, load {os.getloadavg()[0]:.1f}")

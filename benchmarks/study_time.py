@@ -20,6 +20,11 @@ a trial in all, and the bookkeeping a trial (wall less training) over the first 
     python benchmarks/study_time.py                   # the default study's split, --fuse 1 and default
     python benchmarks/study_time.py --tiny 1000       # the tiny study, 1,000 trials
     python benchmarks/study_time.py --tiny 600 --check  # issue 29's check: <= 25 ms a trial, last 200 <= first
+    python benchmarks/study_time.py --tiny 600 --storage journal  # the Optuna storage a journal:/// file
+
+The tiny study's row also gives the whole run's wall time and CPU seconds (its start-up and the trial runs'
+writer process included), and of them the trainer's and the writer's: the writer applies the MLflow writes, and
+the trainer waits for it at a trial's end when it is a group behind, so the slower of the two sets the pace.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -87,15 +93,22 @@ class FirstTrial(SilentProgress):
         clock["marks"].append((time.perf_counter() - t0, clock["training"] - clock["callbacks"], time.process_time()))
 
 result = run_study(load_spec(sys.argv[1]), progress=FirstTrial())
-clock.update(total=time.perf_counter() - t0, trials=result.spent.trials)
+import resource
+cpu = lambda who: sum(getattr(resource.getrusage(who), k) for k in ("ru_utime", "ru_stime"))
+clock.update(total=time.perf_counter() - t0, trials=result.spent.trials, trainer_cpu=cpu(resource.RUSAGE_SELF),
+             writer_cpu=cpu(resource.RUSAGE_CHILDREN))  # the writer process, waited for at the study's end
 print(json.dumps(clock))
 """
+
+
+STORAGES = {"journal": "journal:///{}/optuna.journal", "sqlite": "sqlite:///{}/optuna.db"}
+_storage = ["sqlite"]  # the Optuna storage's kind (--storage); MLflow's store is SQLite either way
 
 
 def _child(spec: dict, folder: Path) -> tuple[dict, float]:
     """Run the study `spec` in a fresh process with fresh default-kind stores in `folder`: its clock, and the
     wall time from launching it."""
-    spec.update(storage=f"sqlite:///{folder}/optuna.db", tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    spec.update(storage=STORAGES[_storage[0]].format(folder), tracking_uri=f"sqlite:///{folder}/mlflow.db")
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     start = time.perf_counter()
@@ -147,7 +160,9 @@ def section(repeats: int = 1) -> tuple[str, float]:
 def tiny(trials: int, folder: Path) -> dict[str, float]:
     """The tiny study of `trials` trials in `folder`: ms a trial in all (from the first trial's start to the last
     one's end), and the bookkeeping a trial (wall less training) over its first and its last window of trials."""
-    c, _ = _child(TINY | {"budget": {"trials": trials}}, folder)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c, wall = _child(TINY | {"budget": {"trials": trials}}, folder)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the study's process and its writer (waited for)
     marks = c["marks"]
     window = min(1000, len(marks) // 3)
 
@@ -159,7 +174,10 @@ def tiny(trials: int, folder: Path) -> dict[str, float]:
     # the trainer's CPU time a trial (training included): what its critical path costs on an idle core, where a
     # shared machine's load stretches the wall times
     cpu = 1000 * (marks[-1][2] - marks[0][2]) / max(len(marks) - 1, 1)
+    all_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {"trials": c["trials"], "per_trial": 1000 * span / c["trials"], "cpu": cpu,
+            "all_cpu": all_cpu, "all_wall": wall, "trainer_cpu": c.get("trainer_cpu", 0.0),
+            "writer_cpu": c.get("writer_cpu", 0.0),
             "load": os.getloadavg()[0],
             "training": 1000 * marks[-1][1] / c["trials"], "mlflow": 1000 * c["mlflow"] / c["trials"],
             "window": window, "first": bookkeeping(0, window), "last": bookkeeping(len(marks) - 1 - window,
@@ -179,19 +197,25 @@ def finished_runs(folder: Path) -> tuple[int, int]:
 def tiny_row(r: dict[str, float]) -> str:
     """One Markdown row of a tiny study's numbers."""
     return (f"| {r['trials']:,} | {r['per_trial']:.0f} | {r['cpu']:.0f} | {r['training']:.1f} | {r['mlflow']:.1f} | "
-            f"{r['first']:.0f} | {r['last']:.0f} ({r['window']:,} trials a window) | {r['load']:.1f} |")
+            f"{r['first']:.0f} | {r['last']:.0f} ({r['window']:,} trials a window) | "
+            f"{r['all_wall']:.1f} s; CPU {r['all_cpu']:.1f} s: trainer {r['trainer_cpu']:.1f}, writer "
+            f"{r['writer_cpu']:.1f} | {r['load']:.1f} |")
 
 
 TINY_HEADER = ("| trials | ms a trial, all | trainer CPU ms a trial | of it training | MLflow on the critical path | "
-               "bookkeeping a trial, first window | last window | load at the end |\n"
-               "|---:|---:|---:|---:|---:|---:|---|---:|")
+               "bookkeeping a trial, first window | last window | the whole run (start-up, writer included) | "
+               "load at the end |\n"
+               "|---:|---:|---:|---:|---:|---:|---|---|---:|")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", type=int, help="run the tiny study with this many trials instead")
     ap.add_argument("--check", action="store_true", help="with --tiny: exit 1 unless issue 29's check holds")
+    ap.add_argument("--storage", choices=sorted(STORAGES), default="sqlite",
+                    help="the Optuna storage: sqlite (the embedded default) or journal (a journal:/// file)")
     args = ap.parse_args()
+    _storage[0] = args.storage
     if args.tiny is None:
         table, speedup = section()
         print(table)

@@ -1,7 +1,8 @@
 """The Optuna storage: checking that a URL answers, opening it, and finding a study in it.
 
 Any RDB that Optuna supports works: SQLite on one machine (the default, under mlruns/), PostgreSQL or
-MySQL across machines. Nothing here creates a study.
+MySQL across machines; and on one machine an Optuna journal file, `journal:///path.journal`
+(`bstune.search._journal`). Nothing here creates a study.
 """
 
 from __future__ import annotations
@@ -44,14 +45,79 @@ def check_sqlite_url(url: str, field: str) -> None:
                           f"create it or point {field} elsewhere")
 
 
+def journal_path(url: str) -> Path | None:
+    """The file behind a journal:/// URL (an Optuna journal, bstune's embedded default), or None."""
+    if not url.startswith(JOURNAL_PREFIX):
+        return None
+    return Path(url[len(JOURNAL_PREFIX):])
+
+
+def file_store(url: str) -> Path | None:
+    """The file behind a storage URL on this machine (a SQLite database or a journal), or None."""
+    return sqlite_path(url) or journal_path(url)
+
+
 def check_storage(url: str) -> None:
-    """Fail with one line if the Optuna storage URL cannot be used (for a SQLite file: not there to be made,
-    not an Optuna database, corrupt, read-only); creates nothing."""
+    """Fail with one line if the Optuna storage URL cannot be used (for a SQLite file or a journal: not there
+    to be made, not an Optuna storage, corrupt, read-only); creates nothing."""
+    if url.startswith("journal:"):
+        check_journal(url, "storage")
+        return
     check_sqlite_url(url, "storage")
     if url.startswith("sqlite"):
         check_sqlite_store(url, "storage", OPTUNA)
     else:
         check_database(url, "storage")
+
+
+JOURNAL_PREFIX = "journal:///"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_journal(url: str, field: str) -> None:
+    """Fail with one line unless `url` names a journal file that can be the study's: absent (to be created,
+    in a folder that is there) or an Optuna journal; and writable, with its folder (the lock files beside it).
+    Reads the file's first line only."""
+    path = journal_path(url)
+    if path is None or str(path) in ("", "."):
+        raise BstuneError(f"{field}: {url!r} names no file; a journal is a file: journal:///relative/path.journal "
+                          "or journal:////absolute/path.journal")
+    if not path.parent.is_dir() and url not in DEFAULT_URLS:
+        raise BstuneError(f"{field}: folder {path.parent} does not exist (for {url}); create it or point {field} "
+                          "elsewhere")
+    if path.is_dir():
+        raise BstuneError(f"{field}: {path} is a folder; a journal is a file: point {field} at one inside it")
+    if path.exists() and path.stat().st_size:
+        problem = _journal_problem(path)
+        if problem:
+            raise BstuneError(f"{field}: {path} {problem}; point {field} at an Optuna journal, or at a new file")
+    folder = next(p for p in path.parents if p.exists())  # the default folder is made when the study starts
+    read_only = path if path.exists() and not os.access(path, os.W_OK) else None
+    if read_only or not os.access(folder, os.W_OK | os.X_OK):
+        raise BstuneError(f"{field}: {read_only or folder} is read-only (a study appends to the journal and locks "
+                          f"files beside it); make it writable, or point {field} at a writable folder")
+
+
+def _journal_problem(path: Path) -> str:
+    """Why the non-empty file at `path` is not an Optuna journal ("" if it is one)."""
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(len(_SQLITE_MAGIC))
+        f.seek(0)
+        first = f.readline(1 << 20)
+    if head == _SQLITE_MAGIC:
+        other = "an MLflow tracking store" if _tables(path)[0] >= MLFLOW[0] else "a SQLite database"
+        return f"is {other}, not a journal (for a SQLite Optuna storage write sqlite:///{path})"
+    try:
+        op = json.loads(first)
+    except (ValueError, UnicodeDecodeError):
+        op = None
+    if op is None and not first.endswith(b"\n") and first.startswith(b'{"op_code":'):
+        return ""  # a study killed while it wrote its first operation: the journal cuts it off
+    if not isinstance(op, dict) or "op_code" not in op or "worker_id" not in op:
+        return "is not an Optuna journal (its first line is not a journal operation)"
+    return ""
 
 
 # What each store holds: a few of its tables, and its name in messages.
@@ -107,7 +173,7 @@ def make_default_folder(url: str) -> None:
     """Create the default stores' folder (mlruns/) if `url` is a default store's; any other missing folder
     stays an error (`check_sqlite_url`): it is usually a typo."""
     if url in DEFAULT_URLS:
-        sqlite_path(url).parent.mkdir(exist_ok=True)
+        file_store(url).parent.mkdir(exist_ok=True)
 
 
 _CREATING: dict[Path, int] = {}  # the SQLite stores whose create lock this process holds: by which thread
@@ -178,9 +244,16 @@ def check_database(url: str, field: str) -> None:
 
 
 def open_storage(url: str, heartbeat_seconds: int | None = None, on_lost: Any = None,
-                 writing: bool = False) -> optuna.storages.RDBStorage:
-    """An RDB storage; with heartbeat_seconds, trials whose worker goes silent for twice that are failed. A
-    study that `writing` to a SQLite file gets it tuned for many small writes (`tune_sqlite`)."""
+                 writing: bool = False) -> optuna.storages.BaseStorage:
+    """The storage: a journal file (`bstune.search._journal`) or an RDB; with heartbeat_seconds, trials whose
+    worker goes silent for twice that are failed. A study that `writing` to a SQLite file gets it tuned for
+    many small writes (`tune_sqlite`)."""
+    path = journal_path(url)
+    if path is not None:
+        from bstune.search._journal import open_journal
+
+        grace = grace_seconds(heartbeat_seconds) if heartbeat_seconds else None
+        return open_journal(str(path), heartbeat_seconds, on_lost, grace)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several workers share one SQLite file: wait for the write lock instead of failing at once.
@@ -233,7 +306,7 @@ def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source
     """An existing study (for analysis, reports, status and joining workers); BstuneError naming the studies
     there if absent. Creates nothing, not even the file of a mistyped SQLite path."""
     how = f"run `bstune study {source}` first" if source else "check the study name"
-    db = sqlite_path(url)
+    db = file_store(url)
     if db is not None and not db.exists():
         raise BstuneError(f"storage: {db} does not exist, so study {name!r} is not there; {how}")
     check_storage(url)

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from bstune.spec import StudySpec, load_spec
+from bstune.stores import open_storage
 from bstune.tracking import RUN_STATUS
 from bstune.trials import RETRIED_STATES, TOLD_AS, counts_as_trial, trial_state
 from tests import prefork
@@ -38,7 +39,7 @@ POINTS = ("parent_run", "asked", "beat", "suggested", "point", "run_started", "r
 
 def check_consistent(spec: StudySpec, budget: int) -> dict[str, int]:
     """Assert the study is finished and whole; its counts by state."""
-    study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
     trials = study.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], "no Optuna trial left RUNNING"
     ended = [t for t in trials if t.state.is_finished()]
@@ -80,7 +81,7 @@ def _training(spec_file: Path) -> set[int]:
     """The pids of the workers with a trial RUNNING now."""
     spec = load_spec(spec_file)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
     except Exception:  # noqa: BLE001 - not created yet
         return set()
     return {t.user_attrs.get("worker_pid") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

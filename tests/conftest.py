@@ -26,6 +26,12 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+# The Optuna storage of small_spec's studies: SQLite, or with BSTUNE_TEST_STORAGE=journal a journal file (the
+# suite's studies run on either; tests that name optuna.db themselves stay on SQLite).
+STORAGE = {"sqlite": "sqlite:///{}/optuna.db", "journal": "journal:///{}/optuna.journal"}[
+    os.environ.get("BSTUNE_TEST_STORAGE", "sqlite")]
+
+
 def small_spec(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """A study that runs in seconds: synthetic data, a small MLP, 3 epochs, two batch sizes."""
     spec: dict[str, Any] = {
@@ -37,7 +43,7 @@ def small_spec(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
                    "sampler": {"name": "tpe", "n_startup_trials": 2},
                    "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_epochs": 1}},
         "budget": {"trials": 6},
-        "storage": f"sqlite:///{tmp_path}/optuna.db",
+        "storage": STORAGE.format(tmp_path),
         "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
         "heartbeat_seconds": 1,
     }

@@ -89,7 +89,8 @@ def test_a_trial_that_never_beat_is_failed_after_the_grace_period(tmp_path: Path
     result = run_study(spec)
     assert time.monotonic() - t0 >= 2 * spec.heartbeat_seconds, "not before the grace period"
     assert result.spent.trials == 3
-    assert trial_state(optuna.load_study(study_name=spec.name, storage=spec.storage).trials[orphan.number]) == "LOST"
+    trials = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage)).trials
+    assert trial_state(trials[orphan.number]) == "LOST"
     check_consistent(spec, 3)
 
 
@@ -99,14 +100,14 @@ def test_what_an_older_version_left_is_repaired(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **{"budget.trials": 3, "search.pruner": "none"})
     spec = load_spec(path)
     assert _study_cmd(path, "end_run:1").returncode == -signal.SIGKILL
-    study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
     (t,) = [t for t in study.trials if t.state == TrialState.RUNNING]
     study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # as the old check did: no mark
     assert t.user_attrs["bstune.state"] == "COMPLETE" and trial_state(study.trials[t.number]) == "LOST"
     run_study(spec)
     run = MlflowClient(spec.tracking_uri).get_run(t.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["bstune.state"]) == ("KILLED", "LOST")
-    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
+    trials = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage)).trials
     assert [x.user_attrs.get("bstune.retry_of") for x in trials].count(t.number) == 1
     assert sum(trial_state(x) == "COMPLETE" for x in trials) == 3
 

@@ -26,6 +26,7 @@ from tests.conftest import small_spec, write_spec
 pytestmark = pytest.mark.fresh_stores  # these tests check what is created, and when
 
 TINY = {"workload.epochs": 1, "workload.n_train": 200, "search.pruner": "none", "budget.trials": 2}
+SQLITE = "sqlite:///{}/optuna.db"  # the tests of SQLite files name theirs (BSTUNE_TEST_STORAGE may say journal)
 
 
 def _run(*args: str) -> tuple[int, str]:
@@ -45,7 +46,7 @@ def _digest(*paths: Path) -> list[str]:
 
 @pytest.mark.slow  # real studies and subprocesses
 def test_a_garbled_optuna_database_is_one_line_everywhere(tmp_path: Path) -> None:
-    path = write_spec(tmp_path, **TINY)
+    path = write_spec(tmp_path, storage=SQLITE.format(tmp_path), **TINY)
     assert _run("study", str(path))[0] == 0
     db = tmp_path / "optuna.db"
     data = bytearray(db.read_bytes())
@@ -59,7 +60,7 @@ def test_a_garbled_optuna_database_is_one_line_everywhere(tmp_path: Path) -> Non
 
 @pytest.mark.slow  # real studies and subprocesses
 def test_swapped_stores_are_refused_before_either_is_written(tmp_path: Path) -> None:
-    path = write_spec(tmp_path, **TINY)
+    path = write_spec(tmp_path, storage=SQLITE.format(tmp_path), **TINY)
     assert _run("study", str(path))[0] == 0
     optuna_db, mlflow_db = tmp_path / "optuna.db", tmp_path / "mlflow.db"
     before = _digest(optuna_db, mlflow_db)

@@ -21,6 +21,7 @@ from bstune.cli import main
 from bstune.search import run_study
 from bstune.search.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
 from bstune.spec import Search, load_spec
+from bstune.stores import open_storage
 from bstune.trials import trial_state
 from tests import prefork
 from tests.conftest import write_spec
@@ -41,7 +42,7 @@ def _runs(spec) -> tuple[MlflowClient, list, list]:
 
 
 def _study(spec) -> optuna.Study:
-    return optuna.load_study(study_name=spec.name, storage=spec.storage)
+    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
 
 
 def test_small_study_end_to_end(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_trials_that_diverge_at_once_still_spend_the_budget(tmp_path: Path, limi
 def test_a_study_writes_its_sqlite_stores_through_a_write_ahead_log(tmp_path: Path) -> None:
     import sqlite3
 
-    spec = load_spec(write_spec(tmp_path, **{"budget.trials": 2}))
+    spec = load_spec(write_spec(tmp_path, storage=f"sqlite:///{tmp_path}/optuna.db", **{"budget.trials": 2}))
     assert CliRunner().invoke(main, ["validate", str(tmp_path / "spec.yaml")]).exit_code == 0
     assert not list(tmp_path.glob("*.db")), "validate creates nothing"
     run_study(spec)

@@ -2,7 +2,7 @@
 a trial into a training run and records it, the study loop, workers and their claim lock, status, progress.
 
 Everything here runs `bstune.train` and records through `bstune.trials`; Optuna's private API is used only in
-`_optuna.py`.
+`_optuna.py`, and in `_beats.py` (its heartbeat API) and `_journal.py` (its journal storage's internals).
 
 Names are imported on first use (PEP 562): `bstune status` needs `status` and not the trainer, torch or
 MLflow, which would cost it ~800 MB and seconds.

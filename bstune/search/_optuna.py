@@ -1,4 +1,5 @@
-"""Every use of Optuna's private API, in one place, and the per-batch-size view of a study built on it.
+"""Optuna's private API (but for the heartbeats', in `_beats.py`, and the journal's, in `_journal.py`), and the
+per-batch-size view of a study built on it.
 
 Optuna gives no public way to read a study's trials past its cache, to write study-level system attributes,
 or to hand a sampler or pruner a study that holds only some trials (its HyperbandPruner does the last with a
@@ -11,9 +12,8 @@ import contextlib
 import copy
 import json
 import threading
-import time
 import warnings
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,6 @@ from optuna.samplers import BaseSampler
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from bstune.signals import kill_point
 from bstune.trials import BATCH_SIZE
 
 
@@ -53,6 +52,9 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
 def set_trial_user_attrs(storage: Any, trial_id: int, attrs: dict[str, Any]) -> None:
     """`set_user_attrs` by the trial's id (UpdateFinishedTrialError if it has ended)."""
     backend = getattr(storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
+    if hasattr(storage, "set_trial_user_attrs"):  # the journal: one append
+        storage.set_trial_user_attrs(trial_id, attrs)
+        return
     if not isinstance(backend, optuna.storages.RDBStorage):
         for k, v in attrs.items():
             storage.set_trial_user_attr(trial_id, k, v)
@@ -107,6 +109,10 @@ def report_values(trial: optuna.Trial, values: dict[int, float]) -> None:
     fresh = {step: float(v) for step, v in values.items() if step not in cached}
     backend = getattr(trial.study._storage, "_backend", None)
     insert = _upsert(backend)
+    if fresh and hasattr(trial.study._storage, "set_trial_intermediate_values"):  # the journal: one append
+        trial.study._storage.set_trial_intermediate_values(trial._trial_id, fresh)
+        cached.update(fresh)
+        return
     if not fresh or insert is None:
         for step, v in fresh.items():
             trial.report(v, step)
@@ -329,126 +335,10 @@ def one_read(study: optuna.Study) -> contextlib.AbstractContextManager[None]:
     return storage.one_read() if isinstance(storage, OneReadStorage) else contextlib.nullcontext()
 
 
-class Heartbeats:
-    """Context manager: the heartbeat of each trial this worker claims, from its ask until it lets it go. The
-    first beat is written at once, in the claim (`add`); then one thread beats for all of them every interval
-    (as `optimize` does for its one trial), so a worker that dies at any point after the first beat has every
-    trial of its group found stale and re-queued. Before the first beat, see `StaleTrials`."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._storage = study._storage
-        self._interval = self._storage.get_heartbeat_interval() or 0
-        self._ids: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bstune-trial-beats", daemon=True)
-
-    def __enter__(self) -> Heartbeats:
-        if self._interval:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def add(self, trial: optuna.Trial) -> None:
-        """The trial's first beat, now (a storage error propagates: the trial is then left to `StaleTrials`)."""
-        if self._interval:
-            self._storage.record_heartbeat(trial._trial_id)
-        with self._lock:
-            self._ids.add(trial._trial_id)
-
-    def drop(self, trials: Sequence[optuna.Trial]) -> None:
-        with self._lock:
-            self._ids.difference_update(t._trial_id for t in trials)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                ids = sorted(self._ids)
-            for trial_id in ids:
-                try:
-                    self._storage.record_heartbeat(trial_id)
-                except Exception:  # noqa: BLE001 - a missed beat: the next may pass; if none does, the trial goes stale
-                    pass
-
-
-class StaleTrials:
-    """Fails the RUNNING trials whose worker is gone, then runs the storage's stale-trial callback on each:
-    those whose heartbeat is older than the grace period (Optuna's check), and those with no heartbeat at all
-    (asked by a worker that died before its first beat), which Optuna's check never looks at: failed once this
-    process has seen them without a beat for the grace period (their start time is another machine's clock).
-    `mark(trial)` gives attributes written on each before it is failed (while it may still be written), so
-    that they say what it ends as."""
-
-    def __init__(self, grace_seconds: float, mark: Callable[[FrozenTrial], dict[str, Any]]) -> None:
-        self._grace, self._mark = grace_seconds, mark
-        self._unbeaten: dict[int, float] = {}  # trial id -> when first seen RUNNING without a heartbeat
-
-    def fail(self, study: optuna.Study) -> None:
-        storage = study._storage
-        stale = storage._get_stale_trial_ids(study._study_id) if storage.get_heartbeat_interval() else []
-        now = time.monotonic()
-        self._unbeaten = {i: self._unbeaten.get(i, now) for i in running_without_heartbeat(study)}
-        stale += [i for i, seen in self._unbeaten.items() if now - seen > self._grace]
-        callback = storage.get_heartbeat_stale_trial_callback()
-        for trial_id in stale:
-            self._unbeaten.pop(trial_id, None)
-            try:
-                set_trial_user_attrs(storage, trial_id, self._mark(storage.get_trial(trial_id)))
-                if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:  # it ended meanwhile, or another worker failed it
-                continue
-            kill_point("stale_failed")
-            if callback is not None:
-                callback(study, copy.deepcopy(storage.get_trial(trial_id)))
-
-
-def _rdb(study: optuna.Study) -> Any:
+def rdb_of(study: optuna.Study) -> Any:
+    """The study's RDBStorage (under Optuna's cache), or None for other storages."""
     storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps an RDBStorage in a cache
     return storage if isinstance(storage, optuna.storages.RDBStorage) else None
-
-
-def running_without_heartbeat(study: optuna.Study) -> list[int]:
-    """Ids of the study's RUNNING trials that have no heartbeat row."""
-    rdb = _rdb(study)
-    if rdb is None:
-        return []
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(rdb.scoped_session) as session:
-        rows = (session.query(models.TrialModel.trial_id)
-                .outerjoin(models.TrialHeartbeatModel,
-                           models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-                .filter(models.TrialModel.study_id == study._study_id,
-                        models.TrialModel.state == TrialState.RUNNING,
-                        models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
-                .all())
-    return [r[0] for r in rows]
-
-
-def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
-    """Seconds since each RUNNING trial's last heartbeat, by trial id, on the database's clock (the one the
-    beats are written with); a trial with no heartbeat is absent. Reads only."""
-    rdb = _rdb(study)
-    if rdb is None:
-        return {}
-    import sqlalchemy
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(rdb.scoped_session) as session:
-        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
-        rows = (session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
-                .join(models.TrialModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-                .filter(models.TrialModel.study_id == study._study_id,
-                        models.TrialModel.state == TrialState.RUNNING)
-                .all())
-    return {trial_id: (now - beat.replace(tzinfo=None)).total_seconds() for trial_id, beat in rows}
 
 
 @dataclass(frozen=True)
@@ -468,7 +358,7 @@ def trial_summaries(study: optuna.Study, keys: Sequence[str], params: bool = Fal
     """Every trial of the study, with only the user attributes `keys` (and with `params`, its params and
     value), read by a few plain queries: a study of 10,000 trials costs megabytes, not the gigabyte Optuna's
     full trials take."""
-    rdb = _rdb(study)
+    rdb = rdb_of(study)
     if rdb is None:
         return [TrialSummary(t.number, t._trial_id, t.state, {k: t.user_attrs[k] for k in keys if k in t.user_attrs},
                              t.params, t.value) for t in study.get_trials(deepcopy=False)]

@@ -5,7 +5,8 @@ and on SQLite two workers can both pop the same re-queued trial, or both fail an
 trial: pysqlite reads before it takes the write lock, so Optuna's SELECT ... FOR UPDATE protects nothing
 there. A worker holds the lock from the budget check until its new trial exists and has its batch size.
 
-- SQLite (one machine): an exclusive flock on a file beside the database (`optuna.db.lock`).
+- SQLite or a journal (one machine): an exclusive flock on a file beside it (`optuna.db.lock`,
+  `optuna.journal.claim-lock`).
 - PostgreSQL (several machines): a session advisory lock. The server frees it when the holder's
   connection ends, and this session's TCP keep-alives make that happen within ~30 s of a power loss.
 - Any other storage: no lock; the trial limit may then overshoot by the trials claimed at the same moment.
@@ -24,7 +25,7 @@ import sqlalchemy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from bstune.stores import sqlite_path
+from bstune.stores import file_store
 
 _POLL_SECONDS = 0.05  # polling, not blocking, so Ctrl-C and a parent's death always get through
 
@@ -39,8 +40,11 @@ class ClaimLock:
         self._conn: Any = None
         self._key = int.from_bytes(hashlib.blake2b(f"bstune.claim:{study_name}".encode(), digest_size=8).digest(),
                                    "big", signed=True)
-        db = sqlite_path(storage_url)
-        self._path = None if db is None or str(db) in ("", ":memory:") else db.with_name(db.name + ".lock")
+        db = file_store(storage_url)
+        # a journal's own name.lock is Optuna's symlink lock, which a tool opening the journal with Optuna's
+        # backend would create (and, after its grace period, break): the claim lock is named apart
+        suffix = ".claim-lock" if storage_url.startswith("journal:") else ".lock"
+        self._path = None if db is None or str(db) in ("", ":memory:") else db.with_name(db.name + suffix)
         self._postgres = storage_url.startswith("postgresql")
 
     def acquire(self, timeout: float | None = None) -> bool:

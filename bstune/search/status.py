@@ -19,8 +19,8 @@ import optuna
 from optuna.trial import TrialState
 
 from bstune.errors import redact
+from bstune.search._beats import heartbeat_ages
 from bstune.search._optuna import (
-    heartbeat_ages,
     set_study_system_attr,
     study_system_attrs,
     trial_id,

@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 from bstune import registry, signals
 from bstune.errors import BstuneError, first_line, redact
 from bstune.run_spool import SpooledRuns, spool_folder
-from bstune.search._optuna import Heartbeats, OneReadStorage, StaleTrials, ask, one_read
+from bstune.search._beats import Heartbeats, StaleTrials
+from bstune.search._optuna import OneReadStorage, ask, one_read
 from bstune.search.checks import check_input
 from bstune.search.claim import ClaimLock
 from bstune.search.lost import Settler, lost_marks
@@ -131,7 +132,9 @@ def open_study(
     settler = Settler(tracker, progress, spool_folder(spec.tracking_uri, spec.experiment, spec.name))
     with creating(spec.storage, spec.tracking_uri):  # two studies started at once: one creates the stores
         tracker.check()
-        storage = OneReadStorage(open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True))
+        storage = open_storage(spec.storage, spec.heartbeat_seconds, settler, writing=True)
+        if isinstance(storage, optuna.storages.RDBStorage):  # a journal holds every trial in memory already
+            storage = OneReadStorage(storage)
     if not join:
         try:
             existing = optuna.load_study(study_name=spec.name, storage=storage)
