@@ -91,11 +91,7 @@ def check_journal(url: str, field: str) -> None:
         problem = _journal_problem(path)
         if problem:
             raise BstuneError(f"{field}: {path} {problem}; point {field} at an Optuna journal, or at a new file")
-    folder = next(p for p in path.parents if p.exists())  # the default folder is made when the study starts
-    read_only = path if path.exists() and not os.access(path, os.W_OK) else None
-    if read_only or not os.access(folder, os.W_OK | os.X_OK):
-        raise BstuneError(f"{field}: {read_only or folder} is read-only (a study appends to the journal and locks "
-                          f"files beside it); make it writable, or point {field} at a writable folder")
+    check_writable(path, field, "a study appends to the journal and locks files beside it")
 
 
 def _journal_problem(path: Path) -> str:
@@ -150,12 +146,17 @@ def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None
             what = f"is {other}, not {name}" if other else f"holds other tables ({', '.join(sorted(tables)[:4])})"
             swapped = " (storage and tracking_uri swapped?)" if other else ""
             raise BstuneError(f"{field}: {path} {what}{swapped}; point {field} at {name}'s own file")
+    check_writable(path, field, "SQLite writes the file and a journal beside it")
+
+
+
+def check_writable(path: Path, field: str, why: str) -> None:
+    """Fail with one line if the store's file, or the nearest folder above it that exists, is read-only."""
     folder = next(p for p in path.parents if p.exists())  # the default folder is made when the study starts
     read_only = path if path.exists() and not os.access(path, os.W_OK) else None
     if read_only or not os.access(folder, os.W_OK | os.X_OK):
-        raise BstuneError(f"{field}: {read_only or folder} is read-only (SQLite writes the file and a journal "
-                          f"beside it); make it writable, or point {field} at a writable folder")
-
+        raise BstuneError(f"{field}: {read_only or folder} is read-only ({why}); make it writable, or point "
+                          f"{field} at a writable folder")
 
 def _tables(path: Path) -> tuple[set[str], str]:
     """The tables of the SQLite file at `path` and its quick check ("ok", or what is wrong), read only."""

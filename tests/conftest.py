@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -85,6 +86,23 @@ def _one_thread_fixture() -> Iterator[None]:
     """`one_thread` for a whole test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     with one_thread():
         yield
+
+
+@contextmanager
+def read_only_folder(folder: Path) -> Iterator[None]:
+    """``folder`` read-only within the block (root writes through file modes: for it, an immutable folder;
+    skips the test where that cannot be made)."""
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ Optuna studies, real processes."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from bstune.search._beats import StaleTrials, heartbeat_ages, running_without_he
 from bstune.search._journal import BEAT, FlockLock, open_journal
 from bstune.search._optuna import set_trial_user_attrs
 from bstune.stores import check_storage, load_study, open_storage
-from tests.conftest import write_spec
+from tests.conftest import read_only_folder, write_spec
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = pytest.mark.fresh_stores  # some check what is created
@@ -149,18 +148,8 @@ def test_a_missing_folder_and_a_folder_named_as_the_journal_are_one_line_each(tm
 def test_a_read_only_folder_is_one_line_and_nothing_written(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
-    if os.geteuid() == 0:  # root writes through file modes: only an immutable folder is read-only to it
-        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode:
-            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
-        undo = ["chattr", "-i", str(folder)]
-    else:
-        folder.chmod(0o555)
-        undo = ["chmod", "755", str(folder)]
-    try:
-        with pytest.raises(BstuneError, match=f"storage: {folder} is read-only"):
-            check_storage(f"journal:///{folder}/o.journal")
-    finally:
-        subprocess.run(undo, check=True)
+    with read_only_folder(folder), pytest.raises(BstuneError, match=f"storage: {folder} is read-only"):
+        check_storage(f"journal:///{folder}/o.journal")
     assert list(folder.iterdir()) == []
 
 

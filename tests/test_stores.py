@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from bstune.cli import main
 from bstune.errors import BstuneError
 from bstune.stores import MLFLOW, check_sqlite_store, creating
 from tests import prefork
-from tests.conftest import small_spec, write_spec
+from tests.conftest import read_only_folder, small_spec, write_spec
 
 pytestmark = pytest.mark.fresh_stores  # these tests check what is created, and when
 
@@ -81,18 +80,9 @@ def test_a_read_only_store_folder_is_one_line_before_anything_runs(tmp_path: Pat
     folder.mkdir()
     path = write_spec(tmp_path, **TINY, storage=f"sqlite:///{folder}/optuna.db",
                       tracking_uri=f"sqlite:///{folder}/mlflow.db")
-    if os.geteuid() == 0:  # root writes through file modes: only an immutable folder is read-only to it
-        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode:
-            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
-        undo = ["chattr", "-i", str(folder)]
-    else:
-        folder.chmod(0o555)
-        undo = ["chmod", "755", str(folder)]
-    try:
+    with read_only_folder(folder):
         _one_line_error(*_run("validate", str(path)), f"storage: {folder} is read-only")
         _one_line_error(*_run("study", str(path)), f"storage: {folder} is read-only")
-    finally:
-        subprocess.run(undo, check=True)
     assert list(folder.iterdir()) == []
 
 
