@@ -26,7 +26,8 @@ from bstune.stores import check_storage, load_study, open_storage
 from tests.conftest import read_only_folder, write_spec
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-pytestmark = pytest.mark.fresh_stores  # some check what is created
+# some check what is created; they ask() outside optimize(), as bstune does, which Optuna warns of
+pytestmark = [pytest.mark.fresh_stores, pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")]
 
 
 def _study(path: Path, heartbeat: int | None = 1, on_lost=None) -> optuna.Study:  # noqa: ANN001
