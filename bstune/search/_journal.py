@@ -19,6 +19,7 @@ under the lock before appending (its writer is dead, and its operation was never
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import threading
 import time
@@ -74,8 +75,6 @@ class SoundFileBackend(JournalFileBackend):
         self._fsync = fsync
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        import json
-
         data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
         self._lock.acquire()
         try:
