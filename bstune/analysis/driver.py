@@ -309,10 +309,10 @@ def fill_optimum(out: BatchOptimum, v: Valley, t: _Trials, sign: float,
     # trials is optimistic). A lone quadratic's bottom can overshoot what any trial reached (even to a negative
     # loss), and so can the pooled shape on a real valley it does not describe (on the digits grid, at 16
     # trials per batch size, where a valley is too sparse to smooth: floors 0.05-0.3 below every run): every
-    # fit but the smoother's is held at the best trial's. The pooled 2-D fit (momentum searched) too: its
-    # residual scatter is the shape's misfit across momenta, not one run's noise (0.13 val_loss on the default
-    # digits study, whose best trials are 0.03-0.18), so a value held only that far below the best trial fell
-    # to a tenth of any run's
+    # fit but the smoother's is held at the best trial's, and at one momentum read off the trials instead
+    # (below). The pooled 2-D fit (momentum searched) is held too: its residual scatter is the shape's misfit
+    # across momenta, not one run's noise (0.13 val_loss on the default digits study, whose best trials are
+    # 0.03-0.18), so a value held only that far below the best trial fell to a tenth of any run's
     out._fit_value = sign * v.value
     out.value = out._fit_value
     if out.best_value is not None and v.kind != "smooth":
