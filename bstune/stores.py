@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import threading
 import warnings
@@ -40,13 +41,19 @@ def check_sqlite_url(url: str, field: str) -> None:
         # sqlite:// is an in-memory database (gone with the process); sqlite://x.db is not a file URL at all
         raise BstuneError(f"{field}: {url!r} names no file; a SQLite store is a file: sqlite:///relative/path.db "
                           "or sqlite:////absolute/path.db")
-    if path is not None and not path.parent.is_dir() and url not in DEFAULT_URLS:
+    if path is not None:
+        _check_folder(path, url, field)
+
+
+def _check_folder(path: Path, url: str, field: str) -> None:
+    """Fail with one line if the folder of a store's file is not there (the default stores' is made)."""
+    if not path.parent.is_dir() and url not in DEFAULT_URLS:
         raise BstuneError(f"{field}: folder {path.parent} does not exist (for {redact(url)}); "
                           f"create it or point {field} elsewhere")
 
 
 def journal_path(url: str) -> Path | None:
-    """The file behind a journal:/// URL (an Optuna journal, bstune's embedded default), or None."""
+    """The file behind a journal:/// URL (an Optuna journal file, `bstune.search._journal`), or None."""
     if not url.startswith(JOURNAL_PREFIX):
         return None
     return Path(url[len(JOURNAL_PREFIX):])
@@ -82,9 +89,7 @@ def check_journal(url: str, field: str) -> None:
     if path is None or str(path) in ("", "."):
         raise BstuneError(f"{field}: {url!r} names no file; a journal is a file: journal:///relative/path.journal "
                           "or journal:////absolute/path.journal")
-    if not path.parent.is_dir() and url not in DEFAULT_URLS:
-        raise BstuneError(f"{field}: folder {path.parent} does not exist (for {url}); create it or point {field} "
-                          "elsewhere")
+    _check_folder(path, url, field)
     if path.is_dir():
         raise BstuneError(f"{field}: {path} is a folder; a journal is a file: point {field} at one inside it")
     if path.exists() and path.stat().st_size:
@@ -96,8 +101,6 @@ def check_journal(url: str, field: str) -> None:
 
 def _journal_problem(path: Path) -> str:
     """Why the non-empty file at `path` is not an Optuna journal ("" if it is one)."""
-    import json
-
     with open(path, "rb") as f:
         head = f.read(len(_SQLITE_MAGIC))
         f.seek(0)
@@ -149,7 +152,6 @@ def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None
     check_writable(path, field, "SQLite writes the file and a journal beside it")
 
 
-
 def check_writable(path: Path, field: str, why: str) -> None:
     """Fail with one line if the store's file, or the nearest folder above it that exists, is read-only."""
     folder = next(p for p in path.parents if p.exists())  # the default folder is made when the study starts
@@ -157,6 +159,7 @@ def check_writable(path: Path, field: str, why: str) -> None:
     if read_only or not os.access(folder, os.W_OK | os.X_OK):
         raise BstuneError(f"{field}: {read_only or folder} is read-only ({why}); make it writable, or point "
                           f"{field} at a writable folder")
+
 
 def _tables(path: Path) -> tuple[set[str], str]:
     """The tables of the SQLite file at `path` and its quick check ("ok", or what is wrong), read only."""
