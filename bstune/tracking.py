@@ -118,6 +118,7 @@ class Tracker:
         self.flush_seconds = flush_seconds
         self._pending: dict[str, list[Any]] = {}
         self._flushed: dict[str, float] = {}
+        self._artifact_uri: dict[str, str] = {}  # trial runs made here: where their artifacts go
         self.experiment_name = experiment
         self._client: Any = None
         self._experiment_id: str | None = None
@@ -231,6 +232,7 @@ class Tracker:
                   "bstune.state": State.RUNNING, "optuna.trial_id": str(trial_id), "bstune.kind": "trial"},
         )
         run_id = run.info.run_id
+        self._artifact_uri[run_id] = run.info.artifact_uri
         self._pending[run_id] = _Pending(params=_params(params))
         self._flushed[run_id] = time.monotonic()
         return run_id
@@ -265,7 +267,7 @@ class Tracker:
                     path = Path(folder, name)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(data))
-                self.client.log_artifacts(run_id, folder)
+                self._log_artifacts(run_id, folder)
         self._flushed[run_id] = time.monotonic()
 
     def end_trial(self, run_id: str, state: str, reason: str = "", final: dict[str, float] | None = None,
@@ -281,7 +283,19 @@ class Tracker:
                             if v is not None and not math.isnan(v)]
         self._flush(run_id, tags)
         self._flushed.pop(run_id, None)
+        self._artifact_uri.pop(run_id, None)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    def _log_artifacts(self, run_id: str, folder: str) -> None:
+        """`log_artifacts`, without the read of the whole run MLflow's client makes to find where its artifacts go
+        (about 18 ms a run on a SQLite store: its metrics, params and tags) where the run was made here."""
+        uri = self._artifact_uri.get(run_id)
+        if uri is None:
+            self.client.log_artifacts(run_id, folder)
+            return
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(folder)
 
     def flush_all(self) -> None:
         """Write every trial run's gathered writes now."""

@@ -158,9 +158,13 @@ def _train_and_record(ctx: TrialContext, runs: list[_TrialRun]) -> None:
                     r.restart()
                 _train_and_record(ctx, half)
             return
-    for run, result in zip(runs, results, strict=True):
-        if not run.ended:  # pruned ones were recorded at their epoch; taken-away ones are another worker's
-            run.end(*ending(run, result))
+    # pruned ones were recorded at their epoch; taken-away ones are another worker's. The group's runs are all
+    # closed before the first commit waits for its run's id: a spooled run's writer then writes each run whole.
+    closed = [(run, run.close(*ending(run, result))) for run, result in zip(runs, results, strict=True)
+              if not run.ended]
+    for run, e in closed:
+        if e is not None and not run.ended:
+            run.commit(e)
 
 
 def _train(ctx: TrialContext, configs: list[TrainConfig], on_epoch: Callable[[int, EpochStats], bool]
@@ -296,19 +300,22 @@ class _TrialRun:
                                          (time.perf_counter() - self.started) * self.share)
 
     def end(self, state: State, reason: str = "", value: float | None = None) -> None:
-        """Record how the trial ended, in the order that keeps a kill at any instant safe (docs/scale-out.md):
+        """Record how the trial ended: `close`, then `commit`."""
+        if (e := self.close(state, reason, value)) is not None:
+            self.commit(e)
+
+    def close(self, state: State, reason: str = "", value: float | None = None) -> Ending | None:
+        """Record how the trial ended but for the commit (`commit`), in the order that keeps a kill at any instant
+        safe (docs/scale-out.md); the ending to commit (None: the trial was taken away meanwhile):
         1. on the trial: bstune.state, reason, spend, curve. Optuna has it RUNNING, beating; killed from here
            to 4, it goes stale and is settled (`lost.py`) as `trials.trial_state` decides;
         2. an INTERRUPTED trial's point queued again (once, whoever does it);
-        3. its MLflow run closed with the same state;
-        4. Optuna told (DIVERGED as PRUNED, so the samplers learn the region is bad; failures as FAIL): the
-           commit, after which it counts and all three agree."""
-        trial, last, e = self.trial, self.last, Ending(state, reason, value)
-        reason = redact(reason)  # an error's text may quote a URL with its password
+        3. its MLflow run closed with the same state."""
+        trial, last, e = self.trial, self.last, Ending(state, redact(reason), value)  # an error may quote a password
         attrs = self.spend() | {Attr.STATE: e.state, Attr.CURVE: curve_to_json(self.curve)}
-        attrs |= self._run_recorded(wait=True)  # a spooled run's writer is then never more than a group behind
-        if reason:
-            attrs[Attr.REASON] = reason
+        attrs |= self._run_recorded()
+        if e.reason:
+            attrs[Attr.REASON] = e.reason
         if last.get("grad_noise_scale") is not None:
             attrs[Attr.GRAD_NOISE_SCALE] = last["grad_noise_scale"]
         with self._writing(STORAGE):
@@ -318,16 +325,26 @@ class _TrialRun:
                 requeue(self.study, frozen(trial))
         kill_point("end_state")
         if self.ended:
-            return
+            return None
         if self.run_id is not None:
             final = {f"final_{k}": last.get(k) for k in ("val_loss", "val_accuracy", "train_loss")}
             # one name for the objective across studies, and the time cost, for the UI's compare views
             final |= {"examples_seen": last.get("examples_seen"), "final_objective": last.get("value"),
                       "train_seconds": last.get("train_seconds")}
             with self._writing(TRACKING):
-                self.ctx.tracker.end_trial(self.run_id, e.state, reason, final)
+                self.ctx.tracker.end_trial(self.run_id, e.state, e.reason, final)
         kill_point("end_run")
+        return e
+
+    def commit(self, e: Ending) -> None:
+        """4. Its run's id on the trial, if a spooled run's writer made the run only once it saw 3 (it writes a
+        short trial's run whole); Optuna told (DIVERGED as PRUNED, so the samplers learn the region is bad;
+        failures as FAIL): the commit, after which it counts and all three agree."""
+        trial = self.trial
+        recorded = self._run_recorded(wait=True)  # a spooled run's writer is then never more than a group behind
         with self._writing(STORAGE):
+            if recorded:
+                set_user_attrs(trial, recorded)
             state = TrialState[TOLD_AS[e.state]]
             told = tell(self.study, trial, e.value if state == TrialState.COMPLETE else None, state)
             if told != state:  # another worker failed it first (the state it had ended with is returned)
@@ -336,8 +353,8 @@ class _TrialRun:
         if self.ended:
             return
         self.ended = self.told = True
-        self.ctx.progress.trial_finished(trial.number, self.point, e.state, last.get("value"),
-                                         time.perf_counter() - self.started, reason)
+        self.ctx.progress.trial_finished(trial.number, self.point, e.state, self.last.get("value"),
+                                         time.perf_counter() - self.started, e.reason)
 
     def _report(self) -> None:
         if self.reports:
