@@ -160,6 +160,7 @@ class Tally:
     plateau_width: list[float] = field(default_factory=list)
     value_err: list[float] = field(default_factory=list)
     best_value_err: list[float] = field(default_factory=list)
+    value_at: list[tuple[int, int]] = field(default_factory=list)  # each value_err's (training seed, batch size)
     named: list[tuple[int, int]] = field(default_factory=list)  # (training seed, named batch size)
     failed: int = 0
 
@@ -189,6 +190,7 @@ def score(t: Tally, a, ref: Reference, ref_alpha: tuple[float, float, float], se
             t.plateau_width.append(p1 - p0)
         if o.value is not None:
             t.value_err.append(float(o.value) - ref_value(ref, b, pt))
+            t.value_at.append((seed, b))
             t.best_value_err.append(float(o.best_value) - ref_value(ref, b, math.log2(o.best_lr)))
     power = a.fits.get("power")
     if power is not None:
