@@ -206,6 +206,15 @@ def creating(*urls: str) -> Iterator[None]:
         yield
 
 
+def _after_creation(path: Path | None) -> None:
+    """Wait while a study creates the SQLite store at `path` (`creating`): opening it meanwhile would create
+    its tables a second time, under the creator's feet."""
+    if path is None or _CREATING.get(path) == threading.get_ident() or not _create_lock(path).exists():
+        return
+    with open(_create_lock(path)) as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+
+
 # Database servers behind a URL (MLflow's tracking stores take the same ones; SQLite is a file, checked apart)
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "oracle")
 
@@ -313,6 +322,7 @@ def load_study(url: str, name: str, heartbeat_seconds: int | None = None, source
     db = file_store(url)
     if db is not None and not db.exists():
         raise BstuneError(f"storage: {db} does not exist, so study {name!r} is not there; {how}")
+    _after_creation(sqlite_path(url))
     check_storage(url)
     storage = open_storage(url, heartbeat_seconds)
     try:

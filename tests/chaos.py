@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from bstune.spec import StudySpec, load_spec
-from bstune.stores import open_storage
+from bstune.stores import load_study, open_storage
 from bstune.tracking import RUN_STATUS
 from bstune.trials import RETRIED_STATES, TOLD_AS, counts_as_trial, trial_state
 from tests import prefork
@@ -81,7 +81,7 @@ def _training(spec_file: Path) -> set[int]:
     """The pids of the workers with a trial RUNNING now."""
     spec = load_spec(spec_file)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
+        study = load_study(spec.storage, spec.name)  # waits while the study creates its store
     except Exception:  # noqa: BLE001 - not created yet
         return set()
     return {t.user_attrs.get("worker_pid") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from bstune.cli import main
 from bstune.errors import BstuneError
-from bstune.stores import MLFLOW, check_sqlite_store, creating
+from bstune.stores import MLFLOW, check_sqlite_store, creating, load_study, open_storage
 from tests import prefork
 from tests.conftest import read_only_folder, small_spec, write_spec
 
@@ -212,3 +212,25 @@ def test_a_table_read_with_only_what_it_holds_is_the_full_read(tmp_path: Path) -
     spec = load_spec(write_spec(tmp_path)).with_overrides(storage=url)
     assert read_status(load_study(url, "small"), spec).states.counts == {"COMPLETE": 2, "DIVERGED": 1, "LOST": 1,
                                                                           "WAITING": 1}
+
+
+def test_a_store_being_created_is_read_once_its_creator_is_done(tmp_path: Path) -> None:
+    # `bstune status` (or a poller) opening the store while a study creates it would create its tables a
+    # second time, under the creator's feet: it waits for the create lock, then finds the study
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    made = threading.Event()
+
+    def create() -> None:
+        with creating(url):
+            storage = open_storage(url)
+            made.set()
+            time.sleep(0.5)
+            optuna.create_study(study_name="s", storage=storage)
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    made.wait(30)
+    assert load_study(url, "s").study_name == "s"
+    creator.join()

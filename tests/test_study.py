@@ -21,7 +21,7 @@ from bstune.cli import main
 from bstune.search import run_study
 from bstune.search.space import BatchSizeSampler, SearchSpace, WithinBatchSizePruner, make_pruner
 from bstune.spec import Search, load_spec
-from bstune.stores import open_storage
+from bstune.stores import load_study
 from bstune.trials import trial_state
 from tests import prefork
 from tests.conftest import write_spec
@@ -42,7 +42,7 @@ def _runs(spec) -> tuple[MlflowClient, list, list]:
 
 
 def _study(spec) -> optuna.Study:
-    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
+    return load_study(spec.storage, spec.name)  # waits while the study under test creates its store
 
 
 def test_small_study_end_to_end(tmp_path: Path) -> None:
