@@ -331,9 +331,11 @@ class Tracker:
                 "bstune.state": State.RUNNING, "optuna.trial_id": str(trial_id), "bstune.kind": "trial"})]
         for extra in runs[1:]:
             self._pending.pop(extra.info.run_id, None)
+            self._artifact_uri.pop(extra.info.run_id, None)
             self.client.delete_run(extra.info.run_id)
         run = runs[0]
         self._pending.pop(run.info.run_id, None)  # metrics this process had not written: of a trial that is over
+        self._artifact_uri.pop(run.info.run_id, None)
         if run.info.status != RUN_STATUS[state] or run.data.tags.get("bstune.state") != state:
             self.end_trial(run.info.run_id, state, reason)
 
