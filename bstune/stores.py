@@ -133,14 +133,8 @@ def check_sqlite_store(url: str, field: str, kind: tuple[set[str], str]) -> None
     if path.exists() and path.stat().st_size:
         wanted, name = kind
         tables, problem = _tables(path)
-        lock = _create_lock(path)
-        if problem == "ok" and tables and not wanted <= tables and lock.exists() \
-                and _CREATING.get(path) != threading.get_ident():
-            # another study may be creating this store right now (`creating`): look again once it is done
-            # (never for the lock this thread holds: it would wait on itself)
-            with open(lock) as held:
-                fcntl.flock(held, fcntl.LOCK_SH)
-                tables, problem = _tables(path)
+        if problem == "ok" and tables and not wanted <= tables and _after_creation(path):
+            tables, problem = _tables(path)  # another study was creating it (`creating`): as it left it
         if problem != "ok":
             raise BstuneError(f"{field}: {path} is not a sound SQLite database ({problem}); restore it from a "
                               f"backup, or move it away to start a new one")
@@ -206,13 +200,15 @@ def creating(*urls: str) -> Iterator[None]:
         yield
 
 
-def _after_creation(path: Path | None) -> None:
+def _after_creation(path: Path | None) -> bool:
     """Wait while a study creates the SQLite store at `path` (`creating`): opening it meanwhile would create
-    its tables a second time, under the creator's feet."""
+    its tables a second time, under the creator's feet. Whether it waited on the lock (never on one this
+    thread holds: it would wait on itself)."""
     if path is None or _CREATING.get(path) == threading.get_ident() or not _create_lock(path).exists():
-        return
+        return False
     with open(_create_lock(path)) as held:
         fcntl.flock(held, fcntl.LOCK_SH)
+    return True
 
 
 # Database servers behind a URL (MLflow's tracking stores take the same ones; SQLite is a file, checked apart)

@@ -25,7 +25,7 @@ import sqlalchemy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from bstune.stores import file_store
+from bstune.stores import file_store, journal_path
 
 _POLL_SECONDS = 0.05  # polling, not blocking, so Ctrl-C and a parent's death always get through
 
@@ -43,7 +43,7 @@ class ClaimLock:
         db = file_store(storage_url)
         # a journal's own name.lock is Optuna's symlink lock, which a tool opening the journal with Optuna's
         # backend would create (and, after its grace period, break): the claim lock is named apart
-        suffix = ".claim-lock" if storage_url.startswith("journal:") else ".lock"
+        suffix = ".claim-lock" if journal_path(storage_url) is not None else ".lock"
         self._path = None if db is None or str(db) in ("", ":memory:") else db.with_name(db.name + suffix)
         self._postgres = storage_url.startswith("postgresql")
 
