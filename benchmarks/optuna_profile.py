@@ -68,6 +68,11 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _url(kind: str, folder: Path) -> str:
+    """The Optuna storage URL of `kind` (sqlite, journal, journal-fsync: the journal's file) in `folder`."""
+    return f"sqlite:///{folder}/optuna.db" if kind == "sqlite" else f"journal:///{folder}/optuna.journal"
+
+
 def study(trials: int, folder: Path, default: bool = False, kind: str = "sqlite") -> int:
     """The tiny study of `trials` trials in this process (with `default`: studies/digits.yaml as shipped, its
     trial budget, no seconds limit, as benchmarks/study_time.py runs it); how many it ran."""
@@ -82,8 +87,7 @@ def study(trials: int, folder: Path, default: bool = False, kind: str = "sqlite"
     if default:
         spec = yaml.safe_load(SPEC.read_text())
         spec["budget"].pop("seconds", None)
-    storage = f"sqlite:///{folder}/optuna.db" if kind == "sqlite" else f"journal:///{folder}/optuna.journal"
-    spec |= {"storage": storage, "tracking_uri": f"sqlite:///{folder}/mlflow.db"}
+    spec |= {"storage": _url(kind, folder), "tracking_uri": f"sqlite:///{folder}/mlflow.db"}
     def timed(fn, sign: float):  # noqa: ANN001, ANN202 - CPU in the trainer, less its per-epoch callbacks
         def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             start = _cpu()
@@ -110,7 +114,7 @@ def floor(trials: int, folder: Path, kind: str = "sqlite") -> int:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if kind == "sqlite":
-        storage = open_storage(f"sqlite:///{folder}/optuna.db", 20, writing=True)
+        storage = open_storage(_url(kind, folder), 20, writing=True)
     else:
         storage = open_journal(str(folder / "optuna.journal"), 20, fsync=kind == "journal-fsync")
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True)
@@ -129,12 +133,10 @@ def _reopen(kind: str, folder: Path, trials: int) -> None:
     """What a process joining the study pays to read it (`bstune status`, a worker): a fresh storage, every trial."""
     import optuna
 
-    from bstune.search._journal import open_journal
     from bstune.stores import open_storage
 
     cpu = _cpu()
-    storage = open_storage(f"sqlite:///{folder}/optuna.db") if kind == "sqlite" else \
-        open_journal(str(folder / "optuna.journal"))
+    storage = open_storage(_url(kind, folder))
     n = len(optuna.load_study(study_name="floor", storage=storage).get_trials(deepcopy=False))
     size = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("optuna."))
     print(f"reopened: {n} trials read in {1000 * (_cpu() - cpu):.0f} ms CPU; the store {size / trials:.0f} bytes "

@@ -102,13 +102,12 @@ print(json.dumps(clock))
 
 
 STORAGES = {"journal": "journal:///{}/optuna.journal", "sqlite": "sqlite:///{}/optuna.db"}
-_storage = ["sqlite"]  # the Optuna storage's kind (--storage); MLflow's store is SQLite either way
 
 
-def _child(spec: dict, folder: Path) -> tuple[dict, float]:
-    """Run the study `spec` in a fresh process with fresh default-kind stores in `folder`: its clock, and the
-    wall time from launching it."""
-    spec.update(storage=STORAGES[_storage[0]].format(folder), tracking_uri=f"sqlite:///{folder}/mlflow.db")
+def _child(spec: dict, folder: Path, storage: str = "sqlite") -> tuple[dict, float]:
+    """Run the study `spec` in a fresh process with fresh stores in `folder` (the Optuna storage of kind
+    `storage`, MLflow's SQLite either way): its clock, and the wall time from launching it."""
+    spec.update(storage=STORAGES[storage].format(folder), tracking_uri=f"sqlite:///{folder}/mlflow.db")
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     start = time.perf_counter()
@@ -117,13 +116,13 @@ def _child(spec: dict, folder: Path) -> tuple[dict, float]:
     return json.loads(out.strip().splitlines()[-1]), time.perf_counter() - start
 
 
-def run(fuse: int | None, folder: Path) -> dict[str, float]:
+def run(fuse: int | None, folder: Path, storage: str = "sqlite") -> dict[str, float]:
     """One study at `fuse` (None: the default) in `folder`; its wall time split, in seconds."""
     spec = yaml.safe_load(SPEC.read_text())
     spec.setdefault("budget", {}).pop("seconds", None)  # the same trials at every setting, however long they take
     if fuse is not None:
         spec["execution"] = {"fuse": fuse}
-    c, wall = _child(spec, folder)
+    c, wall = _child(spec, folder, storage)
     launch = wall - c["total"]  # the interpreter's own start, before the child's clock
     training = c["training"] - c["callbacks"]
     startup = launch + c["first_trial"]
@@ -131,14 +130,14 @@ def run(fuse: int | None, folder: Path) -> dict[str, float]:
             "other": wall - startup - training, "mlflow": c["mlflow"]}
 
 
-def section(repeats: int = 1) -> tuple[str, float]:
+def section(repeats: int = 1, storage: str = "sqlite") -> tuple[str, float]:
     """The Markdown table (fuse 1 and default, best wall of `repeats`) and the speedup fuse 1 / default."""
     rows = {}
     for label, fuse in (("--fuse 1", 1), ("default", None)):
         best = None
         for _ in range(repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                r = run(fuse, Path(tmp))
+                r = run(fuse, Path(tmp), storage)
             best = r if best is None or r["wall"] < best["wall"] else best
         rows[label] = best
     lines = ["| setting | trials | wall s | start-up s | training s | logging/storage s (MLflow + Optuna) | "
@@ -157,11 +156,11 @@ def section(repeats: int = 1) -> tuple[str, float]:
     return "\n".join(lines), one["wall"] / fused["wall"]
 
 
-def tiny(trials: int, folder: Path) -> dict[str, float]:
+def tiny(trials: int, folder: Path, storage: str = "sqlite") -> dict[str, float]:
     """The tiny study of `trials` trials in `folder`: ms a trial in all (from the first trial's start to the last
     one's end), and the bookkeeping a trial (wall less training) over its first and its last window of trials."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    c, wall = _child(TINY | {"budget": {"trials": trials}}, folder)
+    c, wall = _child(TINY | {"budget": {"trials": trials}}, folder, storage)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the study's process and its writer (waited for)
     marks = c["marks"]
     window = min(1000, len(marks) // 3)
@@ -215,14 +214,13 @@ def main() -> None:
     ap.add_argument("--storage", choices=sorted(STORAGES), default="sqlite",
                     help="the Optuna storage: sqlite (the embedded default) or journal (a journal:/// file)")
     args = ap.parse_args()
-    _storage[0] = args.storage
     if args.tiny is None:
-        table, speedup = section()
+        table, speedup = section(storage=args.storage)
         print(table)
         print(f"study speedup (fuse 1 / default, same trials): {speedup:.1f}")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        r = tiny(args.tiny, Path(tmp))
+        r = tiny(args.tiny, Path(tmp), args.storage)
         finished, runs = finished_runs(Path(tmp))
     print(TINY_HEADER)
     print(tiny_row(r))
