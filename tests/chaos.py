@@ -22,12 +22,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from bstune.spec import StudySpec, load_spec
-from bstune.stores import load_study, open_storage
+from bstune.stores import load_study
 from bstune.tracking import RUN_STATUS
 from bstune.trials import RETRIED_STATES, TOLD_AS, counts_as_trial, trial_state
 from tests import prefork
@@ -39,7 +38,7 @@ POINTS = ("parent_run", "asked", "beat", "suggested", "point", "run_started", "r
 
 def check_consistent(spec: StudySpec, budget: int) -> dict[str, int]:
     """Assert the study is finished and whole; its counts by state."""
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
+    study = load_study(spec.storage, spec.name)
     trials = study.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], "no Optuna trial left RUNNING"
     ended = [t for t in trials if t.state.is_finished()]

@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -17,7 +16,7 @@ from bstune.errors import BstuneError
 from bstune.report import build_report
 from bstune.search import run_study
 from bstune.spec import load_spec
-from bstune.stores import open_storage
+from bstune.stores import load_study
 from bstune.trials import from_csv
 from tests.conftest import write_spec
 from tests.simulate import simulate_trials, write_csv
@@ -109,7 +108,7 @@ def test_analyze_real_study_logs_to_mlflow(tmp_path: Path) -> None:
     assert lines[2].startswith("Critical batch size")
     # The study records its URLs without passwords: by --storage alone, a password-protected tracking store
     # must be named again, said before anything is written.
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
+    study = load_study(spec.storage, spec.name)
     stored = study.user_attrs["bstune.spec"]
     study.set_user_attr("bstune.spec", {**stored, "tracking_uri": "postgresql://me:***@db.example/mlflow"})
     by_storage = ["--storage", spec.storage, "--study", spec.name]

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -24,7 +23,7 @@ from bstune.cli import main
 from bstune.search import run_study
 from bstune.search.status import alive_seconds
 from bstune.spec import load_spec
-from bstune.stores import open_storage
+from bstune.stores import load_study
 from bstune.trials import trial_state
 from tests import prefork
 from tests.chaos import POINTS, check_consistent, soak
@@ -77,7 +76,7 @@ def test_a_trial_that_never_beat_is_failed_after_the_grace_period(tmp_path: Path
     path = write_spec(tmp_path, **{"budget.trials": 3, "search.pruner": "none"})
     spec = load_spec(path)
     assert _study_cmd(path, "asked:2").returncode == -signal.SIGKILL
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage, spec.heartbeat_seconds))
+    study = load_study(spec.storage, spec.name, spec.heartbeat_seconds)
     (orphan,) = [t for t in study.trials if t.state == TrialState.RUNNING]
     time.sleep(alive_seconds(spec.heartbeat_seconds) + 1)  # past its grace, and its worker's beat too old
     assert not study._storage._get_stale_trial_ids(study._study_id), "Optuna's check alone would wait forever"
@@ -89,7 +88,7 @@ def test_a_trial_that_never_beat_is_failed_after_the_grace_period(tmp_path: Path
     result = run_study(spec)
     assert time.monotonic() - t0 >= 2 * spec.heartbeat_seconds, "not before the grace period"
     assert result.spent.trials == 3
-    trials = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage)).trials
+    trials = load_study(spec.storage, spec.name).trials
     assert trial_state(trials[orphan.number]) == "LOST"
     check_consistent(spec, 3)
 
@@ -100,14 +99,14 @@ def test_what_an_older_version_left_is_repaired(tmp_path: Path) -> None:
     path = write_spec(tmp_path, **{"budget.trials": 3, "search.pruner": "none"})
     spec = load_spec(path)
     assert _study_cmd(path, "end_run:1").returncode == -signal.SIGKILL
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
+    study = load_study(spec.storage, spec.name)
     (t,) = [t for t in study.trials if t.state == TrialState.RUNNING]
     study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # as the old check did: no mark
     assert t.user_attrs["bstune.state"] == "COMPLETE" and trial_state(study.trials[t.number]) == "LOST"
     run_study(spec)
     run = MlflowClient(spec.tracking_uri).get_run(t.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["bstune.state"]) == ("KILLED", "LOST")
-    trials = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage)).trials
+    trials = load_study(spec.storage, spec.name).trials
     assert [x.user_attrs.get("bstune.retry_of") for x in trials].count(t.number) == 1
     assert sum(trial_state(x) == "COMPLETE" for x in trials) == 3
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
@@ -24,7 +23,7 @@ from bstune.errors import BstuneError
 from bstune.report import Report, build_report, format_analysis, report_batch_sizes, write_report
 from bstune.search import run_study
 from bstune.spec import StudySpec, load_spec
-from bstune.stores import open_storage
+from bstune.stores import load_study
 from bstune.trials import TrialTable, from_study
 from tests.conftest import one_thread, write_spec
 
@@ -59,7 +58,7 @@ def _report_study(base: Path) -> ReportStudy:
     spec = load_spec(spec_file)
     with one_thread():
         result = run_study(spec)
-    table = from_study(optuna.load_study(study_name=NAME, storage=open_storage(spec.storage)))
+    table = from_study(load_study(spec.storage, NAME))
     return ReportStudy(spec=spec, spec_file=spec_file, table=table, analysis=analyze(table),
                        report=build_report(table, batch_sizes=[REQUESTED]), parent_run_id=result.parent_run_id)
 
