@@ -45,6 +45,7 @@ from bstune.stores import sqlite_path
 POLL_SECONDS = 0.005  # how often the writer looks for new lines, and the trainer for a run id it waits for
 CLOSE_SECONDS = 120.0  # how long the trainer waits for its writer to apply the spool at the end of a study
 START_SECONDS = 1.0  # the trainer's own applying, in all, after which it starts a writer process
+RUNS_LOCK = "runs.lock"  # in a study's spool folder: held while a trial run is made or a trial settled
 READY = b"ready"  # what the writer says once it can apply (MLflow imported, its store open)
 
 
@@ -108,13 +109,14 @@ def apply_pending(log: Path, tracker: Any, run_ids: dict[int, str], fresh: bool,
         if defer is not None and defer(lines):  # nothing applied: nothing to record
             return 0, False
         _record(pos, done, end)
-        closed = _apply(lines, tracker, run_ids, look_up=not fresh or applying > done, on_start=on_start)
+        closed = _apply(lines, tracker, run_ids, look_up=not fresh or applying > done, on_start=on_start,
+                        folder=log.parent)
         _record(pos, end, end)
         return len(lines), closed
 
 
 def _apply(lines: list[dict], tracker: Any, run_ids: dict[int, str], look_up: bool,
-           on_start: Callable[[int, str], None] | None) -> bool:
+           on_start: Callable[[int, str], None] | None, folder: Path) -> bool:
     """Apply lines in order; a run's writes are gathered by the tracker and written at its end, or below."""
     closed = False
     for r in lines:
@@ -123,15 +125,16 @@ def _apply(lines: list[dict], tracker: Any, run_ids: dict[int, str], look_up: bo
             closed = True
         elif op == "settle":
             tracker.flush_all()
-            tracker.settle_trial(r["parent"], r["study"], r["number"], tid, r["state"], r["reason"])
+            settle_trial(folder, tracker, r["parent"], r["study"], r["number"], tid, r["state"], r["reason"])
             run_ids.pop(tid, None)
         elif op == "start":
-            found = tracker.trial_runs(r["parent"], tid) if look_up else []
-            if found:  # made by an applier killed before its params were written, perhaps
-                run_ids[tid] = found[0].info.run_id
-                tracker.log_params(run_ids[tid], r["params"])
-            else:
-                run_ids[tid] = tracker.start_trial(r["parent"], r["study"], r["number"], tid, r["params"])
+            with _locked(folder / RUNS_LOCK):  # a settle elsewhere makes its run before this looks, or finds this
+                found = tracker.trial_runs(r["parent"], tid) if look_up or _settled(folder, tid).exists() else []
+                if found:  # made by an applier killed before its params were written, or by a settle
+                    run_ids[tid] = found[0].info.run_id
+                    tracker.log_params(run_ids[tid], r["params"])
+                else:
+                    run_ids[tid] = tracker.start_trial(r["parent"], r["study"], r["number"], tid, r["params"])
             if on_start is not None:
                 on_start(tid, run_ids[tid])
         else:
@@ -145,6 +148,25 @@ def _apply(lines: list[dict], tracker: Any, run_ids: dict[int, str], look_up: bo
                 tracker.end_trial(run_id, r["state"], r["reason"], r["final"], ts=r["ts"])
     tracker.flush_all()  # what the lines wrote is in MLflow before their position is recorded
     return closed
+
+
+def settle_trial(folder: Path | None, tracker: Any, parent_id: str, study_name: str, number: int, trial_id: int,
+                 state: str, reason: str) -> None:
+    """`tracker.settle_trial` (a trial's run made to agree with how it ended, made if missing), such that a
+    writer applying the trial's start later uses that run rather than make a second one: where the trial runs
+    are spooled (`folder`), the trial is marked settled and settled under the study's run lock, which a writer
+    holds while it looks for marks and makes runs (a live worker's start may wait seconds in its spool)."""
+    if folder is None:
+        tracker.settle_trial(parent_id, study_name, number, trial_id, state, reason)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / RUNS_LOCK):
+        _settled(folder, trial_id).touch()  # first: a settle killed after making its run leaves the mark
+        tracker.settle_trial(parent_id, study_name, number, trial_id, state, reason)
+
+
+def _settled(folder: Path, trial_id: int) -> Path:
+    return folder / f"{trial_id}.settled"
 
 
 def _look_up(tracker: Any, parent: str, trial_id: int) -> str | None:

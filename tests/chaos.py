@@ -64,12 +64,21 @@ def check_consistent(spec: StudySpec, budget: int) -> dict[str, int]:
                                  "tags.`bstune.kind` = 'study'")
     assert [r.info.run_id for r in studies] == [parent], "one parent run"
     by_trial = Counter(r.data.tags["optuna.trial_id"] for r in runs)
-    assert by_trial == Counter(str(t._trial_id) for t in ended), "one MLflow run per ended trial, and no other"
+    want = Counter(str(t._trial_id) for t in ended)
+    assert by_trial == want, ("one MLflow run per ended trial, and no other: runs for trial ids "
+                              f"{dict(by_trial - want)} too many, {dict(want - by_trial)} missing; "
+                              f"{_runs_of(runs, by_trial - want + (want - by_trial))}")
     ids = {str(t._trial_id): t for t in ended}
     for r in runs:
         state = states[ids[r.data.tags["optuna.trial_id"]].number]
         assert (r.info.status, r.data.tags["bstune.state"]) == (RUN_STATUS[state], state), f"run of a {state} trial"
     return dict(Counter(states.values()))
+
+
+def _runs_of(runs: list[Any], trial_ids: Counter) -> list[tuple[str, str, str]]:
+    """(trial id, run status, bstune.state) of the runs of these trials, for an assertion's message."""
+    return [(r.data.tags["optuna.trial_id"], r.info.status, r.data.tags.get("bstune.state", ""))
+            for r in runs if r.data.tags["optuna.trial_id"] in trial_ids]
 
 
 def _cmd(spec_file: Path, workers: int) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bstune.run_spool import SpooledRuns, apply_pending, repair_orphans, spool_folder
+from bstune.run_spool import SpooledRuns, apply_pending, repair_orphans, settle_trial, spool_folder
 from bstune.tracking import Tracker
 
 pytestmark = pytest.mark.slow  # a real MLflow store (its tables take seconds to make) and writer processes
@@ -95,3 +95,22 @@ def test_the_writer_process_killed_midway_is_restarted_and_loses_nothing(tmp_pat
     runs.close()
     assert time.monotonic() - start < 60 and not runs.log.exists(), "closed: applied, then removed"
     _check_two_runs(tracker, parent)
+
+
+def test_a_trial_settled_elsewhere_before_its_spooled_start_is_applied_keeps_one_run(tmp_path: Path) -> None:
+    """A live worker's start waits in its spool for up to a few seconds (its writer writes a short run whole). If
+    the trial is declared lost meanwhile, another worker settles it and makes its run: the writer then uses that
+    run, without the look-up it skips once it knows no other applier wrote its spool."""
+    tracker, parent = _tracker(tmp_path)
+    folder = spool_folder(tracker.uri, "spool", "s")
+    runs = SpooledRuns(folder, tracker)
+    runs._start_writer = lambda: None
+    handle = runs.start_trial(parent, "s", 7, 7, {"lr": 0.1, "batch_size": 16})
+    runs.log_epoch(handle, 1, {"val_loss": 1.0})
+    settle_trial(folder, Tracker(tracker.uri, "spool"), parent, "s", 7, 7, "LOST", "no heartbeat")  # elsewhere
+    apply_pending(runs.log, tracker, {}, fresh=True)
+    runs.settle_trial(parent, "s", 7, 7, "LOST", "no heartbeat")  # the worker finds its trial taken away
+    runs.close()
+    (run,) = tracker.trial_runs(parent, 7)
+    assert (run.info.status, run.data.tags["bstune.state"], run.data.params["lr"]) == ("KILLED", "LOST", "0.1")
+    assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_loss")] == [1]

@@ -460,10 +460,8 @@ def test_ctrl_c_outside_training_loses_no_trial(tmp_path: Path, monkeypatch: pyt
     assert len(waiting) == 1 and waiting[0].user_attrs["bstune.retry_of"] == 0
     assert waiting[0].system_attrs["fixed_params"] == t.params, "queued with the interrupted trial's config"
     _, _, children = _runs(spec)
-    if where == "end_trial":  # its run had started: closed as KILLED, not left FINISHED or RUNNING
-        assert [(r.info.status, r.data.tags["bstune.state"]) for r in children] == [("KILLED", "INTERRUPTED")]
-    else:
-        assert children == []
+    # closed as KILLED, not left FINISHED or RUNNING; made and closed if the signal came before it was made
+    assert [(r.info.status, r.data.tags["bstune.state"]) for r in children] == [("KILLED", "INTERRUPTED")]
     monkeypatch.setattr(Tracker, where, real)
     rerun = run_study(spec)
     assert not rerun.interrupted and rerun.spent.trials == 2
@@ -485,6 +483,30 @@ def test_ctrl_c_before_the_first_trial_exits_130(tmp_path: Path, monkeypatch: py
     out = CliRunner().invoke(main, ["study", str(write_spec(tmp_path))])
     assert out.exit_code == 130, out.output
     assert "interrupted (Ctrl-C)" in out.output and "Aborted" not in out.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_trial_is_asked_leaves_it_a_closed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between a trial's ask and its point: INTERRUPTED in Optuna and in its MLflow run (made and closed
+    KILLED), so every ended trial has its one run; the re-run finishes the study whole."""
+    from bstune.search.space import SearchSpace
+    from tests.chaos import check_consistent
+
+    spec = load_spec(write_spec(tmp_path, **{"budget": {"trials": 2}}))
+    real = SearchSpace.suggest
+
+    def ctrl_c(self, trial):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SearchSpace, "suggest", ctrl_c)
+    assert run_study(spec).interrupted
+    (t,) = _study(spec).trials
+    assert t.state == TrialState.FAIL and trial_state(t) == "INTERRUPTED"
+    _, _, children = _runs(spec)
+    assert [(r.info.status, r.data.tags["bstune.state"]) for r in children] == [("KILLED", "INTERRUPTED")]
+    monkeypatch.setattr(SearchSpace, "suggest", real)
+    run_study(spec)
+    check_consistent(spec, 2)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
-from bstune.run_spool import repair_orphans
+from bstune.run_spool import repair_orphans, settle_trial
 from bstune.search._optuna import fresh_trials, trial_id
 from bstune.search.progress import Progress
 from bstune.signals import kill_point
@@ -72,12 +72,17 @@ class Settler:
         means the run was settled too. Re-queue only under the claim lock (two workers might both find the
         retry missing)."""
         state = trial_state(trial)
-        reason = LOST_REASON if state == State.LOST else trial.user_attrs.get(Attr.REASON, "")
-        if self.parent is not None:
-            self.tracker.settle_trial(self.parent, study.study_name, trial.number, trial_id(trial), state, reason)
+        self.settle_run(study, trial, state,
+                        LOST_REASON if state == State.LOST else trial.user_attrs.get(Attr.REASON, ""))
         kill_point("settled_run")
         if requeue_it and state in RETRIED_STATES:
             requeue(study, trial)
+
+    def settle_run(self, study: optuna.Study, trial: FrozenTrial, state: State, reason: str) -> None:
+        """The trial's MLflow run closed as `state` (made if it has none); idempotent."""
+        if self.parent is not None:
+            settle_trial(self.spools, self.tracker, self.parent, study.study_name, trial.number, trial_id(trial),
+                         state, reason)
 
     def sweep_unqueued(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
         """Under the claim lock: settle the LOST or INTERRUPTED trials with no retry queued (their worker, or

@@ -36,7 +36,7 @@ from bstune import entry, signals
 from bstune.errors import BstuneError, first_line, redact
 from bstune.run_spool import SpooledRuns
 from bstune.search._optuna import PruneRound, frozen, report_values, set_user_attrs, tell, trial_id
-from bstune.search.lost import requeue
+from bstune.search.lost import Settler, requeue
 from bstune.search.own_loop import run_own
 from bstune.search.progress import Progress
 from bstune.search.space import Hyperparams
@@ -63,13 +63,15 @@ class RecordFailed(BstuneError):
     in flight are LOST and run again when it resumes."""
 
 
-def interrupt_unstarted(study: optuna.Study, trial: optuna.Trial, requeue_it: bool) -> None:
-    """Ctrl-C before a trial started training: recorded INTERRUPTED (re-queued once it has its point), in
-    `_TrialRun.end`'s order."""
+def interrupt_unstarted(study: optuna.Study, trial: optuna.Trial, requeue_it: bool, settler: Settler) -> None:
+    """Ctrl-C before a trial started training: recorded INTERRUPTED (re-queued once it has its point), its MLflow
+    run made and closed, in `_TrialRun.end`'s order."""
+    reason = f"interrupted ({signals.what_stopped()}); re-queued"
     trial.set_user_attr(Attr.STATE, State.INTERRUPTED)
-    trial.set_user_attr(Attr.REASON, f"interrupted ({signals.what_stopped()}); re-queued")
+    trial.set_user_attr(Attr.REASON, reason)
     if requeue_it:
         requeue(study, frozen(trial))
+    settler.settle_run(study, frozen(trial), State.INTERRUPTED, reason)
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
@@ -333,6 +335,10 @@ class _TrialRun:
                       "train_seconds": last.get("train_seconds")}
             with self._writing(TRACKING):
                 self.ctx.tracker.end_trial(self.run_id, e.state, e.reason, final)
+        else:  # stopped before its run was made (Ctrl-C as its group started): made now, closed as it ended
+            with self._writing(TRACKING):
+                self.ctx.tracker.settle_trial(self.ctx.parent, self.ctx.spec.name, trial.number, trial_id(trial),
+                                              e.state, e.reason)
         kill_point("end_run")
         return e
 

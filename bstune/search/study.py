@@ -319,7 +319,7 @@ def _claim_group(opened: OpenStudy, group_size: int, progress: Progress, beats: 
     assert isinstance(sampler, BatchSizeSampler)
     batch_size, has = sampler.least_covered(study, trials)
     k = min(group_size, _fits_budget(opened, spent, batch_size, has))
-    return "", _ask_group(study, opened.space, batch_size, k, beats) if k else []
+    return "", _ask_group(study, opened.space, batch_size, k, beats, opened.settler) if k else []
 
 
 def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> int:
@@ -347,8 +347,8 @@ def _fits_budget(opened: OpenStudy, spent: Spent, batch_size: int, has: int) -> 
     return max(0, int(min(k, 1 << 30)))
 
 
-def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int,
-               beats: Heartbeats) -> list[tuple[optuna.Trial, Hyperparams]]:
+def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int, beats: Heartbeats,
+               settler: Settler) -> list[tuple[optuna.Trial, Hyperparams]]:
     """Ask Optuna for `k` trials at `batch_size` (re-queued trials come first and keep their own batch size),
     each beating from its ask on. Ctrl-C meanwhile leaves no trial unrecorded."""
     asked: list[tuple[optuna.Trial, Hyperparams | None]] = []
@@ -367,7 +367,7 @@ def _ask_group(study: optuna.Study, space: SearchSpace, batch_size: int, k: int,
             kill_point("suggested")
     except KeyboardInterrupt:
         for trial, point in asked:
-            interrupt_unstarted(study, trial, requeue_it=point is not None)
+            interrupt_unstarted(study, trial, requeue_it=point is not None, settler=settler)
         raise
     finally:
         sampler.pin(None)
