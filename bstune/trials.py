@@ -226,19 +226,22 @@ TOLD_AS = {State.COMPLETE: "COMPLETE", State.PRUNED: "PRUNED", State.DIVERGED: "
            State.FAILED: "FAIL", State.INTERRUPTED: "FAIL", State.LOST: "FAIL"}
 
 
+_BY_VALUE = {s.value: s for s in State}
+
+
 def trial_state(t: Any) -> State:
     """bstune's state of an Optuna FrozenTrial. Optuna's own final state decides where the two could disagree:
     `bstune.state` is written before the trial is told, so a worker killed between the two leaves a state that
     Optuna never heard, and the heartbeat check then fails the trial: LOST, whatever the attribute says (a
     FAIL-type end, FAILED/OOM/INTERRUPTED, is the same in both and stands; docs/scale-out.md)."""
+    # plain dict look-ups, no Enum construction: the claim runs this over every trial of the study
     optuna_state = t.state.name
-    if optuna_state in ("RUNNING", "WAITING"):
-        return State(optuna_state)
-    recorded = t.user_attrs.get(Attr.STATE)
-    if recorded in TOLD_AS and TOLD_AS[State(recorded)] == optuna_state:
-        return State(recorded)
-    if optuna_state in ("COMPLETE", "PRUNED"):
-        return State(optuna_state)
+    if optuna_state in ("RUNNING", "WAITING", "COMPLETE", "PRUNED"):
+        recorded = _BY_VALUE.get(t.user_attrs.get(Attr.STATE)) if optuna_state == "PRUNED" else None
+        return recorded if TOLD_AS.get(recorded) == "PRUNED" else _BY_VALUE[optuna_state]  # DIVERGED is told PRUNED
+    recorded = _BY_VALUE.get(t.user_attrs.get(Attr.STATE))
+    if TOLD_AS.get(recorded) == optuna_state:
+        return recorded
     # FAIL without a FAIL-type record of ours: the worker died mid-trial and the heartbeat check failed it.
     return State.LOST
 

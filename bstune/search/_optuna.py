@@ -179,7 +179,9 @@ class _BatchSizeStorage:
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return [t for t in self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states) if self._mine(t)]
+        b, keep = self._batch_size, self._keep  # `_mine` inlined: this runs over every trial at each ask
+        return [t for t in self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+                if t.params.get(BATCH_SIZE) == b or t._trial_id == keep]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         t = self._base.get_trial(trial_id)
