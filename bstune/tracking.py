@@ -119,6 +119,7 @@ class Tracker:
         self._pending: dict[str, list[Any]] = {}
         self._flushed: dict[str, float] = {}
         self._artifact_uri: dict[str, str] = {}  # trial runs made here: where their artifacts go
+        self._gone: set[str] = set()  # trial runs found deleted as they were written to
         self.experiment_name = experiment
         self._client: Any = None
         self._experiment_id: str | None = None
@@ -256,12 +257,13 @@ class Tracker:
     def _flush(self, run_id: str, tags: Sequence[Any] = ()) -> None:
         p = self._pending.pop(run_id, _Pending())
         params, metrics, tags = p.params, p.metrics, list(tags)
-        while params or metrics or tags:  # MLflow takes at most 100 params and 1000 items in all per call
-            n_params = min(len(params), 100)
-            n_metrics = min(len(metrics), 1000 - n_params - len(tags))
-            self.client.log_batch(run_id, metrics=metrics[:n_metrics], params=params[:n_params], tags=tags)
-            params, metrics, tags = params[n_params:], metrics[n_metrics:], []
-        if p.files:
+        with self._unless_deleted(run_id):
+            while params or metrics or tags:  # MLflow takes at most 100 params and 1000 items in all per call
+                n_params = min(len(params), 100)
+                n_metrics = min(len(metrics), 1000 - n_params - len(tags))
+                self.client.log_batch(run_id, metrics=metrics[:n_metrics], params=params[:n_params], tags=tags)
+                params, metrics, tags = params[n_params:], metrics[n_metrics:], []
+        if p.files and not self._deleted(run_id, known=True):
             with tempfile.TemporaryDirectory() as folder:
                 for name, data in p.files.items():
                     path = Path(folder, name)
@@ -284,7 +286,31 @@ class Tracker:
         self._flush(run_id, tags)
         self._flushed.pop(run_id, None)
         self._artifact_uri.pop(run_id, None)
-        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+        with self._unless_deleted(run_id):
+            self.client.set_terminated(run_id, status=RUN_STATUS[state])
+        self._gone.discard(run_id)
+
+    @contextmanager
+    def _unless_deleted(self, run_id: str) -> Iterator[None]:
+        """A trial run deleted meanwhile (the second run of one trial, removed by a settle elsewhere: its trial is
+        over and its other run stands) takes no more writes: dropped, not an error that stops the writer."""
+        try:
+            yield
+        except tracking_errors():
+            if not self._deleted(run_id):
+                raise
+
+    def _deleted(self, run_id: str, known: bool = False) -> bool:
+        """Whether the run was deleted (`known`: only as far as a failed write has shown)."""
+        if run_id in self._gone or known:
+            return run_id in self._gone
+        try:
+            gone = self.client.get_run(run_id).info.lifecycle_stage == "deleted"
+        except tracking_errors():
+            return False
+        if gone:
+            self._gone.add(run_id)
+        return gone
 
     def _log_artifacts(self, run_id: str, folder: str) -> None:
         """`log_artifacts`, without the read of the whole run MLflow's client makes to find where its artifacts go

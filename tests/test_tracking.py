@@ -42,3 +42,20 @@ def test_a_long_trial_run_shows_its_params_and_metrics_while_it_trains(tmp_path:
     assert run.data.params == {"lr": "0.1"} and run.data.metrics == {"val_loss": 1.0}
     tracker.end_trial(run_id, State.PRUNED, "pruned at epoch 1")
     assert mlflow_client(uri).get_run(run_id).data.tags["bstune.reason"] == "pruned at epoch 1"
+
+
+def test_writes_to_a_trial_run_deleted_meanwhile_are_dropped_not_raised(tmp_path: Path) -> None:
+    """A trial's second run, deleted by a settle in another process, may still have writes coming from the
+    writer that made it: they are dropped (the trial is over, its other run stands); other runs are written."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, flush_seconds=3600.0)
+    parent = tracker.open_study_run("s", None, {"name": "s"}, "name: s\n")
+    gone, kept = (tracker.start_trial(parent, "s", 0, 1, {"lr": 0.1}) for _ in range(2))
+    mlflow_client(uri).delete_run(gone)
+    for run_id in (gone, kept):
+        tracker.log_epoch(run_id, 1, {"val_loss": 1.0}, {"edges": [0, 1], "counts": [1]})
+        tracker.end_trial(run_id, State.LOST, "no heartbeat")
+    client = mlflow_client(uri)
+    assert client.get_run(gone).info.lifecycle_stage == "deleted" and not client.get_run(gone).data.metrics
+    run = client.get_run(kept)
+    assert (run.info.status, run.data.tags["bstune.state"], run.data.metrics["val_loss"]) == ("KILLED", "LOST", 1.0)
