@@ -312,7 +312,7 @@ class _TrialRun:
         1. on the trial: bstune.state, reason, spend, curve. Optuna has it RUNNING, beating; killed from here
            to 4, it goes stale and is settled (`lost.py`) as `trials.trial_state` decides;
         2. an INTERRUPTED trial's point queued again (once, whoever does it);
-        3. its MLflow run closed with the same state."""
+        3. its MLflow run closed with the same state (made first if the trial stopped before making it)."""
         trial, last, e = self.trial, self.last, Ending(state, redact(reason), value)  # an error may quote a password
         attrs = self.spend() | {Attr.STATE: e.state, Attr.CURVE: curve_to_json(self.curve)}
         attrs |= self._run_recorded()
@@ -335,7 +335,7 @@ class _TrialRun:
                       "train_seconds": last.get("train_seconds")}
             with self._writing(TRACKING):
                 self.ctx.tracker.end_trial(self.run_id, e.state, e.reason, final)
-        else:  # stopped before its run was made (Ctrl-C as its group started): made now, closed as it ended
+        else:  # Ctrl-C as its group started
             with self._writing(TRACKING):
                 self.ctx.tracker.settle_trial(self.ctx.parent, self.ctx.spec.name, trial.number, trial_id(trial),
                                               e.state, e.reason)
