@@ -263,7 +263,7 @@ class Tracker:
                 n_metrics = min(len(metrics), 1000 - n_params - len(tags))
                 self.client.log_batch(run_id, metrics=metrics[:n_metrics], params=params[:n_params], tags=tags)
                 params, metrics, tags = params[n_params:], metrics[n_metrics:], []
-        if p.files and not self._deleted(run_id, known=True):
+        if p.files and run_id not in self._gone:
             with tempfile.TemporaryDirectory() as folder:
                 for name, data in p.files.items():
                     path = Path(folder, name)
@@ -300,10 +300,10 @@ class Tracker:
             if not self._deleted(run_id):
                 raise
 
-    def _deleted(self, run_id: str, known: bool = False) -> bool:
-        """Whether the run was deleted (`known`: only as far as a failed write has shown)."""
-        if run_id in self._gone or known:
-            return run_id in self._gone
+    def _deleted(self, run_id: str) -> bool:
+        """Whether the run was deleted (read once a write to it has failed)."""
+        if run_id in self._gone:
+            return True
         try:
             gone = self.client.get_run(run_id).info.lifecycle_stage == "deleted"
         except tracking_errors():

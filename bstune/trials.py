@@ -236,12 +236,11 @@ def trial_state(t: Any) -> State:
     FAIL-type end, FAILED/OOM/INTERRUPTED, is the same in both and stands; docs/scale-out.md)."""
     # plain dict look-ups, no Enum construction: the claim runs this over every trial of the study
     optuna_state = t.state.name
-    if optuna_state in ("RUNNING", "WAITING", "COMPLETE", "PRUNED"):
-        recorded = _BY_VALUE.get(t.user_attrs.get(Attr.STATE)) if optuna_state == "PRUNED" else None
-        return recorded if TOLD_AS.get(recorded) == "PRUNED" else _BY_VALUE[optuna_state]  # DIVERGED is told PRUNED
     recorded = _BY_VALUE.get(t.user_attrs.get(Attr.STATE))
-    if TOLD_AS.get(recorded) == optuna_state:
+    if TOLD_AS.get(recorded) == optuna_state:  # (never for RUNNING or WAITING: no end is told as those)
         return recorded
+    if optuna_state in ("RUNNING", "WAITING", "COMPLETE", "PRUNED"):
+        return _BY_VALUE[optuna_state]
     # FAIL without a FAIL-type record of ours: the worker died mid-trial and the heartbeat check failed it.
     return State.LOST
 
